@@ -1,0 +1,36 @@
+"""llm_sepweight: per-layer safetensors storage for LLM checkpoints.
+
+Convert an HF checkpoint once into one file per part (begin / each layer / end) and load any part
+memory-mapped::
+
+    import llm_sepweight as sw
+    sw.convert("Qwen/Qwen2.5-0.5B", "qwen-sep", dtype="bf16")
+    part = sw.load("qwen-sep", "b 0-12")        # PartWeights(begin=..., layers={0..11}, end=None)
+    layer = sw.SepWeights("qwen-sep").layer(5)  # one layer, zero-copy views of mid.00005.safetensors
+"""
+
+from .convert import convert
+from .errors import SepweightError
+from .manifest import FORMAT_VERSION, Manifest, part_filename
+from .reader import PartWeights, SepWeights, load
+from .spec import PartSpec
+from .verify import VerifyReport, verify
+from .writer import SepweightWriter, save_part
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Manifest",
+    "PartSpec",
+    "PartWeights",
+    "SepWeights",
+    "SepweightError",
+    "SepweightWriter",
+    "VerifyReport",
+    "convert",
+    "load",
+    "part_filename",
+    "save_part",
+    "verify",
+]

@@ -1,0 +1,165 @@
+"""Load any part of a sepweight folder, memory-mapped by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SepweightError
+from .manifest import Manifest, Part, part_filename
+from .safetensors_io import open_tensors
+from .spec import PartSpec
+from .writer import check_file_matches
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class PartWeights:
+    """The tensors of one part-model, keys relative to their part (as stored)."""
+
+    begin: Tensors | None = None
+    layers: dict[int, Tensors] = field(default_factory=dict)
+    end: Tensors | None = None
+
+    def hf_state_dict(self) -> Tensors:
+        """The same tensors under transformers' names (``model.layers.3.mlp.up_proj.weight``, ...)."""
+        out: Tensors = {}
+        if self.begin is not None:
+            out.update({f"model.{k}": v for k, v in self.begin.items()})
+        for i, layer in self.layers.items():
+            out.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
+        if self.end is not None:
+            out.update({k if k == "lm_head.weight" else f"model.{k}": v for k, v in self.end.items()})
+        return out
+
+
+class SepWeights:
+    """A sepweight folder: validated manifest plus per-part accessors for lazy consumers.
+
+    Example::
+
+        sw = SepWeights("qwen-sep")
+        layer3 = sw.layer(3)            # {"self_attn.q_proj.weight": <mmapped tensor>, ...}
+        head = sw.end()["lm_head.weight"]  # the embedding when the head is tied
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SepweightError(f"{self.root}: not a directory")
+        self.manifest = Manifest.read(self.root)
+        for name, entry in self.manifest.files.items():
+            path = self.root / name
+            if not path.is_file():
+                raise SepweightError(
+                    f"{path}: listed in manifest.json ({_describe(entry.part)}) but missing; "
+                    "re-run the conversion into this folder to restore it"
+                )
+            if path.stat().st_size != entry.size:
+                raise SepweightError(
+                    f"{path}: {path.stat().st_size} bytes, manifest.json says {entry.size}; the file is truncated "
+                    "or was replaced: run `llm-sepweight verify` and re-convert"
+                )
+        self._by_part: dict[Part, str] = {e.part: n for n, e in self.manifest.files.items()}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.manifest.num_layers
+
+    @property
+    def tied(self) -> bool:
+        return self.manifest.tie_word_embeddings
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.manifest.dtype, None)
+
+    @property
+    def spec(self) -> PartSpec:
+        """What this folder stores, as a spec."""
+        begin, layers, end = self.manifest.parts()
+        return PartSpec(begin=begin, end=end, layers=tuple(layers))
+
+    def path(self, part: Part) -> Path:
+        return self.root / part_filename(part)
+
+    def _read(self, part: Part, device: str | torch.device, dtype: torch.dtype | None, mmap: bool) -> Tensors:
+        name = self._by_part.get(part)
+        if name is None:
+            raise SepweightError(
+                f"{self.root}: {_describe(part)} is not stored here (this folder holds {str(self.spec)!r}); "
+                "convert again with parts that include it"
+            )
+        path = self.root / name
+        check_file_matches(path, self.manifest.files[name])
+        tensors = open_tensors(path, use_mmap=mmap)
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        if torch.device(device).type != "cpu":
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+        return tensors
+
+    def begin(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, mmap: bool = True) -> Tensors:
+        return self._read("begin", device, dtype, mmap)
+
+    def layer(
+        self, i: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, mmap: bool = True
+    ) -> Tensors:
+        if not isinstance(i, int) or not 0 <= i < self.num_layers:
+            raise SepweightError(f"layer index {i!r} is outside the model's layers 0..{self.num_layers - 1}")
+        return self._read(i, device, dtype, mmap)
+
+    def end(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, mmap: bool = True) -> Tensors:
+        """norm.weight and lm_head.weight; a tied head is the begin part's embed_tokens.weight."""
+        tensors = self._read("end", device, dtype, mmap)
+        if self.tied:
+            tensors["lm_head.weight"] = self._read("begin", device, dtype, mmap)["embed_tokens.weight"]
+        return tensors
+
+    def load(
+        self,
+        spec: str | PartSpec,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        mmap: bool = True,
+    ) -> PartWeights:
+        spec = PartSpec.parse(spec).resolve(self.num_layers)
+        out = PartWeights()
+        if spec.begin:
+            out.begin = self.begin(device, dtype, mmap)
+        for i in spec.layers or ():
+            out.layers[i] = self.layer(i, device, dtype, mmap)
+        if spec.end:
+            out.end = self.end(device, dtype, mmap)
+            if self.tied and out.begin is not None:  # share one tensor, as transformers does
+                out.end["lm_head.weight"] = out.begin["embed_tokens.weight"]
+        return out
+
+
+def load(
+    root: str | Path,
+    spec: str | PartSpec = "f",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    mmap: bool = True,
+) -> PartWeights:
+    """Load the tensors of a part. With ``mmap`` (CPU, no dtype change) they are zero-copy file views.
+
+    Example::
+
+        w = load("qwen-sep", "b 0-12")
+        w.begin["embed_tokens.weight"], w.layers[11]["mlp.down_proj.weight"]
+    """
+    return SepWeights(root).load(spec, device=device, dtype=dtype, mmap=mmap)
+
+
+def _describe(part: Part) -> str:
+    return f"layer {part}" if isinstance(part, int) else f"the {part} part"

@@ -1,0 +1,257 @@
+"""Read and write the safetensors format without holding a whole file in memory.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length N,
+N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``
+and then the raw little-endian tensor bytes, offsets relative to the end of the header.
+
+We implement it here (instead of calling ``safetensors.torch``) for three reasons:
+- writing streams tensor by tensor in bounded chunks, hashing the bytes as they go, so converting a
+  layer never materialises the whole file in anonymous memory (``save_file`` needs every tensor);
+- reading returns zero-copy views of a private (copy-on-write) memory map: pages stay file-backed and
+  the kernel may drop them under pressure;
+- every structural problem is reported with the file name and what is wrong.
+Files written here are read by ``safetensors.safe_open`` and vice versa (tested).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import mmap
+import os
+import struct
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from .errors import SepweightError
+
+assert sys.byteorder == "little", "safetensors stores little-endian data; big-endian hosts are unsupported"
+
+# safetensors dtype string <-> torch dtype
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+_MAX_HEADER = 100 * 1024 * 1024  # same limit as the safetensors library
+_CHUNK_BYTES = 64 * 1024 * 1024  # bounded working memory per write step
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives inside a safetensors file."""
+
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # byte offset relative to the data section
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int  # absolute file offset of the data section
+    file_size: int
+
+
+def _fail(path: Path, what: str) -> SepweightError:
+    return SepweightError(
+        f"{path}: not a valid safetensors file ({what}). The file is truncated or corrupted: "
+        "re-download it, or re-run the conversion that wrote it."
+    )
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Parse and validate a safetensors header; checks that the file holds all the bytes it declares."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise _fail(path, f"file is {size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise _fail(path, f"header length {n} does not fit in a file of {size} bytes")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise SepweightError(f"{path}: file not found") from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"header is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, "header is not a JSON object")
+    metadata = obj.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in obj.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise _fail(path, f"tensor {name!r} has a malformed entry {entry!r}") from None
+        if dtype not in DTYPES:
+            raise _fail(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        if not (0 <= begin <= end) or end - begin != numel * itemsize:
+            raise _fail(path, f"tensor {name!r}: offsets [{begin}, {end}) do not match shape {list(shape)} {dtype}")
+        tensors[name] = TensorInfo(dtype, shape, begin, end)
+    data_start = 8 + n
+    data_len = max((t.end for t in tensors.values()), default=0)
+    if data_start + data_len != size:
+        what = "truncated" if data_start + data_len > size else "has trailing bytes"
+        raise _fail(path, f"data section {what}: header declares {data_len} bytes, file holds {size - data_start}")
+    return Header(tensors, dict(metadata), data_start, size)
+
+
+def open_tensors(path: str | os.PathLike[str], *, use_mmap: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a file on CPU.
+
+    With ``use_mmap`` they are zero-copy views of a private memory map (copy-on-write: writing to a
+    tensor never touches the file); otherwise they are read into fresh anonymous memory.
+    """
+    path = Path(path)
+    header = read_header(path)
+    if not use_mmap:
+        return _read_into_memory(path, header)
+    if header.file_size == header.data_start:  # nothing to map (no tensors or all empty)
+        return {k: torch.empty(t.shape, dtype=t.torch_dtype) for k, t in header.tensors.items()}
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in header.tensors.items():
+        out[name] = _view(mm, header.data_start, t)
+    return out  # each tensor keeps `mm` alive through its storage
+
+
+def _view(mm: mmap.mmap, data_start: int, t: TensorInfo) -> torch.Tensor:
+    dtype = t.torch_dtype
+    if t.nbytes == 0:
+        return torch.empty(t.shape, dtype=dtype)
+    offset = data_start + t.begin
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if offset % itemsize:  # misaligned (not written by us or safetensors): copy instead of a view
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=offset).clone()
+        return raw.view(dtype).reshape(t.shape)
+    return torch.frombuffer(mm, dtype=dtype, count=t.nbytes // itemsize, offset=offset).reshape(t.shape)
+
+
+def _read_into_memory(path: Path, header: Header) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        for name, t in header.tensors.items():
+            buf = torch.empty(t.nbytes, dtype=torch.uint8)
+            f.seek(header.data_start + t.begin)
+            if t.nbytes and f.readinto(_bytes_view(buf)) != t.nbytes:
+                raise _fail(path, f"short read of tensor {name!r}")
+            out[name] = buf.view(t.torch_dtype).reshape(t.shape)
+    return out
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU tensor's bytes (no numpy needed)."""
+    assert t.is_contiguous() and t.device.type == "cpu"
+    nbytes = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its name, output dtype and the source it is read from."""
+
+    name: str
+    source: torch.Tensor  # any dtype/stride; converted to `dtype` chunk by chunk
+    dtype: torch.dtype
+
+
+def _align(n: int, a: int = 8) -> int:
+    return (n + a - 1) // a * a
+
+
+def write_file(
+    f: BinaryIO, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None
+) -> tuple[str, dict[str, TensorInfo]]:
+    """Write tensors to an open binary file; return (sha256 hex of the whole file, their infos).
+
+    Tensors are written in the given order; each is converted to its dtype in chunks of at most
+    64 MiB, so working memory is bounded whatever the tensor size.
+    """
+    specs = list(specs)
+    infos: dict[str, TensorInfo] = {}
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for s in specs:
+        if s.dtype not in DTYPE_NAMES:
+            raise SepweightError(f"tensor {s.name!r}: dtype {s.dtype} cannot be stored in safetensors")
+        if s.name in infos:
+            raise SepweightError(f"tensor {s.name!r} appears twice in one file")
+        nbytes = s.source.numel() * torch.empty((), dtype=s.dtype).element_size()
+        info = TensorInfo(DTYPE_NAMES[s.dtype], tuple(s.source.shape), offset, offset + nbytes)
+        infos[s.name] = info
+        header[s.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (_align(8 + len(raw)) - 8 - len(raw))  # data section starts 8-byte aligned
+    digest = hashlib.sha256()
+    for piece in (struct.pack("<Q", len(raw)), raw):
+        f.write(piece)
+        digest.update(piece)
+    for s in specs:
+        for chunk in _chunks(s.source, s.dtype):
+            view = _bytes_view(chunk)
+            f.write(view)
+            digest.update(view)
+    return digest.hexdigest(), infos
+
+
+def _chunks(t: torch.Tensor, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Contiguous 1-D pieces of `t` converted to `dtype`, at most ~64 MiB each."""
+    if t.device.type != "cpu":
+        t = t.detach().to("cpu")
+    flat = t.detach().reshape(-1)  # a view when t is contiguous (the common case)
+    step = max(1, _CHUNK_BYTES // max(t.element_size(), torch.empty((), dtype=dtype).element_size()))
+    for i in range(0, flat.numel(), step):
+        yield flat[i : i + step].to(dtype).contiguous()
+
+
+def sha256_file(path: str | os.PathLike[str], bufsize: int = 16 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()

@@ -1,0 +1,253 @@
+"""Write a sepweight folder part by part, atomically and resumably."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_write, atomic_write_bytes
+from .errors import SepweightError
+from .manifest import MANIFEST, FileEntry, Manifest, Part, part_filename
+from .safetensors_io import TensorSpec, read_header, sha256_file, write_file
+
+JOURNAL = ".sepweight-journal.json"
+
+
+class SepweightWriter:
+    """Writes parts into `root`; :meth:`finish` writes manifest.json, which marks the folder complete.
+
+    Every file is written atomically (temp + rename). Progress is journaled after each file, so a run
+    killed at any point and started again with the same ``resume_key`` skips every file whose checksum
+    still matches and rewrites the rest. While writing, the folder has no manifest and loaders refuse it.
+
+    Example::
+
+        w = SepweightWriter("out", config)
+        w.write("begin", {"embed_tokens.weight": emb})
+        for i, layer in enumerate(layers):
+            w.write(i, layer)                      # keys relative to the layer
+        w.write("end", {"norm.weight": norm, "lm_head.weight": head})
+        w.finish()
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        config: Mapping[str, Any],
+        *,
+        resume_key: str | None = None,
+        source: Mapping[str, Any] | None = None,
+        fsync: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.config = dict(config)
+        self.resume_key = resume_key
+        self.source = dict(source or {})
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.files: dict[str, FileEntry] = {}
+        self.extra_files: dict[str, dict[str, Any]] = {}
+        self._previous = self._recover()
+        (self.root / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until finish()
+        self._save_journal()
+
+    # ------------------------------------------------------------------------------------ resume
+    def _recover(self) -> dict[str, dict[str, Any]]:
+        """Entries of files a previous run with the same resume_key completed."""
+        if self.resume_key is None:
+            return {}
+        journal = self.root / JOURNAL
+        if journal.is_file():
+            try:
+                raw = json.loads(journal.read_text())
+                if raw.get("resume_key") == self.resume_key:
+                    return {**raw.get("files", {}), **raw.get("extra_files", {})}
+            except (json.JSONDecodeError, AttributeError):
+                pass  # a journal is only a hint; an unreadable one means "start over"
+        if (self.root / MANIFEST).is_file():
+            try:
+                m = Manifest.read(self.root)
+            except SepweightError:
+                return {}
+            if m.source.get("resume_key") == self.resume_key:
+                return {**{k: v.__dict__ for k, v in m.files.items()}, **m.extra_files}
+        return {}
+
+    def _still_valid(self, name: str) -> dict[str, Any] | None:
+        entry = self._previous.get(name)
+        path = self.root / name
+        if entry is None or not path.is_file() or path.stat().st_size != entry["size"]:
+            return None
+        return entry if sha256_file(path) == entry["sha256"] else None
+
+    def done(self, part: Part) -> bool:
+        """True (and the file is adopted) when a previous run already wrote this part intact."""
+        name = part_filename(part)
+        entry = self._still_valid(name)
+        if entry is None:
+            return False
+        self.files[name] = FileEntry(part, entry["size"], entry["sha256"], entry["tensors"])
+        self._save_journal()
+        return True
+
+    def _save_journal(self) -> None:
+        data = {
+            "resume_key": self.resume_key,
+            "files": {k: v.__dict__ for k, v in self.files.items()},
+            "extra_files": self.extra_files,
+        }
+        atomic_write_bytes(self.root / JOURNAL, json.dumps(data).encode(), fsync=self.fsync)
+
+    # ------------------------------------------------------------------------------------ writing
+    def write(
+        self,
+        part: Part,
+        tensors: Mapping[str, torch.Tensor] | Iterable[TensorSpec],
+        dtype: torch.dtype | None = None,
+    ) -> FileEntry:
+        """Write one part file. `dtype` converts floating tensors (integers are kept as they are)."""
+        entry = write_part_file(self.root, part, tensors, dtype, fsync=self.fsync)
+        self.files[part_filename(part)] = entry
+        self._save_journal()
+        return entry
+
+    def copy_extra(self, path: Path) -> None:
+        """Copy a file (config, tokenizer, ...) unchanged into the folder."""
+        name = path.name
+        entry = self._still_valid(name)
+        if entry is None:
+            with atomic_write(self.root / name, fsync=self.fsync) as f, open(path, "rb") as src:
+                shutil.copyfileobj(src, f, 16 * 1024 * 1024)
+            entry = {"size": (self.root / name).stat().st_size, "sha256": sha256_file(self.root / name)}
+        self.extra_files[name] = entry
+        self._save_journal()
+
+    def finish(self) -> Manifest:
+        """Write manifest.json (atomically); from now on loaders accept the folder."""
+        if "config.json" not in self.extra_files:
+            data = (json.dumps(self.config, indent=2) + "\n").encode()
+            atomic_write_bytes(self.root / "config.json", data, fsync=self.fsync)
+            self.extra_files["config.json"] = {"size": len(data), "sha256": sha256_file(self.root / "config.json")}
+        n = self.config.get("num_hidden_layers")
+        if not isinstance(n, int):
+            raise SepweightError("config needs an integer 'num_hidden_layers'")
+        archs = self.config.get("architectures") or ["unknown"]
+        manifest = Manifest(
+            architecture=str(archs[0]),
+            num_layers=n,
+            dtype=_manifest_dtype(self.files.values()),
+            tie_word_embeddings=bool(self.config.get("tie_word_embeddings", False)),
+            config=self.config,
+            files=dict(sorted(self.files.items(), key=lambda kv: _order(kv[1].part))),
+            extra_files=self.extra_files,
+            source={**self.source, "resume_key": self.resume_key},
+        )
+        atomic_write_bytes(self.root / MANIFEST, manifest.to_json().encode(), fsync=self.fsync)
+        (self.root / JOURNAL).unlink(missing_ok=True)
+        return manifest
+
+
+def write_part_file(
+    root: Path,
+    part: Part,
+    tensors: Mapping[str, torch.Tensor] | Iterable[TensorSpec],
+    dtype: torch.dtype | None = None,
+    *,
+    fsync: bool = True,
+) -> FileEntry:
+    """Write one part file atomically and return its manifest entry."""
+    name = part_filename(part)
+    if isinstance(tensors, Mapping):
+        bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise SepweightError(f"part {part!r}: value for {bad[0]!r} is not a torch.Tensor")
+        specs = [TensorSpec(k, v, _target_dtype(v.dtype, dtype)) for k, v in tensors.items()]
+    else:
+        specs = list(tensors)
+    with atomic_write(root / name, fsync=fsync) as f:
+        sha, infos = write_file(f, specs, metadata={"format": "pt"})
+    size = (root / name).stat().st_size
+    tensors_meta = {k: {"dtype": i.dtype, "shape": list(i.shape)} for k, i in infos.items()}
+    return FileEntry(part, size, sha, tensors_meta)
+
+
+def save_part(
+    root: str | Path,
+    part: Part,
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+    *,
+    fsync: bool = True,
+) -> FileEntry:
+    """Write (or replace) one part of an existing, complete sepweight folder and update manifest.json.
+
+    Keys are relative to the part, as stored (``self_attn.q_proj.weight`` for a layer). When the
+    part already exists the new tensors must have the same names and shapes. To write a whole new
+    folder (e.g. merged LoRA weights) use :class:`SepweightWriter`.
+
+    Example::
+
+        layer = load("qwen-sep", "3").layers[3]
+        layer = {k: v.clone() for k, v in layer.items()}
+        layer["mlp.down_proj.weight"] += delta
+        save_part("qwen-sep", 3, layer)
+    """
+    root = Path(root)
+    manifest = Manifest.read(root)
+    name = part_filename(part)
+    if isinstance(part, int) and part >= manifest.num_layers:
+        raise SepweightError(f"{root}: layer {part} is outside the model's layers 0..{manifest.num_layers - 1}")
+    old = manifest.files.get(name)
+    if old is not None:
+        got = {k: list(v.shape) for k, v in tensors.items()}
+        want = {k: v["shape"] for k, v in old.tensors.items()}
+        if got != want:
+            raise SepweightError(
+                f"{root / name}: new tensors {got} do not match the stored names/shapes {want}; "
+                "a part keeps its layout (write a new folder with SepweightWriter to change it)"
+            )
+    entry = write_part_file(root, part, tensors, dtype, fsync=fsync)
+    manifest.files[name] = entry
+    manifest.files = dict(sorted(manifest.files.items(), key=lambda kv: _order(kv[1].part)))
+    manifest.dtype = _manifest_dtype(manifest.files.values())
+    atomic_write_bytes(root / MANIFEST, manifest.to_json().encode(), fsync=fsync)
+    return entry
+
+
+def _target_dtype(src: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and src.is_floating_point else src
+
+
+def _order(part: Part) -> tuple[int, int]:
+    return (0, 0) if part == "begin" else (2, 0) if part == "end" else (1, int(part))
+
+
+def _manifest_dtype(entries: Iterable[FileEntry]) -> str:
+    from .safetensors_io import DTYPES
+
+    found = {
+        str(DTYPES[t["dtype"]]).removeprefix("torch.")
+        for e in entries
+        for t in e.tensors.values()
+        if DTYPES[t["dtype"]].is_floating_point
+    }
+    return found.pop() if len(found) == 1 else "mixed" if found else "none"
+
+
+def check_file_matches(path: Path, entry: FileEntry) -> None:
+    """Cheap structural check of a part file against its manifest entry (no hashing)."""
+    header = read_header(path)
+    got = {k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in header.tensors.items()}
+    if got != entry.tensors:
+        missing = sorted(set(entry.tensors) - set(got))
+        extra = sorted(set(got) - set(entry.tensors))
+        changed = sorted(k for k in set(got) & set(entry.tensors) if got[k] != entry.tensors[k])
+        raise SepweightError(
+            f"{path}: tensors do not match manifest.json (missing {missing}, unexpected {extra}, "
+            f"different dtype/shape {changed}); run `llm-sepweight verify {path.parent}` and re-convert"
+        )

@@ -1,0 +1,21 @@
+"""Shared fixtures for all packages' tests; the checkpoint builders live in qwen_fixtures.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen_fixtures import TinyCheckpoint, build_checkpoint
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoints(tmp_path_factory: pytest.TempPathFactory):
+    """``qwen_checkpoints(name) -> TinyCheckpoint``, built on first use and cached for the session."""
+    root = tmp_path_factory.mktemp("hf")
+    cache: dict[str, TinyCheckpoint] = {}
+
+    def get(name: str) -> TinyCheckpoint:
+        if name not in cache:
+            cache[name] = build_checkpoint(name, root)
+        return cache[name]
+
+    return get
