@@ -6,9 +6,14 @@ import json
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locking, single writer assumed
+    fcntl = None  # type: ignore[assignment]
 
 from .atomic import atomic_write, atomic_write_bytes
 from .errors import SepweightError
@@ -50,6 +55,9 @@ class SepweightWriter:
         self.source = dict(source or {})
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_folder(self.root)
+        for stale in self.root.glob(".*.tmp-*"):  # left by a killed writer; never part of the folder
+            stale.unlink(missing_ok=True)
         self.files: dict[str, FileEntry] = {}
         self.extra_files: dict[str, dict[str, Any]] = {}
         self._previous = self._recover()
@@ -149,7 +157,21 @@ class SepweightWriter:
         )
         atomic_write_bytes(self.root / MANIFEST, manifest.to_json().encode(), fsync=self.fsync)
         (self.root / JOURNAL).unlink(missing_ok=True)
+        self._lock.close()
         return manifest
+
+
+def _lock_folder(root: Path) -> BinaryIO:
+    """An exclusive advisory lock, held until finish() or process exit (the kernel drops it on kill)."""
+    f = open(root / ".sepweight.lock", "wb")  # noqa: SIM115 - held for the writer's lifetime
+    if fcntl is None:
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise SepweightError(f"{root}: another process is writing into this folder; wait for it to finish") from None
+    return f
 
 
 def write_part_file(
