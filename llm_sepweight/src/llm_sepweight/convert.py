@@ -122,10 +122,12 @@ def _resume_key(ckpt: Checkpoint, spec: PartSpec, target: torch.dtype | None) ->
 
 
 class _ShardCache:
-    """Keeps the weight files the current part reads from open (mmapped); releases the rest.
+    """Opens the weight files a part reads from.
 
-    Consecutive parts usually live in the same shard, so each shard is opened about once, and the
-    file-backed pages of finished shards are unmapped as soon as no part needs them.
+    safetensors files are re-mapped for every part and unmapped right after it, so the conversion's
+    file-backed RSS is one part's source bytes, not the whole checkpoint (re-parsing a header is
+    cheap). Legacy .bin files are expensive to open, so the current one stays open until a part
+    needs another.
     """
 
     def __init__(self, ckpt: Checkpoint) -> None:
@@ -134,7 +136,7 @@ class _ShardCache:
 
     def keep(self, names: set[str]) -> None:
         for name in list(self.open):
-            if name not in names:
+            if name not in names or self.ckpt.kind == "safetensors":
                 del self.open[name]  # drops the mmap once no tensor refers to it
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
