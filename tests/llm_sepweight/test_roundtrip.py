@@ -131,3 +131,19 @@ def test_mmap_load_adds_no_anonymous_memory(tmp_path):
     growth = json.loads(out.stdout.strip().splitlines()[-1])
     assert growth["file_kb"] > 60_000  # the 64 MB file is mapped and read
     assert growth["anon_kb"] < 8_000, growth  # ... without becoming anonymous memory
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_tied"])
+def test_rows_map_only_a_slice(qwen_checkpoints, tmp_path, name):
+    ckpt = qwen_checkpoints(name)
+    sw.convert(ckpt.path, tmp_path / "sep", progress=False)
+    w = sw.SepWeights(tmp_path / "sep")
+    head = ckpt.model.state_dict()["lm_head.weight"]
+    assert w.shape("end", "lm_head.weight") == tuple(head.shape)
+    for start, stop in [(0, 7), (5, 300), (383, 384), (10, 10)]:
+        got = w.rows("end", "lm_head.weight", start, stop)
+        assert torch.equal(got, head[start:stop])
+    with pytest.raises(sw.SepweightError, match=r"rows 0:999 are outside tensor"):
+        w.rows("end", "lm_head.weight", 0, 999)
+    with pytest.raises(sw.SepweightError, match="no tensor 'nope'"):
+        w.rows("begin", "nope", 0, 1)

@@ -17,7 +17,7 @@ from .spec import PartSpec
 from .verify import VerifyReport, verify
 from .writer import SepweightWriter, save_part
 
-__version__ = "0.1.0"
+__version__ = "0.11.0"
 
 __all__ = [
     "FORMAT_VERSION",

@@ -10,7 +10,7 @@ import torch
 
 from .errors import SepweightError
 from .manifest import Manifest, Part, part_filename
-from .safetensors_io import open_tensors
+from .safetensors_io import Header, open_rows, open_tensors, read_header
 from .spec import PartSpec
 from .writer import check_file_matches
 
@@ -65,6 +65,50 @@ class SepWeights:
                     "or was replaced: run `llm-sepweight verify` and re-convert"
                 )
         self._by_part: dict[Part, str] = {e.part: n for n, e in self.manifest.files.items()}
+        self._headers: dict[str, Header] = {}  # parsed once: lazy consumers re-open files every step
+
+    def _header(self, name: str) -> Header:
+        if name not in self._headers:
+            path = self.root / name
+            check_file_matches(path, self.manifest.files[name])
+            self._headers[name] = read_header(path)
+        return self._headers[name]
+
+    def _name(self, part: Part) -> str:
+        name = self._by_part.get(part)
+        if name is None:
+            raise SepweightError(
+                f"{self.root}: {_describe(part)} is not stored here (this folder holds {str(self.spec)!r}); "
+                "convert again with parts that include it"
+            )
+        return name
+
+    def rows(self, part: Part, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor, mapping only those bytes (CPU, stored dtype).
+
+        For streaming a large matrix in pieces: a vocabulary chunk of the head, a few embedding rows.
+        ``rows("end", "lm_head.weight", ...)`` reads the embedding when the head is tied.
+
+        Example::
+
+            chunk = SepWeights("qwen-sep").rows("end", "lm_head.weight", 0, 16384)  # (16384, hidden)
+        """
+        if part == "end" and key == "lm_head.weight" and self.tied:
+            part, key = "begin", "embed_tokens.weight"
+        name = self._name(part)
+        header = self._header(name)
+        if key not in header.tensors:
+            raise SepweightError(f"{self.root / name}: no tensor {key!r} (has {sorted(header.tensors)})")
+        return open_rows(self.root / name, header, key, start, stop)
+
+    def shape(self, part: Part, key: str) -> tuple[int, ...]:
+        """Shape of a stored tensor without mapping it (the tied head reports the embedding's)."""
+        if part == "end" and key == "lm_head.weight" and self.tied:
+            part, key = "begin", "embed_tokens.weight"
+        entry = self.manifest.files[self._name(part)]
+        if key not in entry.tensors:
+            raise SepweightError(f"{self.root / self._name(part)}: no tensor {key!r}")
+        return tuple(entry.tensors[key]["shape"])
 
     @property
     def config(self) -> dict[str, Any]:
@@ -92,15 +136,8 @@ class SepWeights:
         return self.root / part_filename(part)
 
     def _read(self, part: Part, device: str | torch.device, dtype: torch.dtype | None, mmap: bool) -> Tensors:
-        name = self._by_part.get(part)
-        if name is None:
-            raise SepweightError(
-                f"{self.root}: {_describe(part)} is not stored here (this folder holds {str(self.spec)!r}); "
-                "convert again with parts that include it"
-            )
-        path = self.root / name
-        check_file_matches(path, self.manifest.files[name])
-        tensors = open_tensors(path, use_mmap=mmap)
+        name = self._name(part)
+        tensors = open_tensors(self.root / name, use_mmap=mmap, header=self._header(name))
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         if torch.device(device).type != "cpu":

@@ -133,14 +133,17 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     return Header(tensors, dict(metadata), data_start, size)
 
 
-def open_tensors(path: str | os.PathLike[str], *, use_mmap: bool = True) -> dict[str, torch.Tensor]:
+def open_tensors(
+    path: str | os.PathLike[str], *, use_mmap: bool = True, header: Header | None = None
+) -> dict[str, torch.Tensor]:
     """All tensors of a file on CPU.
 
     With ``use_mmap`` they are zero-copy views of a private memory map (copy-on-write: writing to a
-    tensor never touches the file); otherwise they are read into fresh anonymous memory.
+    tensor never touches the file); otherwise they are read into fresh anonymous memory. A `header`
+    parsed earlier by :func:`read_header` may be passed to skip re-reading it.
     """
     path = Path(path)
-    header = read_header(path)
+    header = header or read_header(path)
     if not use_mmap:
         return _read_into_memory(path, header)
     if header.file_size == header.data_start:  # nothing to map (no tensors or all empty)
@@ -151,6 +154,28 @@ def open_tensors(path: str | os.PathLike[str], *, use_mmap: bool = True) -> dict
     for name, t in header.tensors.items():
         out[name] = _view(mm, header.data_start, t)
     return out  # each tensor keeps `mm` alive through its storage
+
+
+def open_rows(path: str | os.PathLike[str], header: Header, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a tensor (along dim 0) as a view of a mapping of just those bytes.
+
+    Only that byte range is mapped, so reading it (e.g. one vocabulary chunk of a head) adds at
+    most its own pages to RSS, and they leave when the tensor is dropped.
+    """
+    t = header.tensors[name]
+    if not t.shape or not 0 <= start <= stop <= t.shape[0]:
+        raise SepweightError(f"{path}: rows {start}:{stop} are outside tensor {name!r} of shape {list(t.shape)}")
+    row = t.nbytes // t.shape[0] if t.shape[0] else 0
+    shape = (stop - start, *t.shape[1:])
+    if stop == start or row == 0:
+        return torch.empty(shape, dtype=t.torch_dtype)
+    begin = header.data_start + t.begin + start * row
+    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+    length = (stop - start) * row + (begin - aligned)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=aligned)
+    sub = TensorInfo(t.dtype, shape, begin - aligned, begin - aligned + (stop - start) * row)
+    return _view(mm, 0, sub)
 
 
 def _view(mm: mmap.mmap, data_start: int, t: TensorInfo) -> torch.Tensor:

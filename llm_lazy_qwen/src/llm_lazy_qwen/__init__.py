@@ -1,0 +1,17 @@
+"""llm_lazy_qwen: Qwen2/2.5/3 part-models as plain nn.Modules, optionally streamed layer by layer.
+
+    from llm_lazy_qwen import load_part
+    first = load_part("qwen-sep", "b 0-12")            # embedding + layers 0..11, in RAM (mmapped)
+    last = load_part("qwen-sep", "12-24 e", lazy=True)  # layers 12..23 + head, one layer resident
+    cache_a, cache_b = first.new_cache(), last.new_cache()
+    logits = last(first(ids, cache=cache_a), cache=cache_b, logits_to_keep=1)
+"""
+
+from .config import ConfigError, QwenConfig
+from .kv_cache import KVCache
+from .loading import from_pretrained, load_part
+from .part import QwenPart
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "KVCache", "QwenConfig", "QwenPart", "from_pretrained", "load_part"]

@@ -1,0 +1,88 @@
+"""Attention and the decoder layer, equal to transformers' Qwen2/Qwen3 (eager/sdpa) implementations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QwenConfig
+from .kv_cache import LayerCache, attention_mask
+from .layers import MLP, RMSNorm
+from .rope import apply_rope
+
+
+class Attention(nn.Module):
+    """GQA self-attention; Qwen3 adds per-head RMSNorm on q and k before RoPE."""
+
+    def __init__(self, cfg: QwenConfig, layer: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        assert cfg.head_dim is not None and cfg.num_key_value_heads is not None
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.window(layer)
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=cfg.qkv_bias, device=device)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias, device=device)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias, device=device)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=cfg.o_bias, device=device)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, device) if cfg.is_qwen3 else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, device) if cfg.is_qwen3 else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, H)
+        cos: torch.Tensor,  # (B, T, d)
+        sin: torch.Tensor,
+        start: int,
+        cache: LayerCache | None,
+        key_mask: torch.Tensor | None,  # (B, start + T) bool, None = no padding
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nKV, T, d)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nH, T, d)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nKV, T, d): the cache stores rotated keys
+        q_pos = torch.arange(start, start + T, device=x.device)
+        if cache is not None:
+            k, v, k_pos = cache.update(k, v, start)  # (B, nKV, K, d), (K,)
+        else:
+            k_pos = q_pos
+        mask: torch.Tensor | None = None
+        causal = False
+        plain = key_mask is None and self.window is None
+        if plain and T > 1 and k_pos.numel() == T:
+            causal = True  # prefill from an empty cache: SDPA's (top-left) causal mask is exact here
+        elif not (plain and T == 1):  # one query with no padding/window sees every key: no mask
+            mask = attention_mask(q_pos, k_pos, self.window, key_mask)
+        groups = self.n_heads // self.n_kv
+        if groups > 1:  # KV head j serves query heads j*g .. j*g+g-1 (repeat_interleave, as transformers)
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nH, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``h + mlp(norm(h))``."""
+
+    def __init__(self, cfg: QwenConfig, layer: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer, device)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int,
+        cache: LayerCache | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache, key_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))

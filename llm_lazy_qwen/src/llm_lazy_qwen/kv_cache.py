@@ -1,0 +1,170 @@
+"""KV caches for one part: a growing cache for full-attention layers and a ring for sliding layers.
+
+Positions here are *cache indices*: the index of a token in the (left-padded) sequence the cache
+has seen, shared by all rows. RoPE positions (``position_ids``) are separate and may differ per row.
+
+The sliding-window ring keeps ``W + extra_slots`` slots and records the cache index held by each
+slot. A chunk of T new tokens (T = 1 for decode, T > 1 for chunked prefill or speculative
+verification) attends to ``ring ∪ new`` under the mask ``k <= q and k > q - W`` computed from those
+recorded indices, and only then are the last slots written. That is correct for every T, unlike a
+rolling buffer that assumes one token per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FullLayerCache:
+    """Keys/values of every cache index so far; capacity grows geometrically (amortised O(1) appends)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None  # (B, nKV, capacity, d)
+        self.v: torch.Tensor | None = None
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append k/v (B, nKV, T, d) at cache index `start`; return all keys, values and their indices."""
+        assert start == self.length, (start, self.length)
+        B, H, T, D = k.shape
+        end = start + T
+        if self.k is None or end > self.k.shape[2]:
+            cap = max(end, 2 * (self.k.shape[2] if self.k is not None else 0), 16)
+            k_new = k.new_empty(B, H, cap, D)
+            v_new = v.new_empty(B, H, cap, D)
+            if self.k is not None and self.v is not None:
+                k_new[:, :, :start] = self.k[:, :, :start]
+                v_new[:, :, :start] = self.v[:, :, :start]
+            self.k, self.v = k_new, v_new
+        assert self.v is not None
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        positions = torch.arange(end, device=k.device)
+        return self.k[:, :, :end], self.v[:, :, :end], positions
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.k is not None and self.v is not None:
+            self.k, self.v = self.k[index], self.v[index]
+
+
+class RingLayerCache:
+    """The last ``window + extra_slots`` keys/values of a sliding-window layer, with their cache indices."""
+
+    def __init__(self, window: int, extra_slots: int = 0) -> None:
+        self.window = window
+        self.slots = window + extra_slots
+        self.k: torch.Tensor | None = None  # (B, nKV, slots, d)
+        self.v: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None  # (slots,) cache index per slot, -1 = empty
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert start == self.length, (start, self.length)
+        B, H, T, D = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(B, H, self.slots, D)
+            self.v = v.new_zeros(B, H, self.slots, D)
+            self.pos = torch.full((self.slots,), -1, dtype=torch.long, device=k.device)
+        assert self.v is not None and self.pos is not None
+        new_pos = torch.arange(start, start + T, device=k.device)
+        # attend over everything the ring still holds plus the whole chunk ...
+        keys = torch.cat([self.k, k], dim=2)  # (B, nKV, slots + T, d)
+        values = torch.cat([self.v, v], dim=2)
+        positions = torch.cat([self.pos, new_pos])  # (slots + T,), -1 for empty slots
+        # ... then keep the newest `slots` of the chunk
+        keep = min(T, self.slots)
+        idx = new_pos[T - keep :] % self.slots
+        self.k[:, :, idx] = k[:, :, T - keep :]
+        self.v[:, :, idx] = v[:, :, T - keep :]
+        self.pos[idx] = new_pos[T - keep :]
+        self.length = start + T
+        return keys, values, positions
+
+    def crop(self, length: int) -> None:
+        if length >= self.length or self.pos is None:
+            self.length = min(self.length, length)
+            return
+        # the next query (index `length`) needs indices length-W+1 .. length-1; they must still be here
+        needed = set(range(max(0, length - self.window + 1), length))
+        have = set(self.pos.tolist())
+        if not needed <= have:
+            raise ValueError(
+                f"cannot crop the sliding-window cache back to {length} tokens: the keys it needs were "
+                f"overwritten; create the cache with extra_slots >= {self.length - length} to allow this rollback"
+            )
+        self.pos[self.pos >= length] = -1
+        self.length = length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.k is not None and self.v is not None:
+            self.k, self.v = self.k[index], self.v[index]
+
+
+LayerCache = FullLayerCache | RingLayerCache
+
+
+class KVCache:
+    """The cache of one part: one layer cache per layer it holds, plus per-row bookkeeping.
+
+    Create it with ``part.new_cache()``; pass it to every forward call of that part.
+    ``seq_len`` is the number of cache indices seen; ``crop(n)`` forgets everything from index n
+    (speculative decoding, prefix reuse).
+    """
+
+    def __init__(self, windows: dict[int, int | None], extra_window_slots: int = 0) -> None:
+        self.layers: dict[int, LayerCache] = {
+            i: FullLayerCache() if w is None else RingLayerCache(w, extra_window_slots) for i, w in windows.items()
+        }
+        self.seq_len = 0
+        self.key_mask: torch.Tensor | None = None  # (B, seq_len) bool: False for padding
+        self.next_position: torch.Tensor | None = None  # (B,) RoPE position of the next real token
+
+    def crop(self, length: int) -> None:
+        if length < 0:
+            raise ValueError(f"crop length must be >= 0, got {length}")
+        for c in self.layers.values():
+            c.crop(length)
+        if length < self.seq_len:
+            if self.key_mask is not None:
+                self.key_mask = self.key_mask[:, :length]
+                self.next_position = self.key_mask.long().sum(-1)
+            elif self.next_position is not None:
+                self.next_position = torch.full_like(self.next_position, length)
+        self.seq_len = min(self.seq_len, length)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select / reorder batch rows (beam search, dropping finished rows)."""
+        for c in self.layers.values():
+            c.reorder(index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[index]
+        if self.next_position is not None:
+            self.next_position = self.next_position[index]
+
+
+def attention_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Boolean (B or 1, 1, T, K) mask, True = may attend.
+
+    q_pos (T,), k_pos (K,) cache indices (-1 = empty slot); key_mask (B, >= max(k_pos)+1) padding.
+    A key is visible when ``0 <= k <= q`` and, with a window, ``k > q - W`` (W keys including the
+    query itself, as transformers). Rows with no visible key (a padding query) see only themselves,
+    so they stay finite; their outputs are never used.
+    """
+    q = q_pos[:, None]  # (T, 1)
+    k = k_pos[None, :]  # (1, K)
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= k > q - window
+    visible = visible[None, None]  # (1, 1, T, K)
+    if key_mask is not None:
+        valid = key_mask[:, k_pos.clamp(min=0)]  # (B, K)
+        visible = visible & valid[:, None, None, :]
+        empty = ~visible.any(-1, keepdim=True)
+        visible = visible | (empty & (k == q)[None, None])
+    return visible

@@ -1,0 +1,84 @@
+"""load_part(): a QwenPart from a sepweight folder; from_pretrained(): from an HF folder or hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from llm_sepweight import PartSpec, SepWeights, convert
+
+from .config import QwenConfig
+from .part import QwenPart
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def _dtype(dtype: torch.dtype | str | None, stored: torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return stored if stored is not None and stored.is_floating_point else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} is not supported; use bf16, fp16, fp32 or a torch.dtype")
+
+
+def load_part(
+    sepweight_dir: str | Path,
+    spec: str | PartSpec = "f",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    lazy: bool = False,
+    prefetch: int = 2,
+) -> QwenPart:
+    """Build the part `spec` of the model stored in a sepweight folder.
+
+    Args:
+        spec: ``"f"`` (whole model), ``"b 0-12"``, ``"12-24 e"``, ...
+        dtype: compute dtype; default the stored one.
+        lazy: stream layers from disk (one resident plus `prefetch` in flight) instead of holding them.
+
+    Example::
+
+        model = load_part("qwen-sep", "f", lazy=True)
+        logits = model(torch.tensor([[1, 2, 3]]))     # (1, 3, vocab)
+    """
+    source = SepWeights(sepweight_dir)
+    config = QwenConfig.from_dict(source.config, source=str(Path(sepweight_dir) / "config.json"))
+    part = QwenPart(config, spec, device=device, dtype=_dtype(dtype, source.dtype))
+    return part.load_weights(source, lazy=lazy, prefetch=prefetch)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("LLM_MICROLIBS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llm_microlibs"
+    )
+    return Path(root) / "sepweight"
+
+
+def from_pretrained(
+    src: str | Path,
+    spec: str | PartSpec = "f",
+    *,
+    cache_dir: str | Path | None = None,
+    storage_dtype: str | None = None,
+    **kwargs: object,
+) -> QwenPart:
+    """Like :func:`load_part` for an HF checkpoint folder or hub id: converted once into `cache_dir`.
+
+    The conversion is resumable and skipped when already complete; only the parts in `spec` are
+    converted (and, for a hub id, downloaded).
+
+    Example::
+
+        model = from_pretrained("Qwen/Qwen2.5-0.5B", "f", lazy=True, dtype="bf16")
+    """
+    key = hashlib.sha256(f"{Path(src).resolve() if Path(src).exists() else src}|{storage_dtype}|{PartSpec.parse(spec)}".encode()).hexdigest()[:16]
+    name = Path(str(src)).name or "model"
+    dst = Path(cache_dir) if cache_dir is not None else default_cache_dir() / f"{name}-{key}"
+    convert(src, dst, dtype=storage_dtype, parts=spec, progress=True)
+    return load_part(dst, spec, **kwargs)  # type: ignore[arg-type]

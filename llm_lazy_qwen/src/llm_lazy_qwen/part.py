@@ -1,0 +1,289 @@
+"""QwenPart: any contiguous part of a Qwen model as a plain nn.Module; equals transformers' Qwen2/Qwen3ForCausalLM.
+
+Parameter names mirror transformers (``model.embed_tokens``, ``model.layers.{i}``, ``model.norm``,
+``lm_head``, with absolute layer indices), so state dicts and PEFT adapter keys line up.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_sepweight import PartSpec, SepWeights
+
+from .block import DecoderLayer
+from .config import QwenConfig
+from .kv_cache import KVCache
+from .layers import RMSNorm
+from .rope import cos_sin, inv_freq
+from .streaming import LayerStreamer
+from .weights import assign, meta_placeholders, release
+
+LogitsToKeep = Union[int, slice, torch.Tensor, None]
+
+
+class QwenPart(nn.Module):
+    """Embedding (``b``), layers ``[a, b)`` and/or final norm + head (``e``) of a Qwen model.
+
+    ``forward`` takes token ids (B, T) when the part holds the begin part, hidden states (B, T, H)
+    otherwise, and returns logits (B, T_keep, V) when it holds the end part, hidden states
+    otherwise, so parts chain across processes, devices and hosts.
+
+    Example::
+
+        first = load_part("qwen-sep", "b 0-12")
+        last = load_part("qwen-sep", "12-24 e")
+        logits = last(first(ids))          # == the full model's logits
+    """
+
+    def __init__(
+        self,
+        config: QwenConfig,
+        spec: str | PartSpec,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        head_chunk_size: int = 16384,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = PartSpec.parse(spec).resolve(config.num_hidden_layers)
+        if not self.spec.is_contiguous():
+            raise ValueError(f"part spec {str(self.spec)!r}: layers of a part must be one contiguous range")
+        layers = list(self.spec.layers or ())
+        if self.spec.begin and layers and layers[0] != 0:
+            raise ValueError(f"part spec {str(self.spec)!r}: a part holding 'b' must start at layer 0")
+        if self.spec.end and layers and layers[-1] != config.num_hidden_layers - 1:
+            raise ValueError(
+                f"part spec {str(self.spec)!r}: a part holding 'e' must end at the last layer "
+                f"({config.num_hidden_layers - 1})"
+            )
+        self.device, self.dtype, self.head_chunk_size = torch.device(device), dtype, head_chunk_size
+        self.layer_ids = layers
+        meta = torch.device("meta")
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=meta) if self.spec.begin else None
+        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, meta) for i in layers})
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, meta) if self.spec.end else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=meta) if self.spec.end else None
+        self.register_buffer("inv_freq", inv_freq(config.head_dim or 0, float(config.rope_theta or 1e4), self.device), persistent=False)
+        self._placeholders = {i: meta_placeholders(self.model.layers[str(i)]) for i in layers}
+        self._streamer: LayerStreamer | None = None
+        self._source: SepWeights | None = None
+
+    # ------------------------------------------------------------------------------- weights
+    @property
+    def lazy(self) -> bool:
+        return self._streamer is not None
+
+    def load_weights(self, source: SepWeights, lazy: bool = False, prefetch: int = 2) -> QwenPart:
+        """Take weights from a sepweight folder: all now (``lazy=False``) or streamed per forward."""
+        self._source = source
+        cpu_same = self.device.type == "cpu"
+
+        def prep(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point() and t.dtype != self.dtype:
+                t = t.to(self.dtype)
+            return t if cpu_same else t.to(self.device)
+
+        if self.spec.begin:
+            emb = source.begin()["embed_tokens.weight"]
+            # lazy: keep the mapped view; F.embedding reads only the rows of the input tokens
+            self.model.embed_tokens.weight = nn.Parameter(emb if lazy and cpu_same and emb.dtype == self.dtype else prep(emb), requires_grad=False)
+        if self.spec.end:
+            end = source.end()
+            self.model.norm.weight = nn.Parameter(prep(end["norm.weight"]), requires_grad=False)
+            if not lazy:
+                if self.config.tie_word_embeddings and self.spec.begin:
+                    self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, as transformers
+                else:
+                    self.lm_head.weight = nn.Parameter(prep(end["lm_head.weight"]), requires_grad=False)
+            del end
+        if lazy:
+            self._streamer = LayerStreamer(source, self.layer_ids, self.device, self.dtype, prefetch)
+        else:
+            for i in self.layer_ids:
+                layer = source.layer(i)
+                assign(self.model.layers[str(i)], {k: prep(v) for k, v in layer.items()}, f"layer {i}")
+        return self
+
+    def _layer(self, i: int) -> nn.Module:
+        return self.model.layers[str(i)]
+
+    # ------------------------------------------------------------------------------- cache
+    def new_cache(self, extra_window_slots: int = 0) -> KVCache:
+        """An empty KV cache for this part (sliding-window layers get a ring of W + extra slots)."""
+        return KVCache({i: self.config.window(i) for i in self.layer_ids}, extra_window_slots)
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: LogitsToKeep = None,
+    ) -> torch.Tensor:
+        """Run the part.
+
+        Args:
+            x: token ids (B, T) if the part holds ``b``, else hidden states (B, T, hidden_size).
+            position_ids: RoPE positions (B, T). Default: continue from the cache, counting only
+                real tokens when there is padding (as transformers' generate).
+            attention_mask: (B, T) for the new tokens or (B, past + T), 1 = token, 0 = padding.
+            cache: from :meth:`new_cache`; updated in place.
+            logits_to_keep: which positions get logits: None = all, n = the last n, a slice or
+                an index tensor. Ignored by parts without the head.
+        """
+        B, T = self._check_input(x)
+        start = cache.seq_len if cache is not None else 0
+        new_mask, key_mask = self._masks(attention_mask, cache, B, T, start, x.device)
+        position_ids = self._positions(position_ids, cache, new_mask, B, T, start, x.device)
+        if self.spec.begin:
+            h = F.embedding(x, self.model.embed_tokens.weight)
+            h = h.to(self.dtype) if h.dtype != self.dtype else h
+        else:
+            h = x
+        cos, sin = cos_sin(position_ids, self.inv_freq, h.dtype)
+        for i in self.layer_ids:
+            layer = self._layer(i)
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self._streamer is not None:
+                assign(layer, self._streamer.get(i), f"layer {i}")
+                try:
+                    h = layer(h, cos, sin, start, layer_cache, key_mask)
+                finally:
+                    release(layer, self._placeholders[i])
+            else:
+                h = layer(h, cos, sin, start, layer_cache, key_mask)
+        if cache is not None:
+            cache.seq_len = start + T
+        if not self.spec.end:
+            return h
+        h = _select(h, logits_to_keep)
+        return self._head(self.model.norm(h))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits in vocabulary chunks: no full-vocab fp32 temporary, and lazy parts map one chunk at a time."""
+        V, chunk = self.config.vocab_size, self.head_chunk_size
+        out = h.new_empty(*h.shape[:-1], V)
+        lazy_head = self._streamer is not None
+        for v0 in range(0, V, chunk):
+            v1 = min(V, v0 + chunk)
+            if lazy_head:
+                assert self._source is not None
+                w = self._source.rows("end", "lm_head.weight", v0, v1)
+                w = w.to(self.device, self.dtype) if (w.dtype != self.dtype or self.device.type != "cpu") else w
+            else:
+                w = self.lm_head.weight[v0:v1]
+            out[..., v0:v1] = F.linear(h, w)  # (B, T, chunk)
+        return out
+
+    # ------------------------------------------------------------------------------- inputs
+    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if self.spec.begin:
+            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+                raise ValueError(
+                    f"this part holds the embedding ('b'), so it takes token ids of shape (batch, seq) "
+                    f"int64; got {tuple(x.shape)} {x.dtype}"
+                )
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
+                raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size}); got {int(x.min())}..{int(x.max())}")
+        else:
+            H = self.config.hidden_size
+            if x.dim() != 3 or x.shape[-1] != H or not x.is_floating_point():
+                first = self.layer_ids[0] if self.layer_ids else "the end part"
+                raise ValueError(
+                    f"this part starts at layer {first}, so it takes hidden states of shape (batch, seq, "
+                    f"hidden_size={H}); got {tuple(x.shape)} {x.dtype}"
+                )
+        if x.shape[1] == 0:
+            raise ValueError("input has no positions (seq length 0)")
+        return x.shape[0], x.shape[1]
+
+    def _masks(
+        self, attention_mask: torch.Tensor | None, cache: KVCache | None, B: int, T: int, start: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(mask of the new tokens (B, T), key mask over all cache indices (B, start+T)); None = no padding."""
+        new: torch.Tensor | None = None
+        if attention_mask is not None:
+            m = attention_mask.to(device=device, dtype=torch.bool)
+            if m.dim() != 2 or m.shape[0] != B or m.shape[1] not in (T, start + T):
+                raise ValueError(
+                    f"attention_mask must be (batch={B}, {T}) or (batch={B}, past+new={start + T}); got {tuple(m.shape)}"
+                )
+            new = m[:, -T:]
+        past = cache.key_mask if cache is not None else None
+        if new is None and past is None:
+            return None, None
+        if new is None:
+            new = torch.ones(B, T, dtype=torch.bool, device=device)
+        if past is None:
+            past = torch.ones(B, start, dtype=torch.bool, device=device)
+        key_mask = torch.cat([past, new], dim=1)
+        if cache is not None:
+            cache.key_mask = key_mask
+        return new, (None if bool(key_mask.all()) else key_mask)
+
+    def _positions(
+        self,
+        position_ids: torch.Tensor | None,
+        cache: KVCache | None,
+        new_mask: torch.Tensor | None,
+        B: int,
+        T: int,
+        start: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        base = cache.next_position if cache is not None and cache.next_position is not None else None
+        if position_ids is None:
+            if base is None:
+                base = torch.full((B,), start, dtype=torch.long, device=device)
+            if new_mask is None:
+                position_ids = base[:, None] + torch.arange(T, device=device)[None]
+            else:  # count only real tokens; padding gets position 1 (as transformers' generate)
+                position_ids = base[:, None] + new_mask.long().cumsum(-1) - 1
+                position_ids = position_ids.masked_fill(~new_mask, 1)
+        else:
+            position_ids = position_ids.to(device=device, dtype=torch.long)
+            if position_ids.dim() == 1:
+                position_ids = position_ids[None].expand(B, -1)
+            if tuple(position_ids.shape) != (B, T):
+                raise ValueError(f"position_ids must be (batch={B}, seq={T}); got {tuple(position_ids.shape)}")
+        limit = self.config.max_position_embeddings
+        if int(position_ids.max()) >= limit or int(position_ids.min()) < 0:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond max_position_embeddings={limit} of this model "
+                "(or negative); shorten the input or crop the cache"
+            )
+        if cache is not None:
+            if new_mask is None:
+                cache.next_position = position_ids[:, -1] + 1
+            else:  # rows whose new tokens are all padding keep their previous next position
+                last = position_ids.masked_fill(~new_mask, -1).max(-1).values + 1
+                prev = base if base is not None else torch.full((B,), start, dtype=torch.long, device=device)
+                cache.next_position = torch.where(new_mask.any(-1), last, prev)
+        return position_ids
+
+    def close(self) -> None:
+        """Stop the prefetch thread (lazy parts)."""
+        if self._streamer is not None:
+            self._streamer.close()
+
+
+def _select(h: torch.Tensor, keep: LogitsToKeep) -> torch.Tensor:
+    if keep is None:
+        return h
+    if isinstance(keep, int):
+        if keep <= 0:
+            raise ValueError(f"logits_to_keep must be a positive int (last n positions), got {keep}")
+        return h[:, -keep:]
+    if isinstance(keep, slice):
+        return h[:, keep]
+    return h[:, keep.to(h.device)]

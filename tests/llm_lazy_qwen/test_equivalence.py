@@ -1,0 +1,114 @@
+"""Logits of the full model, chained parts and lazy mode equal transformers' (fp32, 1e-4)."""
+
+import pytest
+import torch
+
+from llm_lazy_qwen import QwenConfig, load_part
+
+FP32 = dict(atol=1e-4, rtol=1e-4)
+VARIANTS = ["qwen2", "qwen2_tied", "qwen2_v4", "qwen2_swa", "qwen2_swa_v4", "qwen3", "qwen3_tied_sharded", "qwen2_sharded"]
+
+
+def _ids(batch=2, seq=13, seed=0):
+    return torch.randint(0, 384, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["ram", "lazy"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_full_model_logits(sep, name, lazy):
+    path, ckpt = sep(name)
+    ids = _ids()
+    with torch.no_grad():
+        want = ckpt.model(ids).logits
+        model = load_part(path, "f", lazy=lazy)
+        got = model(ids)
+        model.close()
+    torch.testing.assert_close(got, want, **FP32)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["ram", "lazy"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3_tied_sharded", "qwen2_swa"])
+def test_chained_parts(sep, name, lazy):
+    path, ckpt = sep(name)
+    n = ckpt.variant.num_layers
+    ids = _ids(seed=1)
+    specs = ["b 0", f"1-{n - 1}", f"{n - 1} e"]
+    parts = [load_part(path, s, lazy=lazy) for s in specs]
+    with torch.no_grad():
+        h = ids
+        for p in parts:
+            h = p(h)
+        want = ckpt.model(ids).logits
+    torch.testing.assert_close(h, want, **FP32)
+    # the hidden states between parts are transformers' hidden_states
+    with torch.no_grad():
+        hs = ckpt.model(ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(parts[1](parts[0](ids)), hs[n - 1], **FP32)
+
+
+def test_begin_only_and_end_only(sep):
+    path, ckpt = sep("qwen2_tied")
+    ids = _ids(seed=2)
+    begin, rest, end = load_part(path, "b"), load_part(path, "0-3"), load_part(path, "e")
+    with torch.no_grad():
+        got = end(rest(begin(ids)))
+        want = ckpt.model(ids).logits
+    torch.testing.assert_close(got, want, **FP32)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["ram", "lazy"])
+def test_logits_to_keep(sep, lazy):
+    path, ckpt = sep("qwen2")
+    ids = _ids(seed=3)
+    model = load_part(path, lazy=lazy)
+    model.head_chunk_size = 100  # several vocabulary chunks (vocab 384)
+    with torch.no_grad():
+        full = ckpt.model(ids).logits
+        torch.testing.assert_close(model(ids, logits_to_keep=1), full[:, -1:], **FP32)
+        torch.testing.assert_close(model(ids, logits_to_keep=4), full[:, -4:], **FP32)
+        torch.testing.assert_close(model(ids, logits_to_keep=torch.tensor([0, 5])), full[:, [0, 5]], **FP32)
+        torch.testing.assert_close(model(ids, logits_to_keep=slice(2, 6)), full[:, 2:6], **FP32)
+
+
+def test_left_padded_batch(sep):
+    path, ckpt = sep("qwen2_swa")
+    ids = _ids(batch=3, seq=10, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :7] = 0
+    model = load_part(path)
+    with torch.no_grad():
+        want = ckpt.model(ids, attention_mask=mask).logits
+        got = model(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], **FP32)
+
+
+def test_bf16_close_to_fp32(sep):
+    path, ckpt = sep("qwen2")
+    ids = _ids(seed=5)
+    with torch.no_grad():
+        ref = load_part(path, dtype=torch.float32)(ids)
+        got = load_part(path, dtype="bf16", lazy=True)(ids)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_lazy_layers_are_released_after_use(sep):
+    path, _ = sep("qwen2")
+    model = load_part(path, lazy=True)
+    with torch.no_grad():
+        model(_ids(seed=6))
+    for layer in model.model.layers.values():
+        assert all(p.device.type == "meta" for p in layer.parameters())
+    model.close()
+
+
+def test_config_styles_agree(qwen_checkpoints):
+    v4 = QwenConfig.from_json(qwen_checkpoints("qwen2_swa_v4").path / "config.json")
+    v5 = QwenConfig.from_json(qwen_checkpoints("qwen2_swa").path / "config.json")
+    assert v4.rope_theta == v5.rope_theta == 10000.0
+    assert v4.layer_types == v5.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    assert v4.window(3) == 4 and v4.window(0) is None
+    q3 = QwenConfig.from_json(qwen_checkpoints("qwen3").path / "config.json")
+    assert q3.is_qwen3 and q3.head_dim == 24 and not q3.qkv_bias
