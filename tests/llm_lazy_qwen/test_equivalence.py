@@ -60,8 +60,7 @@ def test_begin_only_and_end_only(sep):
 def test_logits_to_keep(sep, lazy):
     path, ckpt = sep("qwen2")
     ids = _ids(seed=3)
-    model = load_part(path, lazy=lazy)
-    model.head_chunk_size = 100  # several vocabulary chunks (vocab 384)
+    model = load_part(path, lazy=lazy, head_chunk_size=100)  # several vocabulary chunks (vocab 384)
     with torch.no_grad():
         full = ckpt.model(ids).logits
         torch.testing.assert_close(model(ids, logits_to_keep=1), full[:, -1:], **FP32)
@@ -112,3 +111,18 @@ def test_config_styles_agree(qwen_checkpoints):
     assert v4.window(3) == 4 and v4.window(0) is None
     q3 = QwenConfig.from_json(qwen_checkpoints("qwen3").path / "config.json")
     assert q3.is_qwen3 and q3.head_dim == 24 and not q3.qkv_bias
+
+
+@pytest.mark.parametrize("mode", ["copy", "mmap"])
+@pytest.mark.parametrize(("prefetch", "resident_mb"), [(0, 0.0), (1, 0.0), (5, 0.0), (2, 0.05), (2, 100.0)])
+def test_lazy_knobs_do_not_change_results(sep, prefetch, resident_mb, mode):
+    path, ckpt = sep("qwen2_tied")
+    ids = _ids(seed=7)
+    model = load_part(path, lazy=True, prefetch=prefetch, resident_mb=resident_mb, head_chunk_size=100, stream_mode=mode)
+    with torch.no_grad():
+        want = ckpt.model(ids).logits
+        for _ in range(2):  # the second forward uses the cyclic prefetch and pinned items
+            torch.testing.assert_close(model(ids), want, **FP32)
+    if resident_mb >= 100:
+        assert model._streamer.pinned == set(model._streamer.order)
+    model.close()

@@ -147,3 +147,21 @@ def test_rows_map_only_a_slice(qwen_checkpoints, tmp_path, name):
         w.rows("end", "lm_head.weight", 0, 999)
     with pytest.raises(sw.SepweightError, match="no tensor 'nope'"):
         w.rows("begin", "nope", 0, 1)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_tied"])
+def test_read_into_a_reusable_buffer(qwen_checkpoints, tmp_path, name):
+    ckpt = qwen_checkpoints(name)
+    sw.convert(ckpt.path, tmp_path / "sep", progress=False)
+    w = sw.SepWeights(tmp_path / "sep")
+    sd = ckpt.model.state_dict()
+    buf = torch.empty(max(w.nbytes(i) for i in range(3)), dtype=torch.uint8)
+    for i in range(3):
+        layer = w.read_into(i, buf)
+        for k, v in layer.items():
+            assert torch.equal(v, sd[f"model.layers.{i}.{k}"]) and v.data_ptr() >= buf.data_ptr()
+    rows = ("lm_head.weight", 10, 50)
+    head = w.read_into("end", torch.empty(w.nbytes("end", rows), dtype=torch.uint8), rows)
+    assert torch.equal(head["lm_head.weight"], sd["lm_head.weight"][10:50])
+    with pytest.raises(sw.SepweightError, match="needs a buffer of"):
+        w.read_into(0, torch.empty(10, dtype=torch.uint8))

@@ -12,6 +12,7 @@ from llm_sepweight import PartSpec, SepWeights, convert
 
 from .config import QwenConfig
 from .part import QwenPart
+from .streaming import Mode
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
@@ -34,6 +35,9 @@ def load_part(
     dtype: torch.dtype | str | None = None,
     lazy: bool = False,
     prefetch: int = 2,
+    head_chunk_size: int = 16384,
+    resident_mb: float = 0.0,
+    stream_mode: Mode = "copy",
 ) -> QwenPart:
     """Build the part `spec` of the model stored in a sepweight folder.
 
@@ -41,6 +45,12 @@ def load_part(
         spec: ``"f"`` (whole model), ``"b 0-12"``, ``"12-24 e"``, ...
         dtype: compute dtype; default the stored one.
         lazy: stream layers from disk (one resident plus `prefetch` in flight) instead of holding them.
+        prefetch: how many upcoming layers / head chunks a background thread prepares (lazy mode).
+        head_chunk_size: vocabulary rows per head chunk (logits are computed chunk by chunk).
+        resident_mb: lazy mode only: keep this many MB of layers / head chunks mapped for good
+            instead of streaming them every forward (0 = lowest memory).
+        stream_mode: lazy mode only: "copy" reads items into a few reusable buffers (default),
+            "mmap" maps each item and unmaps it after use (no anonymous memory).
 
     Example::
 
@@ -49,8 +59,8 @@ def load_part(
     """
     source = SepWeights(sepweight_dir)
     config = QwenConfig.from_dict(source.config, source=str(Path(sepweight_dir) / "config.json"))
-    part = QwenPart(config, spec, device=device, dtype=_dtype(dtype, source.dtype))
-    return part.load_weights(source, lazy=lazy, prefetch=prefetch)
+    part = QwenPart(config, spec, device=device, dtype=_dtype(dtype, source.dtype), head_chunk_size=head_chunk_size)
+    return part.load_weights(source, lazy=lazy, prefetch=prefetch, resident_mb=resident_mb, stream_mode=stream_mode)
 
 
 def default_cache_dir() -> Path:

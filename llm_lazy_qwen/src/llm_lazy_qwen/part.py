@@ -19,7 +19,7 @@ from .config import QwenConfig
 from .kv_cache import KVCache
 from .layers import RMSNorm
 from .rope import cos_sin, inv_freq
-from .streaming import LayerStreamer
+from .streaming import LayerStreamer, Mode
 from .weights import assign, meta_placeholders, release
 
 LogitsToKeep = Union[int, slice, torch.Tensor, None]
@@ -61,6 +61,8 @@ class QwenPart(nn.Module):
                 f"part spec {str(self.spec)!r}: a part holding 'e' must end at the last layer "
                 f"({config.num_hidden_layers - 1})"
             )
+        if head_chunk_size < 1:
+            raise ValueError(f"head_chunk_size must be >= 1, got {head_chunk_size}")
         self.device, self.dtype, self.head_chunk_size = torch.device(device), dtype, head_chunk_size
         self.layer_ids = layers
         meta = torch.device("meta")
@@ -79,8 +81,20 @@ class QwenPart(nn.Module):
     def lazy(self) -> bool:
         return self._streamer is not None
 
-    def load_weights(self, source: SepWeights, lazy: bool = False, prefetch: int = 2) -> QwenPart:
-        """Take weights from a sepweight folder: all now (``lazy=False``) or streamed per forward."""
+    def load_weights(
+        self,
+        source: SepWeights,
+        lazy: bool = False,
+        prefetch: int = 2,
+        resident_mb: float = 0.0,
+        stream_mode: Mode = "copy",
+    ) -> QwenPart:
+        """Take weights from a sepweight folder: all now (``lazy=False``) or streamed per forward.
+
+        In lazy mode, ``resident_mb`` keeps that many MB of layers / head chunks mapped for good
+        (the rest is streamed): a knob between lowest memory (0) and in-RAM speed. ``stream_mode``
+        is "copy" (read into a few reusable buffers) or "mmap" (map each item, unmap after use).
+        """
         self._source = source
         cpu_same = self.device.type == "cpu"
 
@@ -103,7 +117,13 @@ class QwenPart(nn.Module):
                     self.lm_head.weight = nn.Parameter(prep(end["lm_head.weight"]), requires_grad=False)
             del end
         if lazy:
-            self._streamer = LayerStreamer(source, self.layer_ids, self.device, self.dtype, prefetch)
+            order: list[int | tuple[int, int]] = list(self.layer_ids)
+            if self.spec.end:
+                V, c = self.config.vocab_size, self.head_chunk_size
+                order += [(v0, min(V, v0 + c)) for v0 in range(0, V, c)]
+            self._streamer = LayerStreamer(
+                source, order, self.device, self.dtype, prefetch, int(resident_mb * 2**20), stream_mode
+            )
         else:
             for i in self.layer_ids:
                 layer = source.layer(i)
@@ -153,11 +173,14 @@ class QwenPart(nn.Module):
             layer = self._layer(i)
             layer_cache = cache.layers[i] if cache is not None else None
             if self._streamer is not None:
-                assign(layer, self._streamer.get(i), f"layer {i}")
+                weights = self._streamer.get(i)
+                assign(layer, weights, f"layer {i}")
                 try:
                     h = layer(h, cos, sin, start, layer_cache, key_mask)
                 finally:
                     release(layer, self._placeholders[i])
+                    self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
+                    del weights
             else:
                 h = layer(h, cos, sin, start, layer_cache, key_mask)
         if cache is not None:
@@ -171,16 +194,17 @@ class QwenPart(nn.Module):
         """Logits in vocabulary chunks: no full-vocab fp32 temporary, and lazy parts map one chunk at a time."""
         V, chunk = self.config.vocab_size, self.head_chunk_size
         out = h.new_empty(*h.shape[:-1], V)
-        lazy_head = self._streamer is not None
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
-            if lazy_head:
-                assert self._source is not None
-                w = self._source.rows("end", "lm_head.weight", v0, v1)
-                w = w.to(self.device, self.dtype) if (w.dtype != self.dtype or self.device.type != "cpu") else w
+            if self._streamer is not None:  # lazy: a prefetched mapping of just these rows
+                chunk_weights = self._streamer.get((v0, v1))
+                try:
+                    out[..., v0:v1] = F.linear(h, chunk_weights["lm_head.weight"])  # (B, T, chunk)
+                finally:
+                    self._streamer.retire(chunk_weights, reuse=not torch.is_grad_enabled())
+                del chunk_weights
             else:
-                w = self.lm_head.weight[v0:v1]
-            out[..., v0:v1] = F.linear(h, w)  # (B, T, chunk)
+                out[..., v0:v1] = F.linear(h, self.lm_head.weight[v0:v1])
         return out
 
     # ------------------------------------------------------------------------------- inputs

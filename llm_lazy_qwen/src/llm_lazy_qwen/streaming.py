@@ -1,83 +1,174 @@
-"""Lazy layer streaming: a background thread maps/converts the next layers while the current one runs.
+"""Lazy streaming: a background thread reads the next layers / head chunks while the current one runs.
 
-For each layer the worker opens its sepweight file (a private memory map), asks the kernel to read
-it ahead, touches every page so the compute thread never faults, and converts to the compute
-dtype / copies to the device when needed. The compute thread takes the finished layer, uses it and
-drops it; dropping the last reference unmaps the file (no ``gc.collect()``; the mapping's pages
-are file-backed, so "releasing" costs nothing and leaves them in the page cache for the next token).
-The order is cyclic: after the part's last layer come its first ones, for the next token.
+Two ways to bring an item (a layer, or a vocabulary chunk of the head) in, both off the compute thread:
+
+- ``"copy"`` (default): ``pread`` the item's bytes into one of a few reusable buffers (pinned on
+  CUDA, then a non-blocking copy to the device on a side stream). Nothing is mapped or unmapped per
+  token, so the compute threads never pay page-table teardown or TLB shootdowns; anonymous memory
+  is the fixed buffer pool (``prefetch + 2`` items).
+- ``"mmap"``: map the item read-only with every page mapped up front (MAP_POPULATE) and unmap it
+  when retired; no anonymous memory at all, but per-token mapping work.
+
+Items are handed out in a fixed cyclic order: a part's layers, then its head chunks, then its
+first layers again for the next token. ``resident_bytes`` pins items (kept for good, never
+re-read) greedily in that order: a knob between lowest memory and in-RAM speed.
+No ``gc.collect()`` anywhere: buffers are reused explicitly.
 """
 
 from __future__ import annotations
 
-import mmap
+import math
+import queue
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Literal
 
 import torch
 
 from llm_sepweight import SepWeights
 
 Tensors = dict[str, torch.Tensor]
-_PAGE = mmap.PAGESIZE
-
-
-def _prefault(t: torch.Tensor) -> None:
-    """Read one byte per page so the pages are mapped before compute touches them."""
-    if t.numel() == 0:
-        return
-    flat = t.reshape(-1).view(torch.uint8)
-    flat[:: _PAGE].max()  # strided read: one byte of every page
+Item = int | tuple[int, int]  # a layer index, or a head chunk (first row, last row + 1)
+Mode = Literal["copy", "mmap"]
 
 
 class LayerStreamer:
-    """Hands out layer weights in order, keeping `prefetch` upcoming layers in flight."""
+    """Hands out weights in a fixed cyclic order, keeping `prefetch` upcoming items in flight."""
 
     def __init__(
         self,
         source: SepWeights,
-        order: list[int],
+        order: list[Item],
         device: torch.device,
         dtype: torch.dtype,
         prefetch: int = 2,
+        resident_bytes: int = 0,
+        mode: Mode = "copy",
     ) -> None:
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-        self.source, self.order, self.device, self.dtype, self.prefetch = source, order, device, dtype, prefetch
+        if resident_bytes < 0:
+            raise ValueError(f"resident_bytes must be >= 0, got {resident_bytes}")
+        if mode not in ("copy", "mmap"):
+            raise ValueError(f"stream mode must be 'copy' or 'mmap', got {mode!r}")
+        self.source, self.order, self.device, self.dtype = source, order, device, dtype
+        self.prefetch, self.mode = prefetch, mode
+        self._index = {item: i for i, item in enumerate(order)}
+        self.pinned: set[Item] = set()
+        budget = resident_bytes
+        for item in order:
+            if self._nbytes(item) <= budget:
+                self.pinned.add(item)
+                budget -= self._nbytes(item)
+        self._kept: dict[Item, Tensors] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm_lazy_qwen-prefetch")
-        self._pending: dict[int, Future[Tensors]] = {}
+        self._pending: dict[Item, Future[Tensors]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # copy mode: a fixed pool of byte buffers, one per item in flight (+ current + one spare)
+        self._buffer_bytes = max((self._stored_nbytes(i) for i in order if i not in self.pinned), default=0)
+        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        self._allocated = 0
+        self._lock = threading.Lock()
+        self._max_buffers = prefetch + 2
+        self._buffer_of: dict[int, torch.Tensor] = {}  # id(returned dict) -> its buffer
 
-    def _load(self, layer: int) -> Tensors:
-        tensors = self.source.layer(layer)  # zero-copy views of a fresh private mapping
-        out: Tensors = {}
-        for k, t in tensors.items():
-            if t.dtype != self.dtype and t.is_floating_point():
-                t = t.to(self.dtype)  # converted copy: anonymous memory, freed after use
-            else:
-                _prefault(t)
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
-                    t = t.pin_memory().to(self.device, non_blocking=True)
-            out[k] = t
+    # ------------------------------------------------------------------------------- sizes
+    def _rows(self, item: tuple[int, int]) -> tuple[str, int, int]:
+        return ("lm_head.weight", item[0], item[1])
+
+    def _stored_nbytes(self, item: Item) -> int:
+        return self.source.nbytes("end", self._rows(item)) if isinstance(item, tuple) else self.source.nbytes(item)
+
+    def _nbytes(self, item: Item) -> int:
+        """Bytes the item occupies in the compute dtype."""
+        if isinstance(item, tuple):
+            return (item[1] - item[0]) * self.source.shape("end", "lm_head.weight")[1] * self.dtype.itemsize
+        shapes = self.source.manifest.files[f"mid.{item:05d}.safetensors"].tensors.values()
+        return sum(math.prod(t["shape"]) for t in shapes) * self.dtype.itemsize
+
+    # ------------------------------------------------------------------------------- loading (worker thread)
+    def _buffer(self) -> torch.Tensor:
+        with self._lock:
+            new = self._allocated < self._max_buffers and self._free.empty()
+            if new:
+                self._allocated += 1
+        if new:
+            buf = torch.empty(self._buffer_bytes, dtype=torch.uint8)
+            return buf.pin_memory() if self._stream is not None else buf
+        return self._free.get()  # waits until the compute thread retires an item
+
+    def _read(self, item: Item) -> tuple[Tensors, torch.Tensor | None]:
+        if self.mode == "mmap" or item in self.pinned:
+            # zero-copy read-only views of a fresh mapping whose pages are all mapped up front
+            if isinstance(item, tuple):
+                return {"lm_head.weight": self.source.rows("end", "lm_head.weight", *item, prefault=True)}, None
+            return self.source.layer(item, prefault=True), None
+        buf = self._buffer()
+        rows = self._rows(item) if isinstance(item, tuple) else None
+        return self.source.read_into("end" if rows else item, buf, rows), buf  # type: ignore[arg-type]
+
+    def _load(self, item: Item) -> Tensors:
+        tensors, buf = self._read(item)
+        convert = any(t.is_floating_point() and t.dtype != self.dtype for t in tensors.values())
         if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                out = {k: t.to(self.device, non_blocking=True) for k, t in tensors.items()}
+                out = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in out.items()}
             self._stream.synchronize()
+        elif convert:
+            out = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        else:
+            out = tensors
+        if buf is not None:
+            if out is tensors:
+                self._buffer_of[id(out)] = buf  # in use until retired
+            else:
+                self._free.put(buf)  # the data was copied out; the buffer is free again
         return out
 
-    def _schedule(self, after: int) -> None:
-        n = len(self.order)
-        pos = self.order.index(after)
-        for step in range(1, min(self.prefetch, n - 1) + 1) if n > 1 else ():
-            nxt = self.order[(pos + step) % n]
+    # ------------------------------------------------------------------------------- compute thread
+    def _schedule(self, after: Item) -> None:
+        """Queue the next `prefetch` streamed (not pinned) items after `after`, in cyclic order."""
+        n, pos, queued = len(self.order), self._index[after], 0
+        for k in range(1, n):
+            if queued == self.prefetch:
+                break
+            nxt = self.order[(pos + k) % n]
+            if nxt in self.pinned:
+                continue
+            queued += 1
             if nxt not in self._pending:
                 self._pending[nxt] = self._pool.submit(self._load, nxt)
 
-    def get(self, layer: int) -> Tensors:
-        """The weights of `layer` (waits for its prefetch), and start prefetching the ones after it."""
-        fut = self._pending.pop(layer, None)
-        self._schedule(layer)
-        return fut.result() if fut is not None else self._load(layer)
+    def get(self, item: Item) -> Tensors:
+        """The weights of `item` (waits for its prefetch), and start prefetching the ones after it."""
+        if item in self.pinned:
+            if item not in self._kept:
+                self._kept[item] = self._load(item)
+            self._schedule(item)
+            return self._kept[item]
+        fut = self._pending.pop(item, None)
+        self._schedule(item)
+        return fut.result() if fut is not None else self._load(item)
+
+    def retire(self, tensors: Tensors, reuse: bool = True) -> None:
+        """Give used weights back. Copy mode: the buffer is reused (``reuse=False`` when autograd may
+        still hold views of it: then a fresh buffer replaces it). Mmap mode: the worker drops the
+        views, so unmapping happens off the compute thread. Pinned items are kept."""
+        if any(tensors is kept for kept in self._kept.values()):
+            return
+        buf = self._buffer_of.pop(id(tensors), None)
+        if buf is not None:
+            if reuse:
+                self._free.put(buf)
+            else:
+                with self._lock:
+                    self._allocated -= 1  # autograd owns it now; a new buffer will be allocated
+        else:
+            self._pool.submit(tensors.clear)
 
     def close(self) -> None:
+        self._kept.clear()
         for fut in self._pending.values():
             fut.cancel()
         self._pending.clear()

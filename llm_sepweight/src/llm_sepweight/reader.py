@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 
 from .errors import SepweightError
 from .manifest import Manifest, Part, part_filename
-from .safetensors_io import Header, open_rows, open_tensors, read_header
+from .safetensors_io import DTYPES, Header, open_rows, open_tensors, read_header, read_into
 from .spec import PartSpec
 from .writer import check_file_matches
 
@@ -83,32 +84,60 @@ class SepWeights:
             )
         return name
 
-    def rows(self, part: Part, key: str, start: int, stop: int) -> torch.Tensor:
+    def _resolve(self, part: Part, key: str) -> tuple[str, str]:
+        """(file name, key) holding a tensor; the tied head lives in the begin file as the embedding."""
+        if part == "end" and key == "lm_head.weight" and self.tied:
+            part, key = "begin", "embed_tokens.weight"
+        name = self._name(part)
+        if key not in self.manifest.files[name].tensors:
+            raise SepweightError(f"{self.root / name}: no tensor {key!r} (has {sorted(self.manifest.files[name].tensors)})")
+        return name, key
+
+    def rows(self, part: Part, key: str, start: int, stop: int, prefault: bool = False) -> torch.Tensor:
         """Rows ``start:stop`` of one tensor, mapping only those bytes (CPU, stored dtype).
 
         For streaming a large matrix in pieces: a vocabulary chunk of the head, a few embedding rows.
         ``rows("end", "lm_head.weight", ...)`` reads the embedding when the head is tied.
+        ``prefault`` maps every page now and makes the view read-only.
 
         Example::
 
             chunk = SepWeights("qwen-sep").rows("end", "lm_head.weight", 0, 16384)  # (16384, hidden)
         """
-        if part == "end" and key == "lm_head.weight" and self.tied:
-            part, key = "begin", "embed_tokens.weight"
-        name = self._name(part)
-        header = self._header(name)
-        if key not in header.tensors:
-            raise SepweightError(f"{self.root / name}: no tensor {key!r} (has {sorted(header.tensors)})")
-        return open_rows(self.root / name, header, key, start, stop)
+        name, key = self._resolve(part, key)
+        return open_rows(self.root / name, self._header(name), key, start, stop, prefault)
+
+    def read_into(self, part: Part, buffer: torch.Tensor, rows: tuple[str, int, int] | None = None) -> Tensors:
+        """Read a part's tensors (or ``rows=(key, start, stop)`` of one) into a reusable uint8 buffer.
+
+        For streaming without mapping churn: a lazy runner keeps a few (pinned, for CUDA) buffers and
+        reads each layer into a free one; the returned tensors are views of the buffer.
+
+        Example::
+
+            weights = SepWeights("qwen-sep")
+            buf = torch.empty(weights.nbytes(3), dtype=torch.uint8)
+            layer = weights.read_into(3, buf)
+        """
+        if rows is None:
+            name = self._name(part)
+            return read_into(self.root / name, self._header(name), buffer)
+        name, key = self._resolve(part, rows[0])
+        (tensor,) = read_into(self.root / name, self._header(name), buffer, (key, rows[1], rows[2])).values()
+        return {rows[0]: tensor}  # under the requested key, also for the tied head
+
+    def nbytes(self, part: Part, rows: tuple[str, int, int] | None = None) -> int:
+        """Bytes :meth:`read_into` needs for a part (or for rows of one tensor)."""
+        if rows is None:
+            return sum(math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize for t in self.manifest.files[self._name(part)].tensors.values())
+        name, key = self._resolve(part, rows[0])
+        info = self.manifest.files[name].tensors[key]
+        return (rows[2] - rows[1]) * math.prod(info["shape"][1:]) * DTYPES[info["dtype"]].itemsize
 
     def shape(self, part: Part, key: str) -> tuple[int, ...]:
         """Shape of a stored tensor without mapping it (the tied head reports the embedding's)."""
-        if part == "end" and key == "lm_head.weight" and self.tied:
-            part, key = "begin", "embed_tokens.weight"
-        entry = self.manifest.files[self._name(part)]
-        if key not in entry.tensors:
-            raise SepweightError(f"{self.root / self._name(part)}: no tensor {key!r}")
-        return tuple(entry.tensors[key]["shape"])
+        name, key = self._resolve(part, key)
+        return tuple(self.manifest.files[name].tensors[key]["shape"])
 
     @property
     def config(self) -> dict[str, Any]:
@@ -135,9 +164,11 @@ class SepWeights:
     def path(self, part: Part) -> Path:
         return self.root / part_filename(part)
 
-    def _read(self, part: Part, device: str | torch.device, dtype: torch.dtype | None, mmap: bool) -> Tensors:
+    def _read(
+        self, part: Part, device: str | torch.device, dtype: torch.dtype | None, mmap: bool, prefault: bool = False
+    ) -> Tensors:
         name = self._name(part)
-        tensors = open_tensors(self.root / name, use_mmap=mmap, header=self._header(name))
+        tensors = open_tensors(self.root / name, use_mmap=mmap, header=self._header(name), prefault=prefault)
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         if torch.device(device).type != "cpu":
@@ -148,11 +179,17 @@ class SepWeights:
         return self._read("begin", device, dtype, mmap)
 
     def layer(
-        self, i: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, mmap: bool = True
+        self,
+        i: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        mmap: bool = True,
+        prefault: bool = False,
     ) -> Tensors:
+        """Layer i's tensors. ``prefault=True``: every page mapped now, and the views are read-only."""
         if not isinstance(i, int) or not 0 <= i < self.num_layers:
             raise SepweightError(f"layer index {i!r} is outside the model's layers 0..{self.num_layers - 1}")
-        return self._read(i, device, dtype, mmap)
+        return self._read(i, device, dtype, mmap, prefault)
 
     def end(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, mmap: bool = True) -> Tensors:
         """norm.weight and lm_head.weight; a tied head is the begin part's embed_tokens.weight."""

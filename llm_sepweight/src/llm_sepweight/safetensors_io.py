@@ -22,6 +22,7 @@ import mmap
 import os
 import struct
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -133,14 +134,23 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     return Header(tensors, dict(metadata), data_start, size)
 
 
+def _map(f: BinaryIO, length: int, offset: int, prefault: bool) -> mmap.mmap:
+    if prefault and hasattr(mmap, "MAP_POPULATE"):
+        # read-only, every page mapped in one syscall (a writable private mapping would copy them)
+        return mmap.mmap(f.fileno(), length, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE, prot=mmap.PROT_READ, offset=offset)
+    return mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=offset)
+
+
 def open_tensors(
-    path: str | os.PathLike[str], *, use_mmap: bool = True, header: Header | None = None
+    path: str | os.PathLike[str], *, use_mmap: bool = True, header: Header | None = None, prefault: bool = False
 ) -> dict[str, torch.Tensor]:
     """All tensors of a file on CPU.
 
     With ``use_mmap`` they are zero-copy views of a private memory map (copy-on-write: writing to a
     tensor never touches the file); otherwise they are read into fresh anonymous memory. A `header`
-    parsed earlier by :func:`read_header` may be passed to skip re-reading it.
+    parsed earlier by :func:`read_header` may be passed to skip re-reading it. ``prefault`` maps
+    every page up front in one system call (for streaming consumers); such views are READ-ONLY:
+    writing to them is a segmentation fault.
     """
     path = Path(path)
     header = header or read_header(path)
@@ -149,14 +159,16 @@ def open_tensors(
     if header.file_size == header.data_start:  # nothing to map (no tensors or all empty)
         return {k: torch.empty(t.shape, dtype=t.torch_dtype) for k, t in header.tensors.items()}
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        mm = _map(f, 0, 0, prefault)
     out: dict[str, torch.Tensor] = {}
     for name, t in header.tensors.items():
         out[name] = _view(mm, header.data_start, t)
     return out  # each tensor keeps `mm` alive through its storage
 
 
-def open_rows(path: str | os.PathLike[str], header: Header, name: str, start: int, stop: int) -> torch.Tensor:
+def open_rows(
+    path: str | os.PathLike[str], header: Header, name: str, start: int, stop: int, prefault: bool = False
+) -> torch.Tensor:
     """Rows ``start:stop`` of a tensor (along dim 0) as a view of a mapping of just those bytes.
 
     Only that byte range is mapped, so reading it (e.g. one vocabulary chunk of a head) adds at
@@ -173,9 +185,48 @@ def open_rows(path: str | os.PathLike[str], header: Header, name: str, start: in
     aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
     length = (stop - start) * row + (begin - aligned)
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=aligned)
+        mm = _map(f, length, aligned, prefault)
     sub = TensorInfo(t.dtype, shape, begin - aligned, begin - aligned + (stop - start) * row)
     return _view(mm, 0, sub)
+
+
+def read_into(
+    path: str | os.PathLike[str], header: Header, buffer: torch.Tensor, rows: tuple[str, int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a file's tensors (or rows ``(name, start, stop)`` of one tensor) into `buffer`; return views of it.
+
+    `buffer` is a contiguous CPU uint8 tensor (e.g. pinned, reused across calls) of at least the
+    bytes read. No mapping is created, so nothing is unmapped later either.
+    """
+    if buffer.dtype != torch.uint8 or not buffer.is_contiguous() or buffer.device.type != "cpu":
+        raise SepweightError("read_into needs a contiguous CPU uint8 buffer")
+    if rows is None:
+        items = [(k, header.data_start + t.begin, t.nbytes, t.torch_dtype, t.shape) for k, t in header.tensors.items()]
+        first = min((o for _, o, _, _, _ in items), default=header.data_start)
+        length = header.file_size - first
+    else:
+        name, start, stop = rows
+        t = header.tensors[name]
+        if not t.shape or not 0 <= start <= stop <= t.shape[0]:
+            raise SepweightError(f"{path}: rows {start}:{stop} are outside tensor {name!r} of shape {list(t.shape)}")
+        row = t.nbytes // t.shape[0] if t.shape[0] else 0
+        first, length = header.data_start + t.begin + start * row, (stop - start) * row
+        items = [(name, first, length, t.torch_dtype, (stop - start, *t.shape[1:]))]
+    if length > buffer.numel():
+        raise SepweightError(f"{path}: needs a buffer of {length} bytes, got {buffer.numel()}")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(first)
+        view = _bytes_view(buffer[:length]) if length else memoryview(b"")
+        got = 0
+        while got < length:
+            n = f.readinto(view[got:])
+            if not n:
+                raise _fail(Path(path), "short read")
+            got += n
+    out = {}
+    for k, offset, nbytes, dtype, shape in items:
+        out[k] = buffer[offset - first : offset - first + nbytes].view(dtype).reshape(shape)
+    return out
 
 
 def _view(mm: mmap.mmap, data_start: int, t: TensorInfo) -> torch.Tensor:
@@ -184,10 +235,12 @@ def _view(mm: mmap.mmap, data_start: int, t: TensorInfo) -> torch.Tensor:
         return torch.empty(t.shape, dtype=dtype)
     offset = data_start + t.begin
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if offset % itemsize:  # misaligned (not written by us or safetensors): copy instead of a view
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=offset).clone()
-        return raw.view(dtype).reshape(t.shape)
-    return torch.frombuffer(mm, dtype=dtype, count=t.nbytes // itemsize, offset=offset).reshape(t.shape)
+    with warnings.catch_warnings():  # a prefaulted mapping is read-only; documented at open_tensors
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        if offset % itemsize:  # misaligned (not written by us or safetensors): copy instead of a view
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=offset).clone()
+            return raw.view(dtype).reshape(t.shape)
+        return torch.frombuffer(mm, dtype=dtype, count=t.nbytes // itemsize, offset=offset).reshape(t.shape)
 
 
 def _read_into_memory(path: Path, header: Header) -> dict[str, torch.Tensor]:
