@@ -105,8 +105,8 @@ class QwenPart(nn.Module):
 
         if self.spec.begin:
             emb = source.begin()["embed_tokens.weight"]
-            # lazy: keep the mapped view; F.embedding reads only the rows of the input tokens
-            self.model.embed_tokens.weight = nn.Parameter(emb if lazy and cpu_same and emb.dtype == self.dtype else prep(emb), requires_grad=False)
+            # lazy: keep the mapped view (CPU, stored dtype); forward gathers only the input tokens' rows
+            self.model.embed_tokens.weight = nn.Parameter(emb if lazy else prep(emb), requires_grad=False)
         if self.spec.end:
             end = source.end()
             self.model.norm.weight = nn.Parameter(prep(end["norm.weight"]), requires_grad=False)
@@ -164,8 +164,8 @@ class QwenPart(nn.Module):
         new_mask, key_mask = self._masks(attention_mask, cache, B, T, start, x.device)
         position_ids = self._positions(position_ids, cache, new_mask, B, T, start, x.device)
         if self.spec.begin:
-            h = F.embedding(x, self.model.embed_tokens.weight)
-            h = h.to(self.dtype) if h.dtype != self.dtype else h
+            emb = self.model.embed_tokens.weight
+            h = F.embedding(x.to(emb.device), emb).to(self.device, self.dtype)  # (B, T, H)
         else:
             h = x
         cos, sin = cos_sin(position_ids, self.inv_freq, h.dtype)
