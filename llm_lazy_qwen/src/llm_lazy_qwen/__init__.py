@@ -8,10 +8,11 @@
 """
 
 from .config import ConfigError, QwenConfig
+from .incremental import IncrementalPart
 from .kv_cache import KVCache
 from .loading import from_pretrained, load_part
 from .part import QwenPart
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "KVCache", "QwenConfig", "QwenPart", "from_pretrained", "load_part"]
+__all__ = ["ConfigError", "IncrementalPart", "KVCache", "QwenConfig", "QwenPart", "from_pretrained", "load_part"]
