@@ -11,8 +11,8 @@ from .config import ConfigError, QwenConfig
 from .incremental import IncrementalPart
 from .kv_cache import KVCache
 from .loading import from_pretrained, load_part
-from .part import QwenPart
+from .part import QwenPart, Step
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "IncrementalPart", "KVCache", "QwenConfig", "QwenPart", "from_pretrained", "load_part"]
+__all__ = ["ConfigError", "IncrementalPart", "KVCache", "QwenConfig", "QwenPart", "Step", "from_pretrained", "load_part"]

@@ -6,6 +6,9 @@ Parameter names mirror transformers (``model.embed_tokens``, ``model.layers.{i}`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -23,6 +26,18 @@ from .streaming import LayerStreamer, Mode
 from .weights import assign, meta_placeholders, release
 
 LogitsToKeep = Union[int, slice, torch.Tensor, None]
+
+
+@dataclass
+class Step:
+    """What every layer of one forward call shares: RoPE tables, cache offset, masks."""
+
+    cos: torch.Tensor  # (B, T, head_dim)
+    sin: torch.Tensor
+    start: int  # cache index of the first new token
+    length: int  # T
+    key_mask: torch.Tensor | None  # (B, start + T) bool, None = no padding
+    cache: KVCache | None
 
 
 class QwenPart(nn.Module):
@@ -159,6 +174,24 @@ class QwenPart(nn.Module):
             logits_to_keep: which positions get logits: None = all, n = the last n, a slice or
                 an index tensor. Ignored by parts without the head.
         """
+        h, step = self.prepare(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
+        for i in self.layer_ids:
+            h = self.run_layer(i, h, step)
+        return self.finish(h, step, logits_to_keep)
+
+    # ------------------------------------------------------------------------------- steps
+    # forward() is prepare -> run_layer for each layer -> finish. They are public so that engines
+    # (layer-wise training, pipelines) can drive a part one layer at a time.
+
+    def prepare(
+        self,
+        x: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, Step]:
+        """Validate the input, embed token ids (begin part) and compute RoPE / masks once."""
         B, T = self._check_input(x)
         start = cache.seq_len if cache is not None else 0
         new_mask, key_mask = self._masks(attention_mask, cache, B, T, start, x.device)
@@ -169,42 +202,62 @@ class QwenPart(nn.Module):
         else:
             h = x
         cos, sin = cos_sin(position_ids, self.inv_freq, h.dtype)
-        for i in self.layer_ids:
-            layer = self._layer(i)
-            layer_cache = cache.layers[i] if cache is not None else None
-            if self._streamer is not None:
-                weights = self._streamer.get(i)
-                assign(layer, weights, f"layer {i}")
-                try:
-                    h = layer(h, cos, sin, start, layer_cache, key_mask)
-                finally:
-                    release(layer, self._placeholders[i])
-                    self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
-                    del weights
-            else:
-                h = layer(h, cos, sin, start, layer_cache, key_mask)
-        if cache is not None:
-            cache.seq_len = start + T
-        if not self.spec.end:
-            return h
-        h = _select(h, logits_to_keep)
-        return self._head(self.model.norm(h))
+        return h, Step(cos, sin, start, T, key_mask, cache)
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits in vocabulary chunks: no full-vocab fp32 temporary, and lazy parts map one chunk at a time."""
+    @contextmanager
+    def materialized(self, i: int) -> Iterator[nn.Module]:
+        """Layer i's module with its weights in place for the duration (fetched and released when lazy).
+
+        Example::
+
+            with part.materialized(3) as layer:
+                out = layer(h, step.cos, step.sin, step.start)
+        """
+        layer = self._layer(i)
+        if self._streamer is None:
+            yield layer
+            return
+        weights = self._streamer.get(i)
+        assign(layer, weights, f"layer {i}")
+        try:
+            yield layer
+        finally:
+            release(layer, self._placeholders[i])
+            # with autograd on, the graph may keep views of the weights: never reuse that buffer
+            self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
+            del weights
+
+    def run_layer(self, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
+        """One decoder layer: (B, T, H) -> (B, T, H), updating its cache."""
+        layer_cache = step.cache.layers[i] if step.cache is not None else None
+        with self.materialized(i) as layer:
+            return layer(h, step.cos, step.sin, step.start, layer_cache, step.key_mask)
+
+    def head_chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(v0, v1, lm_head.weight[v0:v1])`` for each vocabulary chunk (streamed when lazy)."""
         V, chunk = self.config.vocab_size, self.head_chunk_size
-        out = h.new_empty(*h.shape[:-1], V)
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
-            if self._streamer is not None:  # lazy: a prefetched mapping of just these rows
-                chunk_weights = self._streamer.get((v0, v1))
-                try:
-                    out[..., v0:v1] = F.linear(h, chunk_weights["lm_head.weight"])  # (B, T, chunk)
-                finally:
-                    self._streamer.retire(chunk_weights, reuse=not torch.is_grad_enabled())
-                del chunk_weights
-            else:
-                out[..., v0:v1] = F.linear(h, self.lm_head.weight[v0:v1])
+            if self._streamer is None:
+                yield v0, v1, self.lm_head.weight[v0:v1]
+                continue
+            weights = self._streamer.get((v0, v1))
+            try:
+                yield v0, v1, weights["lm_head.weight"]
+            finally:
+                self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
+                del weights
+
+    def finish(self, h: torch.Tensor, step: Step, logits_to_keep: LogitsToKeep = None) -> torch.Tensor:
+        """Close the step: advance the cache; with the end part, final norm + head on the kept positions."""
+        if step.cache is not None:
+            step.cache.seq_len = step.start + step.length
+        if not self.spec.end:
+            return h
+        h = self.model.norm(_select(h, logits_to_keep))
+        out = h.new_empty(*h.shape[:-1], self.config.vocab_size)  # (B, T_keep, V) in the compute dtype
+        for v0, v1, w in self.head_chunks():
+            out[..., v0:v1] = F.linear(h, w)
         return out
 
     # ------------------------------------------------------------------------------- inputs
