@@ -5,12 +5,13 @@ Two ways to bring an item (a layer, or a vocabulary chunk of the head) in, both 
 - ``"copy"`` (default): ``pread`` the item's bytes into one of a few reusable buffers (pinned on
   CUDA, then a non-blocking copy to the device on a side stream). Nothing is mapped or unmapped per
   token, so the compute threads never pay page-table teardown or TLB shootdowns; anonymous memory
-  is the fixed buffer pool (``prefetch + 2`` items).
+  is the buffer pool (``prefetch + 2`` items for in-order access).
 - ``"mmap"``: map the item read-only with every page mapped up front (MAP_POPULATE) and unmap it
   when retired; no anonymous memory at all, but per-token mapping work.
 
-Items are handed out in a fixed cyclic order: a part's layers, then its head chunks, then its
-first layers again for the next token. ``resident_bytes`` pins items (kept for good, never
+Items are prefetched in a fixed cyclic order: a part's layers, then its head chunks, then its
+first layers again for the next token; requests in reverse order (a layer-wise backward) are
+prefetched in reverse, and prefetched items that fall out of the window are dropped. ``resident_bytes`` pins items (kept for good, never
 re-read) greedily in that order: a knob between lowest memory and in-RAM speed.
 No ``gc.collect()`` anywhere: buffers are reused explicitly.
 """
@@ -64,13 +65,13 @@ class LayerStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm_lazy_qwen-prefetch")
         self._pending: dict[Item, Future[Tensors]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        # copy mode: a fixed pool of byte buffers, one per item in flight (+ current + one spare)
+        # copy mode: a pool of byte buffers, one per item in flight (+ current + one being retired)
         self._buffer_bytes = max((self._stored_nbytes(i) for i in order if i not in self.pinned), default=0)
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         self._allocated = 0
         self._lock = threading.Lock()
-        self._max_buffers = prefetch + 2
         self._buffer_of: dict[int, torch.Tensor] = {}  # id(returned dict) -> its buffer
+        self._last: Item | None = None  # the previous request: tells the direction of traversal
 
     # ------------------------------------------------------------------------------- sizes
     def _rows(self, item: tuple[int, int]) -> tuple[str, int, int]:
@@ -88,14 +89,15 @@ class LayerStreamer:
 
     # ------------------------------------------------------------------------------- loading (worker thread)
     def _buffer(self) -> torch.Tensor:
-        with self._lock:
-            new = self._allocated < self._max_buffers and self._free.empty()
-            if new:
+        """A free buffer, or a new one: never blocks, so no access pattern can deadlock the worker.
+        For the access pattern the window expects, ``prefetch + 2`` buffers are all that exist."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            with self._lock:
                 self._allocated += 1
-        if new:
             buf = torch.empty(self._buffer_bytes, dtype=torch.uint8)
             return buf.pin_memory() if self._stream is not None else buf
-        return self._free.get()  # waits until the compute thread retires an item
 
     def _read(self, item: Item) -> tuple[Tensors, torch.Tensor | None]:
         if self.mode == "mmap" or item in self.pinned:
@@ -127,28 +129,41 @@ class LayerStreamer:
         return out
 
     # ------------------------------------------------------------------------------- compute thread
-    def _schedule(self, after: Item) -> None:
-        """Queue the next `prefetch` streamed (not pinned) items after `after`, in cyclic order."""
-        n, pos, queued = len(self.order), self._index[after], 0
+    def _window(self, item: Item, step: int) -> list[Item]:
+        """The next `prefetch` streamed (not pinned) items after `item`, cyclically, in direction `step`."""
+        n, pos, out = len(self.order), self._index[item], []
         for k in range(1, n):
-            if queued == self.prefetch:
+            if len(out) == self.prefetch:
                 break
-            nxt = self.order[(pos + k) % n]
-            if nxt in self.pinned:
-                continue
-            queued += 1
-            if nxt not in self._pending:
-                self._pending[nxt] = self._pool.submit(self._load, nxt)
+            nxt = self.order[(pos + step * k) % n]
+            if nxt not in self.pinned:
+                out.append(nxt)
+        return out
 
     def get(self, item: Item) -> Tensors:
-        """The weights of `item` (waits for its prefetch), and start prefetching the ones after it."""
+        """The weights of `item` (waits for its prefetch), and start prefetching the ones after it.
+
+        The direction follows the caller: items requested in reverse order (a layer-wise backward)
+        are prefetched in reverse. Prefetched items that fall out of the window are dropped.
+        """
+        if item not in self._index:
+            raise KeyError(f"{item!r} is not streamed by this part")
+        n = len(self.order)
+        backward = n > 2 and self._last is not None and self._index[item] == (self._index[self._last] - 1) % n
+        self._last = item
+        window = self._window(item, -1 if backward else 1)
+        for other in [i for i in self._pending if i != item and i not in window]:
+            fut = self._pending.pop(other)
+            if not fut.cancel():  # already loading or loaded: hand its buffer back when done
+                fut.add_done_callback(lambda f: None if f.exception() else self.retire(f.result()))
+        for nxt in window:
+            if nxt not in self._pending:
+                self._pending[nxt] = self._pool.submit(self._load, nxt)
         if item in self.pinned:
             if item not in self._kept:
                 self._kept[item] = self._load(item)
-            self._schedule(item)
             return self._kept[item]
         fut = self._pending.pop(item, None)
-        self._schedule(item)
         return fut.result() if fut is not None else self._load(item)
 
     def retire(self, tensors: Tensors, reuse: bool = True) -> None:
