@@ -1,0 +1,142 @@
+"""LoraLinear: a frozen linear layer plus a trainable low-rank update; equals PEFT's ``lora.Linear``.
+
+    y = F.linear(x, W, b) + (dropout(x) @ A^T @ B^T) * scaling
+
+``W + B@A`` is never formed: the frozen weight stays whatever tensor the base layer holds (a
+zero-copy, memory-mapped view of a safetensors file), so the only new memory is A, B and the
+activations. A frozen weight stored in another dtype than the activations (bf16 on disk, fp32
+compute) is cast for one matmul at a time and autograd keeps only the stored tensor, never the
+cast copy, so a training step does not hold an upcast copy of every layer until backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import InitLoraWeights, check_hyperparameters, scaling
+
+
+class _CastLinear(torch.autograd.Function):
+    """``F.linear(x, W.to(x.dtype), b)`` for a frozen W; saves the stored W, re-casts it in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)  # the stored (e.g. mmapped bf16) tensor: no copy is kept alive
+        b = bias.to(x.dtype) if bias is not None else None
+        return F.linear(x, weight.to(x.dtype), b)  # the cast copy dies with this frame
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad @ weight.to(grad.dtype), None, None  # (..., out) @ (out, in) -> (..., in)
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` computed in ``x.dtype`` whatever the dtype of a frozen ``weight``.
+
+    Same dtype: plain ``F.linear`` (autograd saves the weight itself, no copy). Different dtype and
+    frozen: the weight is cast for this call only and backward casts it again.
+
+    Example::
+
+        w = torch.randn(8, 4).bfloat16()              # e.g. a mmapped bf16 weight
+        y = frozen_linear(torch.randn(2, 4), w)        # (2, 8) fp32
+    """
+    same = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if same:
+        return F.linear(x, weight, bias)
+    if trainable:  # not our case (LoraLinear freezes its base), but stay correct: autograd handles the casts
+        return F.linear(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
+    out: torch.Tensor = _CastLinear.apply(x, weight, bias)  # type: ignore[no-untyped-call]
+    return out
+
+
+class LoraLinear(nn.Module):
+    """An ``nn.Linear`` wrapped with a LoRA adapter, laid out as PEFT (``base_layer``, ``lora_A``, ``lora_B``).
+
+    Parameter names are ``base_layer.weight`` (frozen), ``lora_A.weight`` (r, in) and
+    ``lora_B.weight`` (out, r), so a model's LoRA state dict has PEFT's keys and loaders that assign
+    frozen weights into ``base_layer`` (llm_lazy_qwen's lazy mode) keep working.
+
+    Args:
+        base_layer: the linear layer to adapt; its parameters are frozen (requires_grad=False).
+        r, lora_alpha, lora_dropout, use_rslora: as PEFT; scaling = lora_alpha / r
+            (lora_alpha / sqrt(r) with use_rslora). Dropout applies to the LoRA branch's input only.
+        init_lora_weights: True (kaiming-uniform A, zero B: the adapter starts as a no-op),
+            "gaussian" (A ~ N(0, 1/r), zero B) or False (both random; for tests).
+        dtype: the adapter's dtype (fp32 as PEFT; the input is cast to it for the LoRA branch).
+        device: where A and B live; default the base weight's device (CPU if it is ``meta``).
+
+    Example::
+
+        layer = LoraLinear(nn.Linear(64, 32), r=4, lora_alpha=8)
+        y = layer(torch.randn(2, 5, 64))          # (2, 5, 32); == the base layer until B is trained
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: InitLoraWeights = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoraLinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
+        if device is None:
+            device = base_layer.weight.device
+            if device.type == "meta":  # a lazy part: the base weight arrives per forward, adapters stay in RAM
+                device = torch.device("cpu")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=dtype)  # (r, in)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=dtype)  # (out, r)
+        self.lora_dropout: nn.Module = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = scaling(r, lora_alpha, use_rslora)
+        self.reset_lora_parameters(init_lora_weights)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def lora_dropout_p(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def reset_lora_parameters(self, init_lora_weights: InitLoraWeights = True) -> None:
+        """Initialise A and B as PEFT's ``reset_lora_parameters``."""
+        if init_lora_weights is False:
+            return  # nn.Linear's own random init for both (B non-zero): only for tests and debugging
+        with torch.no_grad():
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and loralib
+            nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = frozen_linear(x, self.base_layer.weight, self.base_layer.bias)  # (..., out) in x.dtype
+        h: torch.Tensor = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r): x in adapter dtype
+        # the same operations in the same order as PEFT, so bf16 results round the same way
+        lora: torch.Tensor = self.lora_B(h) * self.scaling  # (..., out)
+        return (result + lora).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout_p}"
