@@ -60,7 +60,8 @@ def load_part(
     source = SepWeights(sepweight_dir)
     config = QwenConfig.from_dict(source.config, source=str(Path(sepweight_dir) / "config.json"))
     part = QwenPart(config, spec, device=device, dtype=_dtype(dtype, source.dtype), head_chunk_size=head_chunk_size)
-    return part.load_weights(source, lazy=lazy, prefetch=prefetch, resident_mb=resident_mb, stream_mode=stream_mode)
+    part.load_weights(source, lazy=lazy, prefetch=prefetch, resident_mb=resident_mb, stream_mode=stream_mode)
+    return part.eval()  # like transformers' from_pretrained: trainers call .train() themselves
 
 
 def default_cache_dir() -> Path:
