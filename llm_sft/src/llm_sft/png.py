@@ -120,7 +120,9 @@ class Canvas:
         return path
 
 
-def _fmt(v: float) -> str:
+def _fmt(v: float, steps: bool = False) -> str:
+    if steps and float(v).is_integer():
+        return str(int(v))
     return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
 
 
@@ -161,8 +163,10 @@ def line_chart(
         img.text(4, yy - 5, _fmt(y))
     img.line(left, top, left, bottom, BLACK)
     img.line(left, bottom, right, bottom, BLACK)
-    img.text(left, bottom + 10, _fmt(x_lo))
-    img.text(right - 8 * len(_fmt(x_hi)), bottom + 10, _fmt(x_hi))
+    img.text(left, bottom + 10, _fmt(x_lo, steps=True))
+    img.text(
+        right - 8 * len(_fmt(x_hi, steps=True)), bottom + 10, _fmt(x_hi, steps=True)
+    )
     img.text((left + right) // 2 - 16, bottom + 20, "step")
     for n, (label, pts, color) in enumerate(series):
         coords = [px(x, y) for x, y in pts]
