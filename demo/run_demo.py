@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     tok, _ = load_tokenizer(sep)
     records = read_records(DATA / "continents.jsonl")
     questions, truths = records["instructions"], records["responses"]
-    part = load_part(sep, "f", lazy=True, dtype=torch.float32, prefetch=0).eval()
+    part = load_part(sep, "f", lazy=True, dtype=torch.float32).eval()
     shown = questions[:: max(1, len(questions) // 6)][:6]
     before = answer(part, tok, questions)
     ds = prepare_dataset(sep, **records, max_seq_len=64)
