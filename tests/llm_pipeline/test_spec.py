@@ -1,4 +1,5 @@
-"""Stage specs: automatic splits and clear errors for specs that overlap, leave gaps or misplace b / e."""
+"""Stage specs: automatic splits and clear errors for specs that overlap, leave gaps or misplace b / e.
+Also the CPU share of a rank when several share a host."""
 
 import pytest
 from llm_pipeline.spec import part_sizes
@@ -94,3 +95,18 @@ def test_auto_by_bytes_needs_every_part(sep, tmp_path):
     with pytest.raises(ValueError, match=r"holds only 'b 0-2'.*balance='layers'"):
         stage_specs("auto", 2, source)
     assert names(stage_specs("auto", 2, source, balance="layers")) == ["b 0-2", "2 e"]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "world", "want"),
+    [
+        ([0, 1], 2, [[0], [1]]),
+        ([0, 1, 2, 3], 2, [[0, 1], [2, 3]]),
+        ([0, 1, 2, 3, 4], 3, [[0], [1, 2], [3, 4]]),
+        ([4, 5], 3, [[4], [4], [5]]),  # more ranks than CPUs: some share one
+    ],
+)
+def test_cpu_share(cpus, world, want):
+    from llm_pipeline.stage import _cpu_share
+
+    assert [_cpu_share(cpus, r, world) for r in range(world)] == want

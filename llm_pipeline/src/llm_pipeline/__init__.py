@@ -16,7 +16,7 @@ from .comm import PipelineError, StageError
 from .generate import generate, generate_stream
 from .pipeline import Pipeline
 from .spec import check_stages, parse_stages, split_bytes, split_layers, stage_specs
-from .stage import Stage, load_stage
+from .stage import Stage, load_stage, pin_local_cpus
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "generate_stream",
     "load_stage",
     "parse_stages",
+    "pin_local_cpus",
     "split_bytes",
     "split_layers",
     "stage_specs",

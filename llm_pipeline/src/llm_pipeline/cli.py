@@ -90,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
         help="torch threads per rank (torchrun sets 1)",
     )
     g.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="give each rank of this host its own share of the CPUs (see README)",
+    )
+    g.add_argument(
         "--micro-batches",
         type=int,
         default=None,
@@ -196,6 +201,7 @@ def _generate(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         timeout=args.timeout,
         join_timeout=args.join_timeout,
+        pin_cpus=args.pin_cpus,
     )
     try:
         if stage.rank == 0:
