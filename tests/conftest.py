@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+import llm_sepweight as sw
 
 from qwen_fixtures import TinyCheckpoint, build_checkpoint
 
@@ -17,5 +21,21 @@ def qwen_checkpoints(tmp_path_factory: pytest.TempPathFactory):
         if name not in cache:
             cache[name] = build_checkpoint(name, root)
         return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sep(qwen_checkpoints, tmp_path_factory):
+    """``sep(name) -> (sepweight folder, TinyCheckpoint)``, converted once per session for all packages."""
+    root = tmp_path_factory.mktemp("sep")
+    cache: dict[str, Path] = {}
+
+    def get(name: str):
+        ckpt = qwen_checkpoints(name)
+        if name not in cache:
+            sw.convert(ckpt.path, root / name, progress=False)
+            cache[name] = root / name
+        return cache[name], ckpt
 
     return get
