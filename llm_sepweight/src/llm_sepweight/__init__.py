@@ -11,6 +11,7 @@ memory-mapped::
 
 from .convert import convert
 from .errors import SepweightError
+from .hugepages import hugepage_fraction, hugepages_available
 from .manifest import FORMAT_VERSION, Manifest, part_filename
 from .reader import PartWeights, SepWeights, load
 from .spec import PartSpec
@@ -29,6 +30,8 @@ __all__ = [
     "SepweightWriter",
     "VerifyReport",
     "convert",
+    "hugepage_fraction",
+    "hugepages_available",
     "load",
     "part_filename",
     "save_part",

@@ -134,10 +134,24 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     return Header(tensors, dict(metadata), data_start, size)
 
 
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; Python < 3.13 has no constant for it
+
+
 def _map(f: BinaryIO, length: int, offset: int, prefault: bool) -> mmap.mmap:
     if prefault and hasattr(mmap, "MAP_POPULATE"):
-        # read-only, every page mapped in one syscall (a writable private mapping would copy them)
-        return mmap.mmap(f.fileno(), length, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE, prot=mmap.PROT_READ, offset=offset)
+        # Read-only (a writable private mapping would copy every page), every page mapped now.
+        # MADV_HUGEPAGE first: pages that must come from disk arrive as 2 MiB folios, which this and
+        # later mappings map with PMD entries (see hugepages.py).
+        mm = mmap.mmap(f.fileno(), length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
+        try:
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                mm.madvise(mmap.MADV_HUGEPAGE)
+            mm.madvise(_MADV_POPULATE_READ)
+            return mm
+        except OSError:  # an older kernel: populate at mmap time instead
+            mm.close()
+            flags = mmap.MAP_PRIVATE | mmap.MAP_POPULATE
+            return mmap.mmap(f.fileno(), length, flags=flags, prot=mmap.PROT_READ, offset=offset)
     return mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=offset)
 
 

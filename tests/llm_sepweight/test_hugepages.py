@@ -1,0 +1,28 @@
+"""Page-cache helpers: fraction of a mapping backed by 2 MiB entries, and dropping cached bytes."""
+
+import torch
+
+from llm_sepweight import SepWeights, hugepage_fraction, hugepages_available
+
+
+def test_fraction_of_mapped_and_anonymous_tensors(sep):
+    path, _ = sep("qwen2")
+    sw = SepWeights(path)
+    layer = sw.layer(0, prefault=True)
+    frac = hugepage_fraction(next(iter(layer.values())))
+    assert frac is None or 0.0 <= frac <= 1.0  # tiny files: 0.0 (no 2 MiB folio fits)
+    assert isinstance(hugepages_available(), bool)
+    assert hugepage_fraction(torch.zeros(10)) in (None, 0.0)  # anonymous memory: no FilePmdMapped
+
+
+def test_drop_cached_keeps_the_data(sep):
+    path, ckpt = sep("qwen2_tied")
+    sw = SepWeights(path)
+    before = {k: v.clone() for k, v in sw.layer(1).items()}
+    sw.drop_cached(1)
+    sw.drop_cached("end", ("lm_head.weight", 10, 50))  # the tied head: a byte range of the begin file
+    sw.drop_cached("begin")
+    for k, v in sw.layer(1, prefault=True).items():
+        assert torch.equal(v, before[k])
+    emb = ckpt.model.state_dict()["model.embed_tokens.weight"]
+    assert torch.equal(sw.rows("end", "lm_head.weight", 10, 50, prefault=True), emb[10:50])
