@@ -44,10 +44,11 @@ class HF:
 
 
 class Ours:
-    def __init__(self, sep: Path, lazy: bool, prefetch: int) -> None:
+    def __init__(self, sep: Path, lazy: bool, prefetch: int, stream_mode: str = "auto") -> None:
         from llm_lazy_qwen import load_part
 
-        self.model = load_part(sep, "f", dtype=torch.bfloat16, lazy=lazy, prefetch=prefetch)
+        kw = {"lazy": lazy, "prefetch": prefetch, "stream_mode": stream_mode}
+        self.model = load_part(sep, "f", dtype=torch.bfloat16, **kw)
 
     def prefill(self, ids: torch.Tensor):
         cache = self.model.new_cache()
@@ -70,7 +71,8 @@ def main() -> None:
         elif engine == "accelerate":
             m = HF(src, Path(cfg["offload"]))
         else:
-            m = Ours(sep, lazy=engine.startswith("lazy"), prefetch=cfg.get("prefetch", 2))
+            mode = "copy" if engine == "lazy_copy" else "auto"
+            m = Ours(sep, lazy=engine.startswith("lazy"), prefetch=cfg.get("prefetch", 2), stream_mode=mode)
         res["load_s"] = time.perf_counter() - t0
         ids = torch.randint(0, 151936, (1, cfg["prefill"]))
         short = ids[:, :16]

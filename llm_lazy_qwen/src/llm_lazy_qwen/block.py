@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bsm_path
+from .bsm_path import Matmul
 from .config import QwenConfig
 from .kv_cache import LayerCache, attention_mask
 from .layers import MLP, RMSNorm
@@ -13,10 +15,16 @@ from .rope import apply_rope
 
 
 class Attention(nn.Module):
-    """GQA self-attention; Qwen3 adds per-head RMSNorm on q and k before RoPE."""
+    """GQA self-attention; Qwen3 adds per-head RMSNorm on q and k before RoPE.
 
-    def __init__(self, cfg: QwenConfig, layer: int, device: torch.device | str | None = None) -> None:
+    ``matmul="bsm"`` computes q/k/v and the attention products as llm_bsm_kernel bundles (bsm_path.py).
+    """
+
+    def __init__(
+        self, cfg: QwenConfig, layer: int, device: torch.device | str | None = None, matmul: Matmul = "torch"
+    ) -> None:
         super().__init__()
+        self.matmul = matmul
         assert cfg.head_dim is not None and cfg.num_key_value_heads is not None
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.window(layer)
@@ -38,9 +46,14 @@ class Attention(nn.Module):
         key_mask: torch.Tensor | None,  # (B, start + T) bool, None = no padding
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nKV, T, d)
+        bsm = self.matmul == "bsm" and bsm_path.worth_it(x)
+        if bsm and bsm_path.plain_linears(self.q_proj, self.k_proj, self.v_proj):
+            q, k, v = bsm_path.linears(x, [self.q_proj, self.k_proj, self.v_proj])  # one bundle
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nKV, T, d)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nH, T, d)
@@ -53,10 +66,13 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None
         causal = False
         plain = key_mask is None and self.window is None
-        if plain and T > 1 and k_pos.numel() == T:
+        if plain and T > 1 and k_pos.numel() == T and not bsm:
             causal = True  # prefill from an empty cache: SDPA's (top-left) causal mask is exact here
         elif not (plain and T == 1):  # one query with no padding/window sees every key: no mask
             mask = attention_mask(q_pos, k_pos, self.window, key_mask)
+        if bsm:  # GQA by broadcasting each KV head over its query group, no repeat_interleave
+            out = bsm_path.gqa_attention(q, k, v, mask)  # (B, nH, T, d)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         groups = self.n_heads // self.n_kv
         if groups > 1:  # KV head j serves query heads j*g .. j*g+g-1 (repeat_interleave, as transformers)
             k = k.repeat_interleave(groups, dim=1)
@@ -68,9 +84,12 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: ``x + attn(norm(x))`` then ``h + mlp(norm(h))``."""
 
-    def __init__(self, cfg: QwenConfig, layer: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, cfg: QwenConfig, layer: int, device: torch.device | str | None = None, matmul: Matmul = "torch"
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer, device)
+        self.matmul = matmul
+        self.self_attn = Attention(cfg, layer, device, matmul)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
@@ -85,4 +104,7 @@ class DecoderLayer(nn.Module):
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache, key_mask)
+        m = self.mlp
+        if self.matmul == "bsm" and bsm_path.worth_it(h) and bsm_path.plain_linears(m.gate_proj, m.up_proj):
+            return h + bsm_path.mlp(self.post_attention_layernorm(h), m.gate_proj, m.up_proj, m.down_proj)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -10,6 +10,7 @@ import torch
 
 from llm_sepweight import PartSpec, SepWeights, convert
 
+from .bsm_path import Matmul
 from .config import QwenConfig
 from .part import QwenPart
 from .streaming import Mode
@@ -37,7 +38,9 @@ def load_part(
     prefetch: int = 2,
     head_chunk_size: int = 16384,
     resident_mb: float = 0.0,
-    stream_mode: Mode = "copy",
+    stream_mode: Mode = "auto",
+    hugepages: bool = True,
+    matmul: Matmul = "torch",
 ) -> QwenPart:
     """Build the part `spec` of the model stored in a sepweight folder.
 
@@ -49,8 +52,14 @@ def load_part(
         head_chunk_size: vocabulary rows per head chunk (logits are computed chunk by chunk).
         resident_mb: lazy mode only: keep this many MB of layers / head chunks mapped for good
             instead of streaming them every forward (0 = lowest memory).
-        stream_mode: lazy mode only: "copy" reads items into a few reusable buffers (default),
-            "mmap" maps each item and unmaps it after use (no anonymous memory).
+        stream_mode: lazy mode only: "mmap" maps each item and unmaps it after use (no anonymous
+            memory, no copy; the CPU default), "copy" reads items into a few reusable buffers (pinned
+            on CUDA; the CUDA default), "auto" picks by device.
+        hugepages: lazy mmap mode only: items whose pages sit in the page cache as 4 KiB pages are
+            evicted once on first use and read back as 2 MiB pages (Linux THP), which makes mapping
+            them every token ~10x cheaper. Costs one re-read of those files; False keeps the cache as is.
+        matmul: "torch" (default) or "bsm": q/k/v, GQA attention and gate/up as llm_bsm_kernel
+            bundles (CPU only; ``pip install llm_lazy_qwen[bsm]``). Same results within rounding.
 
     Example::
 
@@ -59,8 +68,8 @@ def load_part(
     """
     source = SepWeights(sepweight_dir)
     config = QwenConfig.from_dict(source.config, source=str(Path(sepweight_dir) / "config.json"))
-    part = QwenPart(config, spec, device=device, dtype=_dtype(dtype, source.dtype), head_chunk_size=head_chunk_size)
-    part.load_weights(source, lazy=lazy, prefetch=prefetch, resident_mb=resident_mb, stream_mode=stream_mode)
+    part = QwenPart(config, spec, device=device, dtype=_dtype(dtype, source.dtype), head_chunk_size=head_chunk_size, matmul=matmul)
+    part.load_weights(source, lazy=lazy, prefetch=prefetch, resident_mb=resident_mb, stream_mode=stream_mode, hugepages=hugepages)
     return part.eval()  # like transformers' from_pretrained: trainers call .train() themselves
 
 

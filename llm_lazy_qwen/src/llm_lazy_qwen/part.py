@@ -18,6 +18,7 @@ from torch import nn
 from llm_sepweight import PartSpec, SepWeights
 
 from .block import DecoderLayer
+from .bsm_path import Matmul, check_matmul
 from .config import QwenConfig
 from .kv_cache import KVCache
 from .layers import RMSNorm
@@ -45,7 +46,9 @@ class QwenPart(nn.Module):
 
     ``forward`` takes token ids (B, T) when the part holds the begin part, hidden states (B, T, H)
     otherwise, and returns logits (B, T_keep, V) when it holds the end part, hidden states
-    otherwise, so parts chain across processes, devices and hosts.
+    otherwise, so parts chain across processes, devices and hosts. ``matmul="bsm"`` (CPU only, needs
+    ``pip install llm_lazy_qwen[bsm]``) computes each layer's independent products as llm_bsm_kernel
+    bundles; the default ``"torch"`` is the measured faster one (BENCHMARKS.md).
 
     Example::
 
@@ -62,8 +65,10 @@ class QwenPart(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         head_chunk_size: int = 16384,
+        matmul: Matmul = "torch",
     ) -> None:
         super().__init__()
+        check_matmul(matmul, torch.device(device))
         self.config = config
         self.spec = PartSpec.parse(spec).resolve(config.num_hidden_layers)
         if not self.spec.is_contiguous():
@@ -79,11 +84,14 @@ class QwenPart(nn.Module):
         if head_chunk_size < 1:
             raise ValueError(f"head_chunk_size must be >= 1, got {head_chunk_size}")
         self.device, self.dtype, self.head_chunk_size = torch.device(device), dtype, head_chunk_size
+        self.matmul = matmul
         self.layer_ids = layers
         meta = torch.device("meta")
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=meta) if self.spec.begin else None
-        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, meta) for i in layers})
+        # a given `_weight` skips the random init (which on meta imports torch._dynamo: ~2 s, ~60 MB)
+        embed = torch.empty(config.vocab_size, config.hidden_size, device=meta)
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embed) if self.spec.begin else None
+        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, meta, matmul) for i in layers})
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, meta) if self.spec.end else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=meta) if self.spec.end else None
         self.register_buffer("inv_freq", inv_freq(config.head_dim or 0, float(config.rope_theta or 1e4), self.device), persistent=False)
@@ -102,13 +110,16 @@ class QwenPart(nn.Module):
         lazy: bool = False,
         prefetch: int = 2,
         resident_mb: float = 0.0,
-        stream_mode: Mode = "copy",
+        stream_mode: Mode = "auto",
+        hugepages: bool = True,
     ) -> QwenPart:
         """Take weights from a sepweight folder: all now (``lazy=False``) or streamed per forward.
 
         In lazy mode, ``resident_mb`` keeps that many MB of layers / head chunks mapped for good
         (the rest is streamed): a knob between lowest memory (0) and in-RAM speed. ``stream_mode``
-        is "copy" (read into a few reusable buffers) or "mmap" (map each item, unmap after use).
+        is "mmap" (map each item, unmap after use; the CPU default), "copy" (read into a few
+        reusable buffers; the CUDA default) or "auto". ``hugepages`` (mmap mode): re-cache items held
+        in 4 KiB page-cache pages as 2 MiB pages on first use, making per-token mapping ~10x cheaper.
         """
         self._source = source
         cpu_same = self.device.type == "cpu"
@@ -137,7 +148,7 @@ class QwenPart(nn.Module):
                 V, c = self.config.vocab_size, self.head_chunk_size
                 order += [(v0, min(V, v0 + c)) for v0 in range(0, V, c)]
             self._streamer = LayerStreamer(
-                source, order, self.device, self.dtype, prefetch, int(resident_mb * 2**20), stream_mode
+                source, order, self.device, self.dtype, prefetch, int(resident_mb * 2**20), stream_mode, hugepages
             )
         else:
             for i in self.layer_ids:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .bsm_lora import Matmul
 from .config import InitLoraWeights, LoraConfig
 from .errors import LoraError
 from .layer import LoraLinear
@@ -78,6 +79,7 @@ def apply_lora(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    matmul: Matmul = "torch",
 ) -> list[str]:
     """Replace the selected ``nn.Linear`` modules of ``model`` by :class:`LoraLinear` (in place).
 
@@ -91,6 +93,8 @@ def apply_lora(
             names; ``"all-linear"``). Default: all 7 Qwen2 projections.
         r, lora_alpha, lora_dropout, use_rslora, init_lora_weights: as PEFT's LoraConfig.
         dtype, device: of the adapter weights (fp32; the base weight's device, CPU if it is meta).
+        matmul: "torch" (default) or "bsm" (base and LoRA-A products as one llm_bsm_kernel bundle,
+            CPU only, ``pip install llm_lora_mmap[bsm]``).
 
     Example::
 
@@ -112,7 +116,7 @@ def apply_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapped = LoraLinear(
             model.get_submodule(name),  # type: ignore[arg-type]
-            r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, dtype=dtype, device=device,
+            r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, dtype=dtype, device=device, matmul=matmul,
         )
         setattr(parent, leaf, wrapped)  # works for ModuleDict/ModuleList parents too (keys are strings)
     return names

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bsm_lora import Matmul, base_and_lora_a, check_matmul, worth_it
 from .config import InitLoraWeights, check_hyperparameters, scaling
 
 
@@ -74,6 +75,9 @@ class LoraLinear(nn.Module):
             "gaussian" (A ~ N(0, 1/r), zero B) or False (both random; for tests).
         dtype: the adapter's dtype (fp32 as PEFT; the input is cast to it for the LoRA branch).
         device: where A and B live; default the base weight's device (CPU if it is ``meta``).
+        matmul: "torch" (default) or "bsm": the base product and the LoRA-A product as one
+            llm_bsm_kernel bundle (CPU only; ``pip install llm_lora_mmap[bsm]``; bsm_lora.py);
+            inputs of fewer than ``bsm_lora.MIN_ROWS`` rows (decode steps) take the torch path.
 
     Example::
 
@@ -91,11 +95,14 @@ class LoraLinear(nn.Module):
         init_lora_weights: InitLoraWeights = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        matmul: Matmul = "torch",
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoraLinear wraps an nn.Linear, got {type(base_layer).__name__}")
         check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
+        check_matmul(matmul)
+        self.matmul = matmul
         if device is None:
             device = base_layer.weight.device
             if device.type == "meta":  # a lazy part: the base weight arrives per forward, adapters stay in RAM
@@ -132,11 +139,22 @@ class LoraLinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matmul == "bsm" and worth_it(x, self.in_features):
+            return self._forward_bsm(x)
         result = frozen_linear(x, self.base_layer.weight, self.base_layer.bias)  # (..., out) in x.dtype
         h: torch.Tensor = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r): x in adapter dtype
         # the same operations in the same order as PEFT, so bf16 results round the same way
         lora: torch.Tensor = self.lora_B(h) * self.scaling  # (..., out)
         return (result + lora).to(x.dtype)
+
+    def _forward_bsm(self, x: torch.Tensor) -> torch.Tensor:
+        """The same sum with ``x W^T`` and ``dropout(x) A^T`` computed as one bundle."""
+        a, bias = self.lora_A.weight, self.base_layer.bias
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        base, h = base_and_lora_a(x2, self.lora_dropout(x2.to(a.dtype)), self.base_layer.weight, a)  # (N, out), (N, r)
+        result = base if bias is None else base + bias.to(x.dtype)
+        lora: torch.Tensor = self.lora_B(h) * self.scaling  # (N, out)
+        return (result + lora).to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout_p}"

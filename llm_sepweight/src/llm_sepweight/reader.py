@@ -12,7 +12,14 @@ import torch
 from .errors import SepweightError
 from .hugepages import drop_cached
 from .manifest import Manifest, Part, part_filename
-from .safetensors_io import DTYPES, Header, open_rows, open_tensors, read_header, read_into
+from .safetensors_io import (
+    DTYPES,
+    Header,
+    open_rows,
+    open_tensors,
+    read_header,
+    read_into,
+)
 from .spec import PartSpec
 from .writer import check_file_matches
 

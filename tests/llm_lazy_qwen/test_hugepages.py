@@ -1,0 +1,60 @@
+"""mmap streaming re-caches items held in 4 KiB page-cache pages once, and stays exact."""
+
+import pytest
+import torch
+
+from llm_lazy_qwen import load_part, streaming
+
+FP32 = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def test_auto_mode_is_mmap_on_cpu(sep):
+    path, _ = sep("qwen2")
+    part = load_part(path, lazy=True)
+    assert part._streamer.mode == "mmap"
+    part.close()
+    part = load_part(path, lazy=True, stream_mode="copy")
+    assert part._streamer.mode == "copy" and not part._streamer.hugepages
+    part.close()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.9, None])
+def test_small_page_items_are_recached_once_and_results_stay_exact(sep, monkeypatch, fraction):
+    """Every item (the tiny test layers and head chunks) is checked once; only 4 KiB-backed ones are dropped."""
+    path, ckpt = sep("qwen2_tied")
+    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
+    monkeypatch.setattr(streaming, "hugepages_available", lambda: True)
+    monkeypatch.setattr(streaming, "hugepage_fraction", lambda t: fraction)
+    dropped: list[object] = []
+    part = load_part(path, lazy=True, head_chunk_size=100, prefetch=1)
+    real_drop = part._streamer.source.drop_cached
+    monkeypatch.setattr(part._streamer.source, "drop_cached", lambda *a: dropped.append(a) or real_drop(*a))
+    ids = _ids()
+    with torch.no_grad():
+        want = ckpt.model(ids).logits
+        for _ in range(3):
+            torch.testing.assert_close(part(ids), want, **FP32)
+    order = part._streamer.order
+    assert part._streamer._checked == set(order)
+    if fraction == 0.0:  # once per item, whatever the number of forwards
+        assert sorted(map(str, dropped)) == sorted(
+            str(("end", ("lm_head.weight", *i)) if isinstance(i, tuple) else (i,)) for i in order
+        )
+    else:
+        assert dropped == []
+    part.close()
+
+
+def test_hugepages_off_never_checks(sep, monkeypatch):
+    path, _ = sep("qwen2")
+    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
+    monkeypatch.setattr(streaming, "hugepage_fraction", lambda t: pytest.fail("checked with hugepages=False"))
+    part = load_part(path, lazy=True, hugepages=False)
+    with torch.no_grad():
+        part(_ids(1))
+    assert part._streamer._checked == set()
+    part.close()
