@@ -26,3 +26,21 @@ def test_drop_cached_keeps_the_data(sep):
         assert torch.equal(v, before[k])
     emb = ckpt.model.state_dict()["model.embed_tokens.weight"]
     assert torch.equal(sw.rows("end", "lm_head.weight", 10, 50, prefault=True), emb[10:50])
+
+
+def test_gather_rows_equals_indexing_and_names_bad_rows(sep):
+    import pytest
+
+    from llm_sepweight import SepweightError
+
+    path, ckpt = sep("qwen2_tied")
+    sw = SepWeights(path)
+    emb = ckpt.model.state_dict()["model.embed_tokens.weight"]
+    ids = torch.tensor([[5, 383, 5, 0], [7, 7, 1, 200]])
+    assert torch.equal(sw.gather_rows("begin", "embed_tokens.weight", ids), emb[ids])
+    assert torch.equal(sw.gather_rows("end", "lm_head.weight", ids[0]), emb[ids[0]])  # the tied head
+    assert sw.gather_rows("begin", "embed_tokens.weight", torch.empty(0, dtype=torch.long)).shape == (0, 64)
+    with pytest.raises(SepweightError, match="row 384 is outside tensor 'embed_tokens.weight'"):
+        sw.gather_rows("begin", "embed_tokens.weight", torch.tensor([384]))
+    with pytest.raises(SepweightError, match="must be integers"):
+        sw.gather_rows("begin", "embed_tokens.weight", torch.tensor([1.0]))

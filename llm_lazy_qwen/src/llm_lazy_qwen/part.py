@@ -131,7 +131,8 @@ class QwenPart(nn.Module):
 
         if self.spec.begin:
             emb = source.begin()["embed_tokens.weight"]
-            # lazy: keep the mapped view (CPU, stored dtype); forward gathers only the input tokens' rows
+            # lazy: a mapped view (CPU, stored dtype) for users of the parameter; forward reads only
+            # the input tokens' rows with pread (SepWeights.gather_rows), never touching this mapping
             self.model.embed_tokens.weight = nn.Parameter(emb if lazy else prep(emb), requires_grad=False)
         if self.spec.end:
             end = source.end()
@@ -207,7 +208,11 @@ class QwenPart(nn.Module):
         start = cache.seq_len if cache is not None else 0
         new_mask, key_mask = self._masks(attention_mask, cache, B, T, start, x.device)
         position_ids = self._positions(position_ids, cache, new_mask, B, T, start, x.device)
-        if self.spec.begin:
+        if self.spec.begin and self._streamer is not None:
+            # lazy: pread just these tokens' rows; a mapping of the embedding would pull whole
+            # (up to 2 MiB) pages of it into RSS per token
+            h = self._source.gather_rows("begin", "embed_tokens.weight", x).to(self.device, self.dtype)  # (B, T, H)
+        elif self.spec.begin:
             emb = self.model.embed_tokens.weight
             h = F.embedding(x.to(emb.device), emb).to(self.device, self.dtype)  # (B, T, H)
         else:

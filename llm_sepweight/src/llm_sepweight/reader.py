@@ -15,6 +15,7 @@ from .manifest import Manifest, Part, part_filename
 from .safetensors_io import (
     DTYPES,
     Header,
+    gather_rows,
     open_rows,
     open_tensors,
     read_header,
@@ -114,6 +115,18 @@ class SepWeights:
         """
         name, key = self._resolve(part, key)
         return open_rows(self.root / name, self._header(name), key, start, stop, prefault)
+
+    def gather_rows(self, part: Part, key: str, index: torch.Tensor) -> torch.Tensor:
+        """``tensor[index]`` (rows along dim 0, any index shape) read with ``pread``; nothing is mapped.
+
+        For embedding lookups in streaming runners: RSS grows by the rows returned, nothing else.
+
+        Example::
+
+            h = SepWeights("qwen-sep").gather_rows("begin", "embed_tokens.weight", ids)  # (B, T, hidden)
+        """
+        name, key = self._resolve(part, key)
+        return gather_rows(self.root / name, self._header(name), key, index)
 
     def read_into(self, part: Part, buffer: torch.Tensor, rows: tuple[str, int, int] | None = None) -> Tensors:
         """Read a part's tensors (or ``rows=(key, start, stop)`` of one) into a reusable uint8 buffer.

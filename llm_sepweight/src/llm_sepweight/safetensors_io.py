@@ -204,6 +204,40 @@ def open_rows(
     return _view(mm, 0, sub)
 
 
+def gather_rows(path: str | os.PathLike[str], header: Header, name: str, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[index]`` along dim 0, read with ``pread`` (one call per distinct row): nothing is mapped.
+
+    For an embedding lookup in a streaming runner: only the rows asked for are read, into fresh
+    memory, and the page cache's page size (see hugepages.py) cannot inflate RSS as a mapping would.
+    """
+    t = header.tensors[name]
+    if not t.shape:
+        raise SepweightError(f"{path}: tensor {name!r} is a scalar; it has no rows")
+    if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise SepweightError(f"{path}: row indices for {name!r} must be integers, got {index.dtype}")
+    flat = index.reshape(-1).to("cpu", torch.int64)
+    shape = (*index.shape, *t.shape[1:])
+    if flat.numel() == 0:
+        return torch.empty(shape, dtype=t.torch_dtype)
+    lo, hi = int(flat.min()), int(flat.max())
+    if lo < 0 or hi >= t.shape[0]:
+        bad = lo if lo < 0 else hi
+        raise SepweightError(f"{path}: row {bad} is outside tensor {name!r} with {t.shape[0]} rows")
+    rows, inverse = torch.unique(flat, return_inverse=True)  # sorted distinct rows
+    row = t.nbytes // t.shape[0]
+    out = torch.empty((rows.numel(), *t.shape[1:]), dtype=t.torch_dtype)
+    view = _bytes_view(out.view(-1).view(torch.uint8)) if row else memoryview(b"")
+    base = header.data_start + t.begin
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i, r in enumerate(rows.tolist()):
+            if row and os.preadv(fd, [view[i * row : (i + 1) * row]], base + r * row) != row:
+                raise _fail(Path(path), "short read")
+    finally:
+        os.close(fd)
+    return out[inverse].reshape(shape)
+
+
 def read_into(
     path: str | os.PathLike[str], header: Header, buffer: torch.Tensor, rows: tuple[str, int, int] | None = None
 ) -> dict[str, torch.Tensor]:
