@@ -234,7 +234,7 @@ class QwenPart(nn.Module):
             yield layer
             return
         weights = self._streamer.get(i)
-        assign(layer, weights, f"layer {i}")
+        assign(layer, weights, f"layer {i}", self._placeholders[i].keys())
         try:
             yield layer
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 
@@ -29,30 +31,46 @@ def tensor_keys(module: nn.Module) -> list[str]:
     return keys
 
 
-def assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Make `tensors` the module's frozen parameters (zero-copy); names and shapes must match exactly."""
-    expected = set(tensor_keys(module))
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+def _set(mod: nn.Module, attr: str, value: nn.Parameter) -> None:
+    """``setattr`` for a registered parameter without nn.Module.__setattr__'s checks (hot in lazy mode)."""
+    if attr in mod._parameters:
+        mod._parameters[attr] = value
+    else:
+        setattr(mod, attr, value)
+
+
+def assign(
+    module: nn.Module, tensors: dict[str, torch.Tensor], where: str, expected: Collection[str] | None = None
+) -> None:
+    """Make `tensors` the module's frozen parameters (zero-copy); names and shapes must match exactly.
+
+    `expected`: the module's frozen keys when the caller knows them (skips walking the module).
+    """
+    keys = set(tensor_keys(module)) if expected is None else expected
+    if tensors.keys() != keys:
+        missing, extra = sorted(set(keys) - set(tensors)), sorted(set(tensors) - set(keys))
         raise ValueError(f"{where}: stored tensors do not match the model (missing {missing}, unexpected {extra})")
     for key, t in tensors.items():
         mod, attr = _owner(module, key)
-        old = getattr(mod, attr)
-        if tuple(old.shape) != tuple(t.shape):
+        old = mod._parameters.get(attr)
+        if old is None:
+            old = getattr(mod, attr)
+        if old.shape != t.shape:
             raise ValueError(f"{where}: {key} has shape {list(t.shape)}, the config implies {list(old.shape)}")
-        setattr(mod, attr, nn.Parameter(t, requires_grad=False))
+        _set(mod, attr, nn.Parameter(t, requires_grad=False))
 
 
-def release(module: nn.Module, placeholders: dict[str, torch.Tensor]) -> None:
+def release(module: nn.Module, placeholders: dict[str, nn.Parameter]) -> None:
     """Swap weights back to meta placeholders so the stored tensors (and their mappings) can go."""
     for key, t in placeholders.items():
         mod, attr = _owner(module, key)
-        setattr(mod, attr, nn.Parameter(t, requires_grad=False))
+        _set(mod, attr, t)
 
 
-def meta_placeholders(module: nn.Module) -> dict[str, torch.Tensor]:
+def meta_placeholders(module: nn.Module) -> dict[str, nn.Parameter]:
     out = {}
     for key in tensor_keys(module):
         mod, attr = _owner(module, key)
-        out[key] = torch.empty(getattr(mod, attr).shape, device="meta", dtype=getattr(mod, attr).dtype)
+        shape, dtype = getattr(mod, attr).shape, getattr(mod, attr).dtype
+        out[key] = nn.Parameter(torch.empty(shape, device="meta", dtype=dtype), requires_grad=False)
     return out
