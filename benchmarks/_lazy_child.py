@@ -72,7 +72,7 @@ def main() -> None:
             m = HF(src, Path(cfg["offload"]))
         else:
             mode = "copy" if engine == "lazy_copy" else "auto"
-            m = Ours(sep, lazy=engine.startswith("lazy"), prefetch=cfg.get("prefetch", 2), stream_mode=mode)
+            m = Ours(sep, lazy=engine.startswith("lazy"), prefetch=cfg.get("prefetch", 1), stream_mode=mode)
         res["load_s"] = time.perf_counter() - t0
         ids = torch.randint(0, 151936, (1, cfg["prefill"]))
         short = ids[:, :16]

@@ -28,8 +28,8 @@ ENGINES = {
     "hf": "HF transformers, in RAM",
     "accelerate": "Accelerate disk offload (24 layers on disk)",
     "ram": "llm_lazy_qwen, in RAM (lazy=False)",
-    "lazy": "llm_lazy_qwen, lazy (defaults: mmap + 2 MiB pages, prefetch=2)",
-    "lazy_copy": "llm_lazy_qwen, lazy, stream_mode='copy'",
+    "lazy": "llm_lazy_qwen, lazy (defaults: mmap + 2 MiB pages, prefetch=1)",
+    "lazy_copy": "llm_lazy_qwen, lazy, stream_mode='copy' (pread into reused buffers), prefetch=1",
 }
 LARGE = dict(hidden=2048, inter=11008, layers=36, heads=16, kv_heads=2, vocab=151936)  # Qwen2.5-3B-shaped
 

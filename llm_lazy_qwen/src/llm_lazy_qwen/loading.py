@@ -35,7 +35,7 @@ def load_part(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     lazy: bool = False,
-    prefetch: int = 2,
+    prefetch: int = 1,
     head_chunk_size: int = 16384,
     resident_mb: float = 0.0,
     stream_mode: Mode = "auto",
@@ -49,6 +49,8 @@ def load_part(
         dtype: compute dtype; default the stored one.
         lazy: stream layers from disk (one resident plus `prefetch` in flight) instead of holding them.
         prefetch: how many upcoming layers / head chunks a background thread prepares (lazy mode).
+            1 by default: on 2 CPU cores 2 was no faster (the thread competes with the matmuls)
+            and keeps one more layer resident (BENCHMARKS.md).
         head_chunk_size: vocabulary rows per head chunk (logits are computed chunk by chunk).
         resident_mb: lazy mode only: keep this many MB of layers / head chunks mapped for good
             instead of streaming them every forward (0 = lowest memory).

@@ -108,7 +108,7 @@ class QwenPart(nn.Module):
         self,
         source: SepWeights,
         lazy: bool = False,
-        prefetch: int = 2,
+        prefetch: int = 1,
         resident_mb: float = 0.0,
         stream_mode: Mode = "auto",
         hugepages: bool = True,

@@ -45,7 +45,7 @@ class LayerStreamer:
         order: list[Item],
         device: torch.device,
         dtype: torch.dtype,
-        prefetch: int = 2,
+        prefetch: int = 1,
         resident_bytes: int = 0,
         mode: Mode = "auto",
         hugepages: bool = True,
