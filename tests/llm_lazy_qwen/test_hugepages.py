@@ -28,7 +28,7 @@ def test_small_page_items_are_recached_once_and_results_stay_exact(sep, monkeypa
     path, ckpt = sep("qwen2_tied")
     monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
     monkeypatch.setattr(streaming, "hugepages_available", lambda: True)
-    monkeypatch.setattr(streaming, "hugepage_fraction", lambda t: fraction)
+    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: fraction)
     dropped: list[object] = []
     part = load_part(path, lazy=True, head_chunk_size=100, prefetch=1)
     real_drop = part._streamer.source.drop_cached
@@ -52,7 +52,7 @@ def test_small_page_items_are_recached_once_and_results_stay_exact(sep, monkeypa
 def test_hugepages_off_never_checks(sep, monkeypatch):
     path, _ = sep("qwen2")
     monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
-    monkeypatch.setattr(streaming, "hugepage_fraction", lambda t: pytest.fail("checked with hugepages=False"))
+    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: pytest.fail("checked with hugepages=False"))
     part = load_part(path, lazy=True, hugepages=False)
     with torch.no_grad():
         part(_ids(1))

@@ -2,17 +2,17 @@
 
 import torch
 
-from llm_sepweight import SepWeights, hugepage_fraction, hugepages_available
+from llm_sepweight import SepWeights, hugepage_coverage, hugepages_available
 
 
 def test_fraction_of_mapped_and_anonymous_tensors(sep):
     path, _ = sep("qwen2")
     sw = SepWeights(path)
     layer = sw.layer(0, prefault=True)
-    frac = hugepage_fraction(next(iter(layer.values())))
-    assert frac is None or 0.0 <= frac <= 1.0  # tiny files: 0.0 (no 2 MiB folio fits)
+    frac = hugepage_coverage(next(iter(layer.values())))
+    assert frac is None  # tiny files: no whole 2 MiB block to map
     assert isinstance(hugepages_available(), bool)
-    assert hugepage_fraction(torch.zeros(10)) in (None, 0.0)  # anonymous memory: no FilePmdMapped
+    assert hugepage_coverage(torch.zeros(10)) is None  # anonymous memory: not a file mapping
 
 
 def test_drop_cached_keeps_the_data(sep):
@@ -44,3 +44,20 @@ def test_gather_rows_equals_indexing_and_names_bad_rows(sep):
         sw.gather_rows("begin", "embed_tokens.weight", torch.tensor([384]))
     with pytest.raises(SepweightError, match="must be integers"):
         sw.gather_rows("begin", "embed_tokens.weight", torch.tensor([1.0]))
+
+
+def test_coverage_of_a_large_file(tmp_path):
+    """A 9 MiB file holds 4 whole 2 MiB blocks; coverage is PMD-mapped bytes over those blocks."""
+    import mmap
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(bytes(9 << 20))
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = torch.frombuffer(mm, dtype=torch.uint8)
+    cov = hugepage_coverage(t)
+    assert cov is None or 0.0 <= cov <= 1.0

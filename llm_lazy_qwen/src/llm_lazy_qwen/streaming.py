@@ -28,12 +28,13 @@ from typing import Literal
 
 import torch
 
-from llm_sepweight import SepWeights, hugepage_fraction, hugepages_available
+from llm_sepweight import SepWeights, hugepage_coverage, hugepages_available
 
 Tensors = dict[str, torch.Tensor]
 Item = int | tuple[int, int]  # a layer index, or a head chunk (first row, last row + 1)
 Mode = Literal["auto", "copy", "mmap"]
 _HUGE_MIN_BYTES = 4 << 20  # smaller items cannot gain much from 2 MiB pages
+_HUGE_ENOUGH = 0.9  # re-cache an item when fewer of its whole 2 MiB blocks are huge pages
 
 
 class LayerStreamer:
@@ -120,8 +121,8 @@ class LayerStreamer:
             return tensors
         self._checked.add(item)
         largest = max(tensors.values(), key=lambda t: t.numel() * t.element_size())
-        fraction = hugepage_fraction(largest)
-        if fraction is None or fraction >= 0.5:
+        coverage = hugepage_coverage(largest)  # of the whole 2 MiB blocks inside the mapping
+        if coverage is None or coverage >= _HUGE_ENOUGH:
             return tensors
         del largest
         tensors.clear()  # unmapped now: nothing of ours pins the pages

@@ -11,7 +11,7 @@ memory-mapped::
 
 from .convert import convert
 from .errors import SepweightError
-from .hugepages import hugepage_fraction, hugepages_available
+from .hugepages import hugepage_coverage, hugepages_available
 from .manifest import FORMAT_VERSION, Manifest, part_filename
 from .reader import PartWeights, SepWeights, load
 from .spec import PartSpec
@@ -30,7 +30,7 @@ __all__ = [
     "SepweightWriter",
     "VerifyReport",
     "convert",
-    "hugepage_fraction",
+    "hugepage_coverage",
     "hugepages_available",
     "load",
     "part_filename",

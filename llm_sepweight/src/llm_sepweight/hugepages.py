@@ -8,21 +8,24 @@ folios, transparent huge pages not ``never``), a mapping whose address and file 
 
 Folio sizes are decided when pages enter the cache: pages faulted in through a ``MADV_HUGEPAGE``
 mapping arrive as 2 MiB folios; pages read by ``read()`` (or written) arrive small. So
-:func:`hugepage_fraction` tells how much of a mapping got PMD entries, and :func:`drop_cached`
+:func:`hugepage_coverage` tells how much of a mapping got PMD entries, and :func:`drop_cached`
 evicts a byte range so that the next prefaulted mapping (which advises ``MADV_HUGEPAGE``) reads it
 back as huge folios. Eviction only drops clean pages nobody maps: it costs one re-read, never data.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
 
 _THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE = 2 << 20  # a PMD-mapped folio on x86-64 / arm64 with 4 KiB base pages
 
 
+@functools.cache
 def hugepages_available() -> bool:
     """Whether this kernel may back file mappings with 2 MiB pages (Linux THP not ``[never]``)."""
     try:
@@ -31,35 +34,49 @@ def hugepages_available() -> bool:
         return False
 
 
-def hugepage_fraction(tensor: torch.Tensor) -> float | None:
-    """Fraction of the mapping holding `tensor` that is mapped by 2 MiB entries (``FilePmdMapped``).
-
-    ``None`` when unknown (not Linux, or the tensor is not in a file mapping). Reads /proc/self/smaps:
-    a few milliseconds, meant for a one-time check per file, not per token.
-    """
-    addr = tensor.data_ptr()
+def _smaps_entry(addr: int) -> tuple[int, int, int, str, int] | None:
+    """(start, end, file offset, path, FilePmdMapped bytes) of the mapping holding `addr`, from /proc/self/smaps."""
     try:
         with open("/proc/self/smaps") as f:
-            inside = False
-            size = 0
+            entry: tuple[int, int, int, str] | None = None
             for line in f:
-                if not inside:
-                    head = line.split(" ", 1)[0]
-                    if "-" in head and not head.endswith(":"):
-                        lo, _, hi = head.partition("-")
+                fields = line.split()
+                if entry is None:
+                    if len(fields) >= 5 and "-" in fields[0] and not fields[0].endswith(":"):
+                        lo, _, hi = fields[0].partition("-")
                         try:
-                            inside = int(lo, 16) <= addr < int(hi, 16)
+                            if int(lo, 16) <= addr < int(hi, 16):
+                                path = " ".join(fields[5:]) if len(fields) > 5 else ""
+                                entry = (int(lo, 16), int(hi, 16), int(fields[2], 16), path)
                         except ValueError:
-                            inside = False
-                    continue
-                key, _, value = line.partition(":")
-                if key == "Size":
-                    size = int(value.split()[0])
-                elif key == "FilePmdMapped":
-                    return int(value.split()[0]) / size if size else None
+                            continue
+                elif fields and fields[0] == "FilePmdMapped:":
+                    return (*entry, int(fields[1]) * 1024)
     except OSError:
         return None
     return None
+
+
+def hugepage_coverage(tensor: torch.Tensor) -> float | None:
+    """How much of what could be mapped by 2 MiB entries is: ``FilePmdMapped`` / PMD-mappable bytes.
+
+    The mapping holding `tensor` can use a 2 MiB entry only for whole 2 MiB blocks of the file that
+    lie inside it and below end of file; 1.0 means every such block is. ``None`` when unknown (not
+    Linux, not a file mapping, no whole block inside). Reads /proc/self/smaps: a few milliseconds,
+    meant for a one-time check per item, not per token.
+    """
+    entry = _smaps_entry(tensor.data_ptr())
+    if entry is None:
+        return None
+    lo, hi, offset, path, pmd = entry
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return None
+    first = -(-offset // HUGE) * HUGE  # the first whole block inside the mapping
+    last = min(offset + (hi - lo), size) // HUGE * HUGE
+    mappable = max(0, last - first)
+    return min(1.0, pmd / mappable) if mappable else None
 
 
 def drop_cached(path: str | os.PathLike[str], offset: int = 0, length: int = 0) -> None:

@@ -32,6 +32,7 @@ from typing import BinaryIO
 import torch
 
 from .errors import SepweightError
+from .hugepages import hugepages_available
 
 assert sys.byteorder == "little", "safetensors stores little-endian data; big-endian hosts are unsupported"
 
@@ -144,8 +145,11 @@ def _map(f: BinaryIO, length: int, offset: int, prefault: bool) -> mmap.mmap:
         # later mappings map with PMD entries (see hugepages.py).
         mm = mmap.mmap(f.fileno(), length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
         try:
-            if hasattr(mmap, "MADV_HUGEPAGE"):
+            if hasattr(mmap, "MADV_HUGEPAGE") and hugepages_available():
                 mm.madvise(mmap.MADV_HUGEPAGE)
+                # and no async readahead: it would continue in the folio size it found first (e.g. the
+                # 4 KiB ones of a header read earlier); each missing 2 MiB block is then read as one folio
+                mm.madvise(mmap.MADV_RANDOM)
             mm.madvise(_MADV_POPULATE_READ)
             return mm
         except OSError:  # an older kernel: populate at mmap time instead
@@ -173,11 +177,11 @@ def open_tensors(
     if header.file_size == header.data_start:  # nothing to map (no tensors or all empty)
         return {k: torch.empty(t.shape, dtype=t.torch_dtype) for k, t in header.tensors.items()}
     with open(path, "rb") as f:
-        mm = _map(f, 0, 0, prefault)
+        base = _base(_map(f, 0, 0, prefault))
     out: dict[str, torch.Tensor] = {}
     for name, t in header.tensors.items():
-        out[name] = _view(mm, header.data_start, t)
-    return out  # each tensor keeps `mm` alive through its storage
+        out[name] = _view(base, header.data_start, t)
+    return out  # each tensor keeps the mapping alive through its storage
 
 
 def open_rows(
@@ -201,7 +205,7 @@ def open_rows(
     with open(path, "rb") as f:
         mm = _map(f, length, aligned, prefault)
     sub = TensorInfo(t.dtype, shape, begin - aligned, begin - aligned + (stop - start) * row)
-    return _view(mm, 0, sub)
+    return _view(_base(mm), 0, sub)
 
 
 def gather_rows(path: str | os.PathLike[str], header: Header, name: str, index: torch.Tensor) -> torch.Tensor:
@@ -277,18 +281,22 @@ def read_into(
     return out
 
 
-def _view(mm: mmap.mmap, data_start: int, t: TensorInfo) -> torch.Tensor:
+def _base(mm: mmap.mmap) -> torch.Tensor:
+    """The whole mapping as one uint8 tensor; tensors are views of it (it keeps `mm` alive)."""
+    with warnings.catch_warnings():  # a prefaulted mapping is read-only; documented at open_tensors
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def _view(base: torch.Tensor, data_start: int, t: TensorInfo) -> torch.Tensor:
     dtype = t.torch_dtype
     if t.nbytes == 0:
         return torch.empty(t.shape, dtype=dtype)
     offset = data_start + t.begin
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    with warnings.catch_warnings():  # a prefaulted mapping is read-only; documented at open_tensors
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        if offset % itemsize:  # misaligned (not written by us or safetensors): copy instead of a view
-            raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=offset).clone()
-            return raw.view(dtype).reshape(t.shape)
-        return torch.frombuffer(mm, dtype=dtype, count=t.nbytes // itemsize, offset=offset).reshape(t.shape)
+    raw = base[offset : offset + t.nbytes]
+    if offset % dtype.itemsize:  # misaligned (not written by us or safetensors): copy instead of a view
+        return raw.clone().view(dtype).reshape(t.shape)
+    return raw.view(dtype).reshape(t.shape)
 
 
 def _read_into_memory(path: Path, header: Header) -> dict[str, torch.Tensor]:
