@@ -34,7 +34,8 @@ Tensors = dict[str, torch.Tensor]
 Item = int | tuple[int, int]  # a layer index, or a head chunk (first row, last row + 1)
 Mode = Literal["auto", "copy", "mmap"]
 _HUGE_MIN_BYTES = 4 << 20  # smaller items cannot gain much from 2 MiB pages
-_HUGE_ENOUGH = 0.9  # re-cache an item when fewer of its whole 2 MiB blocks are huge pages
+_HUGE_ENOUGH = 0.99  # re-cache an item unless all its whole 2 MiB blocks are huge pages (the header
+# block is read with read() first and comes in 4 KiB pages; re-cached, it joins the rest)
 
 
 class LayerStreamer:
