@@ -22,7 +22,7 @@ def test_auto_mode_is_mmap_on_cpu(sep):
     part.close()
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.9, None])
+@pytest.mark.parametrize("fraction", [0.0, 0.95, 1.0, None])
 def test_small_page_items_are_recached_once_and_results_stay_exact(sep, monkeypatch, fraction):
     """Every item (the tiny test layers and head chunks) is checked once; only 4 KiB-backed ones are dropped."""
     path, ckpt = sep("qwen2_tied")
@@ -40,7 +40,7 @@ def test_small_page_items_are_recached_once_and_results_stay_exact(sep, monkeypa
             torch.testing.assert_close(part(ids), want, **FP32)
     order = part._streamer.order
     assert part._streamer._checked == set(order)
-    if fraction == 0.0:  # once per item, whatever the number of forwards
+    if fraction is not None and fraction < 0.99:  # once per item, whatever the number of forwards
         assert sorted(map(str, dropped)) == sorted(
             str(("end", ("lm_head.weight", *i)) if isinstance(i, tuple) else (i,)) for i in order
         )
