@@ -80,12 +80,20 @@ def hugepage_coverage(tensor: torch.Tensor) -> float | None:
 
 
 def drop_cached(path: str | os.PathLike[str], offset: int = 0, length: int = 0) -> None:
-    """Evict a file's clean, unmapped pages in ``[offset, offset + length)`` (0 = to the end) from the page cache."""
+    """Evict a file's clean, unmapped pages in ``[offset, offset + length)`` (0 = to the end) from the page cache.
+
+    Best effort: an optimisation, so a file system that refuses (read-only, network) is left as it is.
+    """
     if not hasattr(os, "posix_fadvise"):
         return
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fdatasync(fd)  # dirty pages (a file just written or copied) cannot be dropped until written back
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
     finally:
         os.close(fd)
