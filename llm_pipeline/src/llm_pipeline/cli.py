@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stream layers from disk (one resident + --prefetch)",
     )
-    g.add_argument("--prefetch", type=int, default=2)
+    g.add_argument("--prefetch", type=int, default=1)
     g.add_argument(
         "--dtype",
         default=None,
