@@ -42,5 +42,3 @@ open({str(src / "config.json")!r}, "w").write(json.dumps(cfg, indent=2))
 """
     subprocess.run([sys.executable, "-c", code], check=True)
     return src
-
-

@@ -35,9 +35,7 @@ def loadavg() -> str:
 
 def clock_mhz() -> float:
     with open("/proc/cpuinfo") as f:
-        return max(
-            float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")
-        )
+        return max(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
 
 
 def layer_bundles(dtype: torch.dtype) -> dict[str, list[tuple]]:
@@ -72,9 +70,7 @@ def layer_bundles(dtype: torch.dtype) -> dict[str, list[tuple]]:
     heads = [slice(j * GROUP, (j + 1) * GROUP) for j in range(KV_HEADS)]
     return {
         "F1 q,k,v + LoRA-A x3": [(x, w.T, 1.0) for w in (wq, wk, wv, *lora_a)],
-        "F2 scores QK^T/8, 14 heads (GQA)": [
-            (q[s], k[:, j].T, scale) for j, s in enumerate(heads)
-        ],
+        "F2 scores QK^T/8, 14 heads (GQA)": [(q[s], k[:, j].T, scale) for j, s in enumerate(heads)],
         "F3 P@V, 14 heads (GQA)": [(p[s], v[:, j], 1.0) for j, s in enumerate(heads)],
         "F4 gate + up": [(x, wg.T, 1.0), (x, wu.T, 1.0)],
         "L1 o_proj (1 item)": [(x, wo.T, 1.0)],
@@ -86,8 +82,7 @@ def layer_bundles(dtype: torch.dtype) -> dict[str, list[tuple]]:
         ]
         + [(gy.T, hi, LORA_SCALE) for gy, hi in zip((g_q, g_k, g_v), h)]
         + [(gy, b, LORA_SCALE) for gy, b in zip((g_q, g_k, g_v), lora_b)],
-        "B2 LoRA-A grads + dX": [(dh.T, x, 1.0) for dh in d_h]
-        + [(dh, a, 1.0) for dh, a in zip(d_h, lora_a)],
+        "B2 LoRA-A grads + dX": [(dh.T, x, 1.0) for dh in d_h] + [(dh, a, 1.0) for dh, a in zip(d_h, lora_a)],
         "B3 attn dP + dV (GQA)": [(d_o[s], v[:, j].T, 1.0) for j, s in enumerate(heads)]
         + [(p[s].reshape(-1, T).T, d_o[s].reshape(-1, HEAD_DIM), 1.0) for s in heads],
         "B4 attn dQ + dK (GQA)": [(d_s[s], k[:, j], scale) for j, s in enumerate(heads)]
@@ -106,9 +101,7 @@ def flops(items: list[tuple]) -> float:
 
 
 def torch_seq(items: list[tuple]) -> list[torch.Tensor]:
-    return [
-        torch.matmul(a, b) * s if s != 1.0 else torch.matmul(a, b) for a, b, s in items
-    ]
+    return [torch.matmul(a, b) * s if s != 1.0 else torch.matmul(a, b) for a, b, s in items]
 
 
 def busy_seconds() -> tuple[float, float]:
@@ -116,9 +109,7 @@ def busy_seconds() -> tuple[float, float]:
     with open("/proc/stat") as f:
         ticks = [int(v) for v in f.readline().split()[1:]]
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf(
-        "SC_CLK_TCK"
-    ), usage.ru_utime + usage.ru_stime
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
 
 
 def time_once(fn, items) -> float:
@@ -127,9 +118,7 @@ def time_once(fn, items) -> float:
     return time.perf_counter() - start
 
 
-def check_and_warm(
-    bundles: dict[str, list[tuple]], threads: int, dtype: torch.dtype
-) -> None:
+def check_and_warm(bundles: dict[str, list[tuple]], threads: int, dtype: torch.dtype) -> None:
     """Warm both paths up (oneDNN primitive caches, page faults) and check bsm equals torch."""
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for items in bundles.values():
@@ -141,9 +130,7 @@ def check_and_warm(
             torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=atol)
 
 
-def measure(
-    bundles: dict[str, list[tuple]], args: argparse.Namespace
-) -> tuple[dict, str]:
+def measure(bundles: dict[str, list[tuple]], args: argparse.Namespace) -> tuple[dict, str]:
     """Per (bundle, method) times of the quiet passes, and a line saying how many were kept.
 
     A pass times every bundle with both methods, in alternating order; it is kept only if other
@@ -186,9 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--passes", type=int, default=30)
-    parser.add_argument(
-        "--max-attempts", type=int, default=200, help="passes tried per dtype"
-    )
+    parser.add_argument("--max-attempts", type=int, default=200, help="passes tried per dtype")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -196,30 +181,18 @@ def main() -> None:
     peak = args.threads * 2 * 16 * 2 * mhz * 1e6
     info = bk.backend_info()
     coretype = os.environ.get("OPENBLAS_CORETYPE", "(unset)")
-    print(
-        f"## llm_bsm_kernel vs torch: one Qwen2.5-0.5B layer, {T} tokens, {args.threads} threads\n"
-    )
+    print(f"## llm_bsm_kernel vs torch: one Qwen2.5-0.5B layer, {T} tokens, {args.threads} threads\n")
     print(f"- command: `python {' '.join(sys.argv)}`")
     print(f"- loadavg before: {loadavg()}")
-    print(
-        f"- {os.cpu_count()} cpus at {mhz:.0f} MHz (/proc/cpuinfo); fp32 peak for {args.threads} cores:"
-    )
-    print(
-        f"  {args.threads} x 2 FMA x 16 lanes x 2 flop x {mhz / 1000:.3f} GHz = {peak / 1e9:.1f} GFLOP/s"
-    )
-    print(
-        "  (bf16 peak: twice that, an AVX512-BF16 dot product does 2 multiply-adds per fp32 lane)"
-    )
+    print(f"- {os.cpu_count()} cpus at {mhz:.0f} MHz (/proc/cpuinfo); fp32 peak for {args.threads} cores:")
+    print(f"  {args.threads} x 2 FMA x 16 lanes x 2 flop x {mhz / 1000:.3f} GHz = {peak / 1e9:.1f} GFLOP/s")
+    print("  (bf16 peak: twice that, an AVX512-BF16 dot product does 2 multiply-adds per fp32 lane)")
     print(f"- torch {torch.__version__}; OPENBLAS_CORETYPE={coretype}")
-    print(
-        f"- bsm: extension {info['extension']}, OpenMP {info['openmp']} ({info['openmp_runtime']})"
-    )
+    print(f"- bsm: extension {info['extension']}, OpenMP {info['openmp']} ({info['openmp_runtime']})")
     for dtype in args.dtype:
         print(f"- bsm {dtype}: {info[dtype]}")
     print()
-    print(
-        "| bundle (items) | dtype | MFLOP | torch ms | bsm ms | ratio | torch GF/s | bsm GF/s | bsm % of peak |"
-    )
+    print("| bundle (items) | dtype | MFLOP | torch ms | bsm ms | ratio | torch GF/s | bsm GF/s | bsm % of peak |")
     print("|---|---|---|---|---|---|---|---|---|")
     notes = []
     for name in args.dtype:

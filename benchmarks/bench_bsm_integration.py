@@ -52,9 +52,7 @@ def timed(f: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def model_times(
-    model: torch.nn.Module, ids: torch.Tensor, decode: int
-) -> dict[str, float]:
+def model_times(model: torch.nn.Module, ids: torch.Tensor, decode: int) -> dict[str, float]:
     """Prefill 256 / 512 (s) and decode (s/token) of one model, without autograd."""
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -80,9 +78,7 @@ def lora_step(part: torch.nn.Module, h0: torch.Tensor) -> dict[str, float]:
     return {"step": t}
 
 
-def interleaved(
-    fns: dict[str, Callable[[], dict[str, float]]], rounds: int
-) -> dict[str, dict[str, float]]:
+def interleaved(fns: dict[str, Callable[[], dict[str, float]]], rounds: int) -> dict[str, dict[str, float]]:
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in fns}
     names = list(fns)
     # round 0 warms up (page cache, oneDNN primitives, OpenMP pool)
@@ -91,10 +87,7 @@ def interleaved(
             result = fns[name]()
             if r:
                 runs[name].append(result)
-    return {
-        k: {m: statistics.median(x[m] for x in v) for m in v[0]}
-        for k, v in runs.items()
-    }
+    return {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
 
 
 def main() -> None:
@@ -109,39 +102,25 @@ def main() -> None:
     src = make_checkpoint(work)
     sep = work / "sep"
     sw.convert(src, sep, progress=False)
-    print(
-        "## llm_bsm_kernel in llm_lazy_qwen and llm_lora_mmap: matmul='torch' vs 'bsm'\n"
-    )
+    print("## llm_bsm_kernel in llm_lazy_qwen and llm_lora_mmap: matmul='torch' vs 'bsm'\n")
     print(
         f"loadavg before: {loadavg()}; {args.threads} threads; rounds: {args.rounds} (medians); "
         f"kernel GEMMs: fp32 {bk.backend('float32')}, bf16 {bk.backend('bfloat16')}; "
         f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}\n"
     )
     ids = torch.randint(0, 151936, (1, 512), generator=torch.Generator().manual_seed(0))
-    print(
-        "Qwen2.5-0.5B-shaped model, in RAM, batch 1 (ratio = bsm / torch; below 1 bsm is faster):\n"
-    )
-    print(
-        "| compute dtype | prefill 256 s: torch / bsm / ratio | prefill 512 s | decode s/token |"
-    )
+    print("Qwen2.5-0.5B-shaped model, in RAM, batch 1 (ratio = bsm / torch; below 1 bsm is faster):\n")
+    print("| compute dtype | prefill 256 s: torch / bsm / ratio | prefill 512 s | decode s/token |")
     print("|---|---|---|---|")
     for dtype in ("bf16", "fp32"):
         models = {m: load_part(sep, "f", dtype=dtype, matmul=m) for m in PATHS}
-        fns = {
-            m: functools.partial(model_times, models[m], ids, args.decode)
-            for m in PATHS
-        }
+        fns = {m: functools.partial(model_times, models[m], ids, args.decode) for m in PATHS}
         med = interleaved(fns, args.rounds)
         t, b = med["torch"], med["bsm"]
-        cells = [
-            f"{t[k]:.3f} / {b[k]:.3f} / **{b[k] / t[k]:.2f}**"
-            for k in ("prefill 256", "prefill 512", "decode")
-        ]
+        cells = [f"{t[k]:.3f} / {b[k]:.3f} / **{b[k] / t[k]:.2f}**" for k in ("prefill 256", "prefill 512", "decode")]
         print(f"| {dtype} | " + " | ".join(cells) + " |")
         del models
-    print(
-        "\nLoRA forward + backward, 4 layers, r=8 on all 7 projections, 256 tokens (s per step):\n"
-    )
+    print("\nLoRA forward + backward, 4 layers, r=8 on all 7 projections, 256 tokens (s per step):\n")
     print("| compute dtype | " + " | ".join(LORA_PATHS) + " | ratios to torch |")
     print("|---|---|---|---|---|")
     h0 = torch.randn(1, 256, 896, generator=torch.Generator().manual_seed(1))
@@ -150,9 +129,7 @@ def main() -> None:
         parts = {}
         for name, (part_mm, lora_mm) in LORA_PATHS.items():
             part = load_part(sep, "0-4", matmul=part_mm)  # stored bf16, zero-copy
-            apply_lora(
-                part, r=8, lora_alpha=16, init_lora_weights="gaussian", matmul=lora_mm
-            )
+            apply_lora(part, r=8, lora_alpha=16, init_lora_weights="gaussian", matmul=lora_mm)
             mark_only_lora_trainable(part)
             parts[name] = part.train()
         x = h0.to(torch.bfloat16 if dtype == "bf16" else torch.float32)

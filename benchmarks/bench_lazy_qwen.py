@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -38,9 +37,20 @@ def run(engine: str, src: Path, sep: Path, work: Path, args: argparse.Namespace,
     offload = work / "offload"
     if engine == "accelerate":
         shutil.rmtree(offload, ignore_errors=True)
-    cfg = dict(engine=engine, src=str(src), sep=str(sep), offload=str(offload) if engine == "accelerate" else None,
-               threads=2, prefill=args.prefill, prefill_runs=2, decode=args.decode, cold=cold)
-    out = subprocess.run([sys.executable, str(HERE / "_lazy_child.py"), json.dumps(cfg)], capture_output=True, text=True)
+    cfg = dict(
+        engine=engine,
+        src=str(src),
+        sep=str(sep),
+        offload=str(offload) if engine == "accelerate" else None,
+        threads=2,
+        prefill=args.prefill,
+        prefill_runs=2,
+        decode=args.decode,
+        cold=cold,
+    )
+    out = subprocess.run(
+        [sys.executable, str(HERE / "_lazy_child.py"), json.dumps(cfg)], capture_output=True, text=True
+    )
     if out.returncode != 0:
         return {"engine": engine, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -73,27 +83,37 @@ def main() -> None:
     src = make_checkpoint(work)
     sep = work / "sep-lazy"
     sw.convert(src, sep, progress=False)
-    print(f"## llm_lazy_qwen vs anchors (Qwen2.5-0.5B-shaped, bf16, 2 threads, warm page cache)\n")
-    print(f"loadavg before: {loadavg()}; rounds: {args.rounds}; prefill {args.prefill} tokens; decode = median of "
-          f"{args.decode} single-token steps with KV cache after a 16-token prompt\n")
+    print("## llm_lazy_qwen vs anchors (Qwen2.5-0.5B-shaped, bf16, 2 threads, warm page cache)\n")
+    print(
+        f"loadavg before: {loadavg()}; rounds: {args.rounds}; prefill {args.prefill} tokens; decode = median of "
+        f"{args.decode} single-token steps with KV cache after a 16-token prompt\n"
+    )
     results: dict[str, list[dict]] = {e: [] for e in ENGINES}
     for _ in range(args.rounds):
         for e in ENGINES:
             results[e].append(run(e, src, sep, work, args))
     errors = {e: r[0]["error"] for e, r in results.items() if "error" in r[0]}
     med = {
-        e: {k: statistics.median(x[k] for x in rs) for k in ("decode_s", "prefill_s", "peak_anon_mb", "peak_file_mb", "load_s")}
-        for e, rs in results.items() if e not in errors
+        e: {
+            k: statistics.median(x[k] for x in rs)
+            for k in ("decode_s", "prefill_s", "peak_anon_mb", "peak_file_mb", "load_s")
+        }
+        for e, rs in results.items()
+        if e not in errors
     }
     hf = med["hf"]
     hf_mem = hf["peak_anon_mb"] + hf["peak_file_mb"]
-    print("| engine | decode s/token | ÷ HF | prefill s | ÷ HF | peak RSS above baseline: anon / file MB | ÷ HF | load s |")
+    print(
+        "| engine | decode s/token | ÷ HF | prefill s | ÷ HF | peak RSS above baseline: anon / file MB | ÷ HF | load s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for e, m in med.items():
         mem = m["peak_anon_mb"] + m["peak_file_mb"]
-        print(f"| {ENGINES[e]} | {m['decode_s']:.3f} | {m['decode_s'] / hf['decode_s']:.2f} | {m['prefill_s']:.2f} | "
-              f"{m['prefill_s'] / hf['prefill_s']:.2f} | {m['peak_anon_mb']:.0f} / {m['peak_file_mb']:.0f} | "
-              f"{mem / hf_mem:.2f} | {m['load_s']:.1f} |")
+        print(
+            f"| {ENGINES[e]} | {m['decode_s']:.3f} | {m['decode_s'] / hf['decode_s']:.2f} | {m['prefill_s']:.2f} | "
+            f"{m['prefill_s'] / hf['prefill_s']:.2f} | {m['peak_anon_mb']:.0f} / {m['peak_file_mb']:.0f} | "
+            f"{mem / hf_mem:.2f} | {m['load_s']:.1f} |"
+        )
     for e, err in errors.items():
         print(f"| {ENGINES[e]} | failed: {err} | | | | | | |")
     base = statistics.median(x["base_mb"] for x in results["hf"])
@@ -102,12 +122,16 @@ def main() -> None:
     # cold page cache: one decode step right after evicting the weight files
     gbps = cold_read_gbps(sep)
     cold = run("lazy", src, sep, work, args, cold=True)
-    per_token = sum(p.stat().st_size for p in sep.glob("mid.*.safetensors")) + (sep / "begin.safetensors").stat().st_size
+    per_token = (
+        sum(p.stat().st_size for p in sep.glob("mid.*.safetensors")) + (sep / "begin.safetensors").stat().st_size
+    )
     floor = per_token / (gbps * 1e9)
     if "cold_step_s" in cold:
-        print(f"\nCold page cache (files evicted with posix_fadvise DONTNEED): lazy decode step {cold['cold_step_s']:.3f} s; "
-              f"disk-read floor {floor:.3f} s ({per_token / 1e6:.0f} MB of layers + head at {gbps:.2f} GB/s measured "
-              f"cold sequential read) -> {cold['cold_step_s'] / floor:.2f}x the floor")
+        print(
+            f"\nCold page cache (files evicted with posix_fadvise DONTNEED): lazy decode step {cold['cold_step_s']:.3f} s; "
+            f"disk-read floor {floor:.3f} s ({per_token / 1e6:.0f} MB of layers + head at {gbps:.2f} GB/s measured "
+            f"cold sequential read) -> {cold['cold_step_s'] / floor:.2f}x the floor"
+        )
 
     if args.large:
         big = make_checkpoint(work, LARGE, name="qwen2.5-3b-shaped")

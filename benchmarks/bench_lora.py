@@ -41,10 +41,20 @@ CONFIGS = {
 
 def hf_config() -> dict:
     s = SHAPE
-    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": s["hidden"],
-            "intermediate_size": s["inter"], "num_hidden_layers": 1, "num_attention_heads": s["heads"],
-            "num_key_value_heads": s["kv_heads"], "vocab_size": 151936, "tie_word_embeddings": True,
-            "rope_theta": 1e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["inter"],
+        "num_hidden_layers": 1,
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv_heads"],
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "rope_theta": 1e6,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+    }
 
 
 def make_folder(root: Path, dtype: str) -> Path:
@@ -61,12 +71,23 @@ def make_folder(root: Path, dtype: str) -> Path:
 
     out = root / dtype
     w = sw.SepweightWriter(out, hf_config(), fsync=False)
-    w.write(0, {"self_attn.q_proj.weight": r(h, h), "self_attn.q_proj.bias": r(h),
-                "self_attn.k_proj.weight": r(kv, h), "self_attn.k_proj.bias": r(kv),
-                "self_attn.v_proj.weight": r(kv, h), "self_attn.v_proj.bias": r(kv),
-                "self_attn.o_proj.weight": r(h, h), "mlp.gate_proj.weight": r(i, h), "mlp.up_proj.weight": r(i, h),
-                "mlp.down_proj.weight": r(h, i), "input_layernorm.weight": r(h, mean=1.0),
-                "post_attention_layernorm.weight": r(h, mean=1.0)})
+    w.write(
+        0,
+        {
+            "self_attn.q_proj.weight": r(h, h),
+            "self_attn.q_proj.bias": r(h),
+            "self_attn.k_proj.weight": r(kv, h),
+            "self_attn.k_proj.bias": r(kv),
+            "self_attn.v_proj.weight": r(kv, h),
+            "self_attn.v_proj.bias": r(kv),
+            "self_attn.o_proj.weight": r(h, h),
+            "mlp.gate_proj.weight": r(i, h),
+            "mlp.up_proj.weight": r(i, h),
+            "mlp.down_proj.weight": r(h, i),
+            "input_layernorm.weight": r(h, mean=1.0),
+            "post_attention_layernorm.weight": r(h, mean=1.0),
+        },
+    )
     w.finish()
     return out
 
@@ -113,7 +134,11 @@ def build(engine: str, folder: Path, compute: str, seq: int, lora: bool = True):
     sd = {k: v.to(dtype, copy=True) for k, v in load_file(folder / "mid.00000.safetensors").items()}
     layer.load_state_dict(sd, assign=True)
     del sd
-    model = get_peft_model(layer, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)) if lora else layer.requires_grad_(False)
+    model = (
+        get_peft_model(layer, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+        if lora
+        else layer.requires_grad_(False)
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     rope = Qwen2RotaryEmbedding(cfg)
     pos = torch.arange(seq)[None]
@@ -136,7 +161,9 @@ def child_time(cfg: dict) -> dict:
     if cfg["same_dtype"]:  # a plain nn.Linear cannot multiply fp32 activations by bf16 weights
         engines += [("ours base", False), ("hf base", False)]
     for engine, lora in engines:
-        step, module, params = build(engine.split()[0].replace("hf", "peft"), Path(cfg["folder"]), cfg["compute"], cfg["seq"], lora)
+        step, module, params = build(
+            engine.split()[0].replace("hf", "peft"), Path(cfg["folder"]), cfg["compute"], cfg["seq"], lora
+        )
         keep.append(module)
 
         def run(step=step, params=params) -> float:
@@ -177,13 +204,18 @@ def child_mem(cfg: dict) -> dict:
             for p in params:
                 p.grad = None
             step()
-    return {"anon_mb": peak.anon_mb - base["RssAnon"] / 1024, "file_mb": peak.file_mb - base["RssFile"] / 1024,
-            "imports_mb": imports / 1024}
+    return {
+        "anon_mb": peak.anon_mb - base["RssAnon"] / 1024,
+        "file_mb": peak.file_mb - base["RssFile"] / 1024,
+        "imports_mb": imports / 1024,
+    }
 
 
 # ------------------------------------------------------------------------------------- parent
 def spawn(cfg: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"child {cfg} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -225,14 +257,20 @@ def main() -> int:
         return statistics.median(xs)
 
     print("## llm_lora_mmap: forward+backward of one LoRA-wrapped Qwen2.5-0.5B-shaped layer vs PEFT in RAM\n")
-    print(f"hidden {SHAPE['hidden']}, intermediate {SHAPE['inter']}, {SHAPE['heads']} heads / {SHAPE['kv_heads']} KV "
-          f"heads; r=8 on all 7 projections; batch 1 x seq {args.seq}; {args.threads} threads; input requires grad. "
-          f"Medians of {args.rounds} interleaved rounds (time) and {args.mem_rounds} fresh processes per engine "
-          f"(memory: peak above the `import torch` baseline, fixed costs included).")
-    print(f"loadavg before: {before}, after: {after}. This machine is shared and noisy: ratios move by ~10% "
-          "between runs.\n")
-    print("| dtype | ours ms | PEFT ms | time ratio (goal <= 1.1) | ratio of fastest runs | LoRA overhead ours / PEFT | ours anon MB (fixed) "
-          "| PEFT anon MB (fixed) | anon ratio | anon ratio without fixed costs | ours / PEFT file-backed MB |")
+    print(
+        f"hidden {SHAPE['hidden']}, intermediate {SHAPE['inter']}, {SHAPE['heads']} heads / {SHAPE['kv_heads']} KV "
+        f"heads; r=8 on all 7 projections; batch 1 x seq {args.seq}; {args.threads} threads; input requires grad. "
+        f"Medians of {args.rounds} interleaved rounds (time) and {args.mem_rounds} fresh processes per engine "
+        f"(memory: peak above the `import torch` baseline, fixed costs included)."
+    )
+    print(
+        f"loadavg before: {before}, after: {after}. This machine is shared and noisy: ratios move by ~10% "
+        "between runs.\n"
+    )
+    print(
+        "| dtype | ours ms | PEFT ms | time ratio (goal <= 1.1) | ratio of fastest runs | LoRA overhead ours / PEFT | ours anon MB (fixed) "
+        "| PEFT anon MB (fixed) | anon ratio | anon ratio without fixed costs | ours / PEFT file-backed MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, times, mem in rows:
         t_ours, t_peft = med(times["ours"]) * 1e3, med(times["peft"]) * 1e3
@@ -243,20 +281,26 @@ def main() -> int:
         i_ours, i_peft = (med([m["imports_mb"] for m in mem[e]]) for e in ("ours", "peft"))
         f_ours, f_peft = (med([m["file_mb"] for m in mem[e]]) for e in ("ours", "peft"))
         fastest = min(times["ours"]) / min(times["peft"])
-        print(f"| {name} | {t_ours:.0f} | {t_peft:.0f} | {t_ours / t_peft:.2f} | {fastest:.2f} | {overhead} | "
-              f"{a_ours:.0f} ({i_ours:.0f}) | "
-              f"{a_peft:.0f} ({i_peft:.0f}) | {a_ours / a_peft:.2f} | {(a_ours - i_ours) / (a_peft - i_peft):.2f} | "
-              f"{f_ours:.0f} / {f_peft:.0f} |")
-    print("\nTimes are medians; \"ratio of fastest runs\" divides the minimums (noise only ever adds time, so it "
-          "is the steadier estimate on a loaded machine). LoRA overhead: forward+backward time with LoRA over the same frozen layer without it "
-          "(ours: llm_lazy_qwen's layer; PEFT: transformers' Qwen2DecoderLayer), timed in the same rounds.")
+        print(
+            f"| {name} | {t_ours:.0f} | {t_peft:.0f} | {t_ours / t_peft:.2f} | {fastest:.2f} | {overhead} | "
+            f"{a_ours:.0f} ({i_ours:.0f}) | "
+            f"{a_peft:.0f} ({i_peft:.0f}) | {a_ours / a_peft:.2f} | {(a_ours - i_ours) / (a_peft - i_peft):.2f} | "
+            f"{f_ours:.0f} / {f_peft:.0f} |"
+        )
+    print(
+        '\nTimes are medians; "ratio of fastest runs" divides the minimums (noise only ever adds time, so it '
+        "is the steadier estimate on a loaded machine). LoRA overhead: forward+backward time with LoRA over the same frozen layer without it "
+        "(ours: llm_lazy_qwen's layer; PEFT: transformers' Qwen2DecoderLayer), timed in the same rounds."
+    )
     w32 = 14.1e6 * 4 / 2**20
-    print(f"\nThe layer's weights are {w32:.0f} MB in fp32, {w32 / 2:.0f} MB in bf16: anonymous (in RAM) for the "
-          "anchor, file-backed pages the kernel may drop for ours. Anonymous memory above the `import torch` baseline "
-          "includes fixed costs (in brackets: importing transformers + PEFT for the anchor, llm_lazy_qwen + "
-          "llm_lora_mmap for ours, and torch's meta-device machinery for both); the rest is weights (anchor only), activations, adapters and their gradients. "
-          "\"bf16 stored, fp32 compute\": ours casts each bf16 weight to fp32 for one matmul at a time (and again in "
-          "backward), the anchor holds the layer in fp32.")
+    print(
+        f"\nThe layer's weights are {w32:.0f} MB in fp32, {w32 / 2:.0f} MB in bf16: anonymous (in RAM) for the "
+        "anchor, file-backed pages the kernel may drop for ours. Anonymous memory above the `import torch` baseline "
+        "includes fixed costs (in brackets: importing transformers + PEFT for the anchor, llm_lazy_qwen + "
+        "llm_lora_mmap for ours, and torch's meta-device machinery for both); the rest is weights (anchor only), activations, adapters and their gradients. "
+        '"bf16 stored, fp32 compute": ours casts each bf16 weight to fp32 for one matmul at a time (and again in '
+        "backward), the anchor holds the layer in fp32."
+    )
     return 0
 
 

@@ -71,9 +71,7 @@ def build(path: Path) -> None:
     sw.convert(path / "hf", path / "sep", progress=False)
 
 
-def timed(
-    runs: dict[str, Callable[[], object]], rounds: int
-) -> dict[str, list[tuple[float, float]]]:
+def timed(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[tuple[float, float]]]:
     """(start, end) wall-clock times of each run, alternating round by round; one warm-up each first."""
     for run in runs.values():
         run()
@@ -98,10 +96,10 @@ def matmul_seconds() -> float:
 def rank_main(args: argparse.Namespace) -> None:
     """One rank of the 2-stage pipeline; prints its measurements as one JSON line."""
     import torch.distributed as dist
-    from llm_pipeline.comm import Header, Op
 
     from llm_lazy_qwen import IncrementalPart, load_part
     from llm_pipeline import Pipeline, generate, load_stage
+    from llm_pipeline.comm import Header, Op
     from llm_sampler import CachedForward, sample
 
     torch.set_num_threads(1)
@@ -126,11 +124,7 @@ def rank_main(args: argparse.Namespace) -> None:
     dist.barrier()
     together = statistics.median(matmul_seconds() for _ in range(5))
     dist.barrier()
-    alone = (
-        statistics.median(matmul_seconds() for _ in range(5))
-        if stage.rank == 0
-        else 0.0
-    )
+    alone = statistics.median(matmul_seconds() for _ in range(5)) if stage.rank == 0 else 0.0
     dist.barrier()
 
     hops = {}
@@ -156,9 +150,7 @@ def rank_main(args: argparse.Namespace) -> None:
         print(json.dumps({"spans": spans}))
         return
 
-    ids = torch.randint(
-        1, VOCAB, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)
-    )
+    ids = torch.randint(1, VOCAB, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     full = load_part(args.model)
     outputs: dict[str, torch.Tensor] = {}
     with Pipeline(stage) as pipe:
@@ -203,9 +195,7 @@ def rank_main(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def overlap(
-    window: tuple[float, float], a: list[list[float]], b: list[list[float]]
-) -> float:
+def overlap(window: tuple[float, float], a: list[list[float]], b: list[list[float]]) -> float:
     """Share of `window` in which a span of `a` and a span of `b` both run."""
     start, end = window
     a = [(max(s, start), min(e, end)) for s, e in a if e > start and s < end]
@@ -233,9 +223,7 @@ def launch(args: argparse.Namespace, model: Path, parts: str, pin: bool) -> dict
             "--parts",
             parts,
         ]
-        argv += [
-            f"--{k}={getattr(args, k)}" for k in ("rounds", "batch", "prompt", "new")
-        ]
+        argv += [f"--{k}={getattr(args, k)}" for k in ("rounds", "batch", "prompt", "new")]
         argv += [f"--hops={args.hops}", *(["--pin"] if pin else [])]
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
         procs.append(subprocess.Popen(argv, env=env, text=True, **pipes))
@@ -248,17 +236,13 @@ def launch(args: argparse.Namespace, model: Path, parts: str, pin: bool) -> dict
     return result
 
 
-def report(
-    args: argparse.Namespace, res: dict, load: tuple[list[str], list[str]], pin: bool
-) -> None:
+def report(args: argparse.Namespace, res: dict, load: tuple[list[str], list[str]], pin: bool) -> None:
     B, T, N = args.batch, args.prompt, args.new
     med = {k: statistics.median(e - s for s, e in w) for k, w in res["windows"].items()}
     load_before, load_after = load
     print()
     if pin:
-        print(
-            "### Each rank pinned to its own core (`pin_cpus=True`, `--pin-cpus`; the anchors may use both)"
-        )
+        print("### Each rank pinned to its own core (`pin_cpus=True`, `--pin-cpus`; the anchors may use both)")
     else:
         print("### Ranks not pinned (the default)")
     print()

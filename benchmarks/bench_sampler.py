@@ -124,9 +124,7 @@ def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str,
 
 def bench_generate(rounds: int, new_tokens: int, device: str) -> list[str]:
     model = build(GENERATE_MODEL).to(device)
-    prompts = torch.randint(
-        1, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0)
-    )
+    prompts = torch.randint(1, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
     rows = [p[:n].tolist() for p, n in zip(prompts, [32, 20, 9, 27], strict=True)]
     padded, mask = pad_left(rows, 0)
     sampled = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
@@ -148,9 +146,7 @@ def bench_generate(rounds: int, new_tokens: int, device: str) -> list[str]:
 
         def theirs(ids=ids, hf_mask=hf_mask, config=config) -> object:
             with torch.no_grad():
-                return model.generate(
-                    ids, attention_mask=hf_mask, generation_config=config
-                )
+                return model.generate(ids, attention_mask=hf_mask, generation_config=config)
 
         seconds = interleaved({"ours": ours, "hf": theirs}, rounds)
         tokens = ids.shape[0] * new_tokens
@@ -163,9 +159,7 @@ def bench_generate(rounds: int, new_tokens: int, device: str) -> list[str]:
 
 def bench_speculative(rounds: int, new_tokens: int, device: str) -> list[str]:
     target, draft = (m.to(device) for m in speculative_pair())
-    prompt = torch.randint(
-        1, VOCAB, (1, 32), generator=torch.Generator().manual_seed(1)
-    )
+    prompt = torch.randint(1, VOCAB, (1, 32), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
     lines = []
     for label, settings in [
@@ -240,9 +234,7 @@ def main() -> int:
         f"the pair is correlated)."
     )
     print()
-    print(
-        "| settings | acceptance rate | tokens per target call | sample tok/s | speculative tok/s | speed-up |"
-    )
+    print("| settings | acceptance rate | tokens per target call | sample tok/s | speculative tok/s | speed-up |")
     print("|---|---|---|---|---|---|")
     print("\n".join(speculative_rows))
     return 0

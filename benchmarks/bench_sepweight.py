@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -23,7 +22,6 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from _ckpt import SHAPE, make_checkpoint  # noqa: E402
-
 
 CHILD = """
 import json, sys, time
@@ -99,29 +97,45 @@ def main() -> None:
             mem.append(r)
     for _ in range(max(1, args.rounds // 2)):
         shutil.rmtree(dst, ignore_errors=True)
-        rows["convert fp16"].append(run_child(CHILD.format(here=str(HERE), src=str(src), dst=str(dst), fsync=False, dtype="fp16"))["seconds"])
+        rows["convert fp16"].append(
+            run_child(CHILD.format(here=str(HERE), src=str(src), dst=str(dst), fsync=False, dtype="fp16"))["seconds"]
+        )
     shutil.rmtree(dst, ignore_errors=True)
     run_child(CHILD.format(here=str(HERE), src=str(src), dst=str(dst), fsync=False, dtype=None))
     layer = run_child(LOAD_LAYER.format(here=str(HERE), dst=str(dst)))
 
     med = {k: statistics.median(v) for k, v in rows.items() if v}
     print(f"## llm_sepweight conversion ({size_mb:.0f} MB Qwen2.5-0.5B-shaped bf16 checkpoint, warm page cache)\n")
-    print(f"loadavg before: {load_before}, after: {loadavg()}; rounds: {args.rounds} (median; cp and convert interleaved)\n")
+    print(
+        f"loadavg before: {load_before}, after: {loadavg()}; rounds: {args.rounds} (median; cp and convert interleaved)\n"
+    )
     print("| what | median s | MB/s | throughput ÷ anchor |")
     print("|---|---|---|---|")
-    for k, anchor in (("cp", None), ("convert", "cp"), ("cp+fsync", None), ("convert+fsync", "cp+fsync"), ("convert fp16", "cp")):
+    for k, anchor in (
+        ("cp", None),
+        ("convert", "cp"),
+        ("cp+fsync", None),
+        ("convert+fsync", "cp+fsync"),
+        ("convert fp16", "cp"),
+    ):
         ratio = f"{med[anchor] / med[k]:.2f} (vs {anchor})" if anchor else "anchor"
         print(f"| {k} | {med[k]:.3f} | {size_mb / med[k]:.0f} | {ratio} |")
     peak_anon = statistics.median(m["peak_anon"] - m["base_anon"] for m in mem)
     peak_file = statistics.median(m["peak_file"] - m["base_file"] for m in mem)
     base = statistics.median(m["base_anon"] + m["base_file"] for m in mem)
     peak_total = statistics.median(m["peak_total"] for m in mem)
-    print(f"\nPeak RSS of a conversion process (median): total {peak_total:.0f} MB; baseline after `import torch` {base:.0f} MB;")
-    print(f"above baseline: anonymous {peak_anon:.0f} MB, file-backed {peak_file:.0f} MB, "
-          f"sum {peak_anon + peak_file:.0f} MB = {(peak_anon + peak_file) / largest_mb:.2f}x the largest tensor "
-          f"(embed_tokens, {largest_mb:.0f} MB); goal <= 2x.\n")
-    print(f"Loading layer 5 with mmap and reading every byte ({layer['layer_mb']:.1f} MB): RssAnon +{layer['anon_kb'] / 1024:.1f} MB, "
-          f"RssFile +{layer['file_kb'] / 1024:.1f} MB.")
+    print(
+        f"\nPeak RSS of a conversion process (median): total {peak_total:.0f} MB; baseline after `import torch` {base:.0f} MB;"
+    )
+    print(
+        f"above baseline: anonymous {peak_anon:.0f} MB, file-backed {peak_file:.0f} MB, "
+        f"sum {peak_anon + peak_file:.0f} MB = {(peak_anon + peak_file) / largest_mb:.2f}x the largest tensor "
+        f"(embed_tokens, {largest_mb:.0f} MB); goal <= 2x.\n"
+    )
+    print(
+        f"Loading layer 5 with mmap and reading every byte ({layer['layer_mb']:.1f} MB): RssAnon +{layer['anon_kb'] / 1024:.1f} MB, "
+        f"RssFile +{layer['file_kb'] / 1024:.1f} MB."
+    )
 
 
 if __name__ == "__main__":

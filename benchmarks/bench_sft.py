@@ -93,9 +93,7 @@ def build(engine: str, cfg: dict):
         apply_lora(part, TARGETS, r=8, lora_alpha=16)
         opt = torch.optim.AdamW(mark_only_lora_trainable(part), lr=1e-4)
         engine_ = LayerwiseEngine(part.train())
-        batch = Batch(
-            ids, labels, torch.ones_like(ids), torch.arange(SEQ).expand(BATCH, SEQ)
-        )
+        batch = Batch(ids, labels, torch.ones_like(ids), torch.arange(SEQ).expand(BATCH, SEQ))
 
         def step() -> float:
             out = engine_.forward_backward(batch)
@@ -109,12 +107,8 @@ def build(engine: str, cfg: dict):
 
     model = AutoModelForCausalLM.from_pretrained(cfg["hf"], dtype=torch.float32)
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False}
-    )
-    model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)
-    ).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> float:
@@ -210,9 +204,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if not set(args.shapes.split(",")) <= set(SHAPES):
-        ap.error(
-            f"--shapes takes a comma-separated subset of {list(SHAPES)}, got {args.shapes!r}"
-        )
+        ap.error(f"--shapes takes a comma-separated subset of {list(SHAPES)}, got {args.shapes!r}")
     shapes = [(*SHAPES[k], f"qwen2.5-{k}-shaped") for k in args.shapes.split(",")]
     before = loadavg()
     rows = []
@@ -235,9 +227,7 @@ def main() -> int:
     def med(res: list[dict], key: str) -> float:
         return statistics.median(statistics.median(r[key]) for r in res)
 
-    print(
-        "## llm_sft: one LoRA SFT optimizer step, layer-wise engine vs HF transformers + PEFT\n"
-    )
+    print("## llm_sft: one LoRA SFT optimizer step, layer-wise engine vs HF transformers + PEFT\n")
     print(
         f"Random Qwen2.5-shaped checkpoints (bf16 on disk, tied head); batch {BATCH} x {SEQ} tokens ({PROMPT} prompt "
         f"tokens per row masked), LoRA r=8 / alpha 16 on all 7 projections, AdamW; {args.threads} threads. Each "
@@ -246,9 +236,7 @@ def main() -> int:
     )
     command = " ".join(["python benchmarks/bench_sft.py", *sys.argv[1:]])
     print(f"Command: `{command}`")
-    print(
-        f"loadavg before: {before}, after: {after} (2 shared cores: timings move by 10-20% between runs).\n"
-    )
+    print(f"loadavg before: {before}, after: {after} (2 shared cores: timings move by 10-20% between runs).\n")
     print(
         "| model | engine | step s | peak anon MB | peak file MB | peak RSS MB "
         "| RSS ratio (goal <= 0.2) | time ratio (goal <= 1.5) | loss of step 1 |"
@@ -259,20 +247,8 @@ def main() -> int:
         t = {e: med(res[e], "times") for e in res}
         for e in engines:
             desc, has_anchor = ENGINES[e][0], "hf" in res
-            ratio_m = (
-                "anchor"
-                if e == "hf"
-                else f"**{total[e] / total['hf']:.3f}**"
-                if has_anchor
-                else "-"
-            )
-            ratio_t = (
-                "anchor"
-                if e == "hf"
-                else f"**{t[e] / t['hf']:.2f}**"
-                if has_anchor
-                else "-"
-            )
+            ratio_m = "anchor" if e == "hf" else f"**{total[e] / total['hf']:.3f}**" if has_anchor else "-"
+            ratio_t = "anchor" if e == "hf" else f"**{t[e] / t['hf']:.2f}**" if has_anchor else "-"
             first = statistics.median(r["first_loss"] for r in res[e])
             anon, file = med(res[e], "anon_mb"), med(res[e], "file_mb")
             print(

@@ -53,7 +53,11 @@ def main() -> int:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=HERE.parent)
         took = time.perf_counter() - t0
-        body = proc.stdout.strip() if proc.returncode == 0 else f"FAILED (exit {proc.returncode}):\n```\n{proc.stderr[-3000:]}\n```"
+        body = (
+            proc.stdout.strip()
+            if proc.returncode == 0
+            else f"FAILED (exit {proc.returncode}):\n```\n{proc.stderr[-3000:]}\n```"
+        )
         stamp = time.strftime("%Y-%m-%d")
         new[script.stem] = f"Command: `{cmd}` ({stamp}, {took:.0f} s; {machine()})\n\n{body}\n\n"
         print(body)

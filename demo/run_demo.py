@@ -78,9 +78,7 @@ def build_checkpoint(path: Path, quick: bool) -> Path:
         pad_token_id=tok.token_to_id("<|endoftext|>"),
     )
     Qwen2ForCausalLM(config).save_pretrained(path)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.save_pretrained(path)
     return path
 
@@ -108,12 +106,8 @@ print(json.dumps(dict(tok_s=new.shape[1] / dt, anon=peak.anon_above_mb, file=pea
 
 def generate_stats(sep: Path, lazy: bool, n: int) -> dict[str, float]:
     """Generation in a fresh process so its peak RSS is its own."""
-    code = GEN_WORKER.format(
-        bench=str(HERE.parent / "benchmarks"), sep=str(sep), lazy=lazy, n=n
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    code = GEN_WORKER.format(bench=str(HERE.parent / "benchmarks"), sep=str(sep), lazy=lazy, n=n)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -155,9 +149,7 @@ def run_ranks(cmd: list[str], work: Path, limit: float) -> tuple[str, str]:
     """
     world = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     world.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    logs = [
-        (work / f"pipeline.rank{r}.out", work / f"pipeline.rank{r}.err") for r in (0, 1)
-    ]
+    logs = [(work / f"pipeline.rank{r}.out", work / f"pipeline.rank{r}.err") for r in (0, 1)]
     procs = []
     for r, (out, err) in enumerate(logs):
         env = {**os.environ, **world, "RANK": str(r), "LOCAL_RANK": str(r)}
@@ -176,9 +168,7 @@ def run_ranks(cmd: list[str], work: Path, limit: float) -> tuple[str, str]:
     if codes != [0, 0]:
         why = f"exit codes {codes}" if codes else f"still running after {limit:.0f} s"
         tails = "\n".join(f"--- {err}:\n{err.read_text()[-1500:]}" for _, err in logs)
-        raise RuntimeError(
-            f"the 2-process pipeline failed ({why}); rank logs:\n{tails}"
-        )
+        raise RuntimeError(f"the 2-process pipeline failed ({why}); rank logs:\n{tails}")
     return logs[0][0].read_text(), logs[0][1].read_text()
 
 
@@ -259,9 +249,7 @@ def bsm_attention(sep: Path, tokens: int, reps: int) -> dict[str, Any]:
 
         w = sw.SepWeights(sep).layer(0)
         wq, wk, wv = (w[f"self_attn.{n}_proj.weight"] for n in "qkv")  # (out, in)
-        dtype = (
-            wq.dtype if wq.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        )
+        dtype = wq.dtype if wq.dtype in (torch.float32, torch.bfloat16) else torch.float32
         wq, wk, wv = wq.to(dtype), wk.to(dtype), wv.to(dtype)
         config = json.loads((sep / "config.json").read_text())
         heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -272,16 +260,11 @@ def bsm_attention(sep: Path, tokens: int, reps: int) -> dict[str, Any]:
         def bundles(
             matmul: Callable[[list[tuple]], list[torch.Tensor]],
         ) -> list[torch.Tensor]:
-            q, k, v = matmul(
-                [(x, wq, 1.0, "nt"), (x, wk, 1.0, "nt"), (x, wv, 1.0, "nt")]
-            )
+            q, k, v = matmul([(x, wq, 1.0, "nt"), (x, wk, 1.0, "nt"), (x, wv, 1.0, "nt")])
             qh = q.view(tokens, heads, d).transpose(0, 1)  # (heads, T, d), a view
             kh = k.view(tokens, kv_heads, d)  # (T, kv_heads, d)
             g = heads // kv_heads  # query heads per KV head (GQA)
-            items = [
-                (qh[g * i : g * i + g], kh[:, i], d**-0.5, "nt")
-                for i in range(kv_heads)
-            ]
+            items = [(qh[g * i : g * i + g], kh[:, i], d**-0.5, "nt") for i in range(kv_heads)]
             return [q, k, v, *matmul(items)]  # scores: (g, T, T) per KV head
 
         def one_by_one(items: list[tuple]) -> list[torch.Tensor]:
@@ -291,10 +274,7 @@ def bsm_attention(sep: Path, tokens: int, reps: int) -> dict[str, Any]:
             got, want = bundles(bk.bsm), bundles(one_by_one)
             fns = [lambda: bundles(bk.bsm), lambda: bundles(one_by_one)]
             bsm_ms, torch_ms = best_ms(fns, reps)
-    err = max(
-        float((a.float() - b.float()).abs().max() / b.float().abs().max())
-        for a, b in zip(got, want)
-    )
+    err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, want))
     name = str(dtype).removeprefix("torch.")
     info = bk.backend_info()
     return {
@@ -321,19 +301,13 @@ def show_pipeline(pipe: dict[str, Any]) -> tuple[str, str]:
     if decode is not None:  # parsed from llm-pipeline's last stderr line
         print(f"{'2 processes x 1 thread (pipeline)':<34}{first:>22.3f}{decode:>14.1f}")
     single = pipe["single_decode_tok_s"]
-    print(
-        f"{'1 process x 2 threads':<34}{pipe['single_first_s']:>22.3f}{single:>14.1f}"
-    )
+    print(f"{'1 process x 2 threads':<34}{pipe['single_first_s']:>22.3f}{single:>14.1f}")
     rows = zip(pipe["prompt_ids"], pipe["pipeline_new_ids"], pipe["single_new_ids"])
     for p, a, b in rows:
-        print(
-            f"prompt of {len(p)} tokens -> {a[:10]}... {'==' if a == b else '!='} 1 process"
-        )
+        print(f"prompt of {len(p)} tokens -> {a[:10]}... {'==' if a == b else '!='} 1 process")
     wall = pipe["pipeline_wall_s"]
     print(f"2 processes started, joined, generated and exited in {wall:.1f} s")
-    print(
-        "on one host a pipeline saves memory per process, not time (see llm_pipeline's README)"
-    )
+    print("on one host a pipeline saves memory per process, not time (see llm_pipeline's README)")
     same = "==" if pipe["equal"] else "!="
     speed = "?" if decode is None else f"{decode:.1f}"
     row = f"'{pipe['parts']}': greedy tokens {same} 1 process; "
@@ -358,9 +332,7 @@ def show_bsm(bsm: dict[str, Any]) -> tuple[str, str]:
     print(f"{ok}: max relative error {bsm['max_rel_err']:.1e}")
     ms, torch_ms = bsm["bsm_ms"], bsm["torch_ms"]
     ratio = ms / torch_ms
-    print(
-        f"best of runs: bsm {ms:.3f} ms, torch one by one {torch_ms:.3f} ms ({ratio:.2f}x)"
-    )
+    print(f"best of runs: bsm {ms:.3f} ms, torch one by one {torch_ms:.3f} ms ({ratio:.2f}x)")
     same = "==" if bsm["equal"] else "!="
     row = f"{bsm['items']} attention products of layer 0 {same} torch; "
     row += f"{ms:.2f} ms vs {torch_ms:.2f} ms torch ({ratio:.2f}x)"
@@ -368,18 +340,13 @@ def show_bsm(bsm: dict[str, Any]) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ step 7
-def answer(
-    part: torch.nn.Module, tok: object, questions: list[str], max_new: int = 8
-) -> list[str]:
+def answer(part: torch.nn.Module, tok: object, questions: list[str], max_new: int = 8) -> list[str]:
     """Greedy answers to ChatML questions, cut at <|im_end|>."""
     from llm_lazy_qwen import IncrementalPart
     from llm_sampler import CachedForward, pad_left, sample
 
     end = tok.token_to_id("<|im_end|>")  # type: ignore[attr-defined]
-    prompts = [
-        tok.encode(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n").ids
-        for q in questions
-    ]  # type: ignore[attr-defined]
+    prompts = [tok.encode(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n").ids for q in questions]  # type: ignore[attr-defined]
     ids, mask = pad_left(prompts, tok.token_to_id("<|endoftext|>"))  # type: ignore[attr-defined]
     with torch.inference_mode():
         fwd = CachedForward(IncrementalPart(part))
@@ -400,22 +367,17 @@ def answer(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--model",
         help="HF checkpoint folder or hub id for steps 2-5 (default: build a small Qwen2)",
     )
-    ap.add_argument(
-        "--workdir", default="demo_out", help="where checkpoints and outputs go"
-    )
+    ap.add_argument("--workdir", default="demo_out", help="where checkpoints and outputs go")
     ap.add_argument("--quick", action="store_true", help="a reduced size (CI)")
     ap.add_argument("--epochs", type=int, default=None)
     args = ap.parse_args(argv)
-    from llm_sepweight.cli import info_text
-
     import llm_sepweight as sw
+    from llm_sepweight.cli import info_text
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     work = Path(args.workdir)
@@ -441,9 +403,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== 3. generate (llm_lazy_qwen + llm_sampler)", flush=True)
     n = 16 if args.quick else 64
-    stats = {
-        mode: generate_stats(sep, mode == "lazy", n) for mode in ("in RAM", "lazy")
-    }
+    stats = {mode: generate_stats(sep, mode == "lazy", n) for mode in ("in RAM", "lazy")}
     print(f"{'mode':<8}{'tokens/s':>10}{'peak RSS above baseline: anon / file MB':>42}")
     for mode, s in stats.items():
         print(f"{mode:<8}{s['tok_s']:>10.1f}{s['anon']:>30.1f} / {s['file']:.1f}")
@@ -498,9 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     params = mark_only_lora_trainable(part)
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     epochs = args.epochs or (3 if args.quick else 15)
-    sched = warmup_cosine(
-        opt, warmup_steps=10, total_steps=steps_per_epoch(len(ds), 8) * epochs
-    )
+    sched = warmup_cosine(opt, warmup_steps=10, total_steps=steps_per_epoch(len(ds), 8) * epochs)
     t0 = time.perf_counter()
     log = sft(
         part,
@@ -523,9 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     adapter = work / "adapter"
     save_adapter(part, adapter)
     files = write_loss_log(log, work)
-    print(
-        f"adapter (PEFT format): {adapter}; loss log and curve: {', '.join(str(p) for p in files.values())}"
-    )
+    print(f"adapter (PEFT format): {adapter}; loss log and curve: {', '.join(str(p) for p in files.values())}")
     summary.append(
         (
             "fine-tune",
@@ -542,9 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{q:<40}{before[i][:18]:<20}{after[i][:18]:<20}{truths[i]}")
     acc_before = sum(b == t for b, t in zip(before, truths)) / len(truths)
     acc_after = sum(a == t for a, t in zip(after, truths)) / len(truths)
-    print(
-        f"correct: before {acc_before:.0%}, after {acc_after:.0%} of the {len(truths)} training questions"
-    )
+    print(f"correct: before {acc_before:.0%}, after {acc_after:.0%} of the {len(truths)} training questions")
     summary.append(
         (
             "answers correct",

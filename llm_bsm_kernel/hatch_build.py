@@ -25,9 +25,7 @@ def _cythonize(package_dir: str, tmp: str) -> str:
     from Cython.Build import cythonize
     from setuptools import Extension
 
-    ext = Extension(
-        "llm_bsm_kernel._kernel", [os.path.join(package_dir, "_kernel.pyx")]
-    )
+    ext = Extension("llm_bsm_kernel._kernel", [os.path.join(package_dir, "_kernel.pyx")])
     (module,) = cythonize([ext], build_dir=tmp, quiet=True, language_level=3)
     return module.sources[0]
 
@@ -94,9 +92,7 @@ class CustomBuildHook(BuildHookInterface):
         self._out_dir = tempfile.mkdtemp(prefix="llm_bsm_kernel_")
         built, what = build(package_dir, self._out_dir)
         if built is None:
-            message = (
-                f"llm_bsm_kernel: C extension not built ({what}); pure-Python fallback"
-            )
+            message = f"llm_bsm_kernel: C extension not built ({what}); pure-Python fallback"
             self.app.display_warning(message)
             return
         name = os.path.basename(built)
@@ -106,9 +102,7 @@ class CustomBuildHook(BuildHookInterface):
             build_data["force_include"][built] = f"llm_bsm_kernel/{name}"
         build_data["pure_python"] = False
         build_data["infer_tag"] = True
-        self.app.display_info(
-            f"llm_bsm_kernel: {name} {what} (Python {sys.version.split()[0]})"
-        )
+        self.app.display_info(f"llm_bsm_kernel: {name} {what} (Python {sys.version.split()[0]})")
 
     def finalize(self, version: str, build_data: dict, artifact_path: str) -> None:
         if getattr(self, "_out_dir", None):

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from qwen_fixtures import TinyCheckpoint, build_checkpoint
 
 import llm_sepweight as sw
-
-from qwen_fixtures import TinyCheckpoint, build_checkpoint
 
 
 @pytest.fixture(scope="session")

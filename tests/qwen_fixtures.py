@@ -142,5 +142,3 @@ def build_checkpoint(name: str, root: Path) -> TinyCheckpoint:
     fast = PreTrainedTokenizerFast(tokenizer_object=_tokenizer(300), eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.save_pretrained(path)
     return TinyCheckpoint(name, path, v, model)
-
-

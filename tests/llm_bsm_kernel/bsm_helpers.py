@@ -30,6 +30,4 @@ def assert_matches(got, item: tuple, dtype: str) -> None:
     got64 = as_f64(got)
     assert got64.shape == want.shape
     err = np.abs(got64 - want) / size
-    assert err.max(initial=0.0) <= TOL[dtype], (
-        f"max relative error {err.max():.3g} > {TOL[dtype]}"
-    )
+    assert err.max(initial=0.0) <= TOL[dtype], f"max relative error {err.max():.3g} > {TOL[dtype]}"

@@ -18,9 +18,7 @@ from llm_bsm_kernel import blas
 def path(request, monkeypatch) -> str:
     """Run a test on the compiled kernel and on the per-item fallback (forced, same process)."""
     if request.param == "fallback":
-        monkeypatch.setattr(
-            blas, "gemm", lambda dtype: blas.Gemm("fallback", "forced by the test")
-        )
+        monkeypatch.setattr(blas, "gemm", lambda dtype: blas.Gemm("fallback", "forced by the test"))
     elif blas.gemm("float32").name == "fallback":
         pytest.skip("compiled kernel not available")
     return request.param

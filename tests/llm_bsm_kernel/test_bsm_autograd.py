@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llm_bsm_kernel.autograd import BundledMatmul
 
 from llm_bsm_kernel import bsm
+from llm_bsm_kernel.autograd import BundledMatmul
 
 
 def leaf(*shape, dtype=torch.float64):
@@ -47,24 +47,16 @@ def test_grads_match_torch(path, dtype, tol):
     )
     q, k = leaf(6, 33, 16, dtype=dtype), leaf(2, 33, 16, dtype=dtype)
     heads = [slice(0, 3), slice(3, 6)]
-    items = [(x, wq, 1.0, "nt"), (x, lora_a.T, 2.0)] + [
-        (q[s], k[j], 0.25, "nt") for j, s in enumerate(heads)
-    ]
+    items = [(x, wq, 1.0, "nt"), (x, lora_a.T, 2.0)] + [(q[s], k[j], 0.25, "nt") for j, s in enumerate(heads)]
     leaves = (x, wq, lora_a, q, k)
     outs = bsm(items)
     weights = [torch.randn(o.shape).to(dtype) for o in outs]
     loss = sum((o * w).sum() for o, w in zip(outs, weights))
     got = torch.autograd.grad(loss, leaves)
-    want_outs = [x @ wq.T, x @ lora_a.T * 2.0] + [
-        q[s] @ k[j].mT * 0.25 for j, s in enumerate(heads)
-    ]
-    want = torch.autograd.grad(
-        sum((o * w).sum() for o, w in zip(want_outs, weights)), leaves
-    )
+    want_outs = [x @ wq.T, x @ lora_a.T * 2.0] + [q[s] @ k[j].mT * 0.25 for j, s in enumerate(heads)]
+    want = torch.autograd.grad(sum((o * w).sum() for o, w in zip(want_outs, weights)), leaves)
     for g, w in zip(got, want):
-        torch.testing.assert_close(
-            g.float(), w.float(), rtol=tol, atol=tol * w.abs().max().item()
-        )
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * w.abs().max().item())
 
 
 def test_backward_is_one_bundle_and_skips_unneeded_grads():

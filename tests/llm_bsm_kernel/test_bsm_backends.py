@@ -61,10 +61,7 @@ def test_forced_fallback_by_env_var():
     name32, name16, *_ = done.stdout.split()
     assert (name32, name16) == ("fallback", "fallback")
     assert "Warning" not in done.stderr  # the user asked for it: no warning
-    assert (
-        done.stdout.split(" ", 2)[2].strip()
-        == _python(SCRIPT).stdout.split(" ", 2)[2].strip()
-    )
+    assert done.stdout.split(" ", 2)[2].strip() == _python(SCRIPT).stdout.split(" ", 2)[2].strip()
 
 
 def test_missing_extension_warns_once_and_falls_back():
@@ -72,9 +69,7 @@ def test_missing_extension_warns_once_and_falls_back():
     done = _python(code)
     assert done.returncode == 0, done.stderr
     warnings = [line for line in done.stderr.splitlines() if "UserWarning" in line]
-    assert (
-        len(warnings) == 1 and "using the per-item numpy/torch fallback" in warnings[0]
-    ), done.stderr
+    assert len(warnings) == 1 and "using the per-item numpy/torch fallback" in warnings[0], done.stderr
     assert done.stdout.startswith("fallback fallback")
 
 
@@ -92,6 +87,4 @@ def test_fallback_equals_kernel(path):
         (torch.randn(31, 17).bfloat16(), torch.randn(17, 9).bfloat16(), 1.0),
     ]
     for got, item in zip(bsm(items), items):
-        assert_matches(
-            got, item, "bfloat16" if got.dtype == torch.bfloat16 else "float32"
-        )
+        assert_matches(got, item, "bfloat16" if got.dtype == torch.bfloat16 else "float32")

@@ -99,9 +99,7 @@ def test_bad_out():
         match=r"out\[0\] must be a numpy array of shape \(4, 6\) and dtype float32",
     ):
         bsm([(A, B, 1.0)], out=[np.empty((6, 4), np.float32)])
-    with pytest.raises(
-        TypeError, match=r"out\[0\] has dtype float64; item 0 computes float32"
-    ):
+    with pytest.raises(TypeError, match=r"out\[0\] has dtype float64; item 0 computes float32"):
         bsm([(A, B, 1.0)], out=[np.empty((4, 6))])
     with pytest.raises(ValueError, match=r"out\[0\] must have a unit stride"):
         bsm([(A, B, 1.0)], out=[np.empty((8, 12), np.float32)[::2, ::2]])
@@ -109,16 +107,12 @@ def test_bad_out():
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match=r"out\[0\] is read-only"):
         bsm([(A, B, 1.0)], out=[read_only])
-    with pytest.raises(
-        ValueError, match=r"out= is not supported when an input requires grad"
-    ):
+    with pytest.raises(ValueError, match=r"out= is not supported when an input requires grad"):
         bsm([(torch.ones(4, 5, requires_grad=True), T, 1.0)], out=[torch.empty(4, 6)])
 
 
 def test_bad_arguments():
-    with pytest.raises(
-        ValueError, match=r"num_threads must be a positive int or None, got 0"
-    ):
+    with pytest.raises(ValueError, match=r"num_threads must be a positive int or None, got 0"):
         bsm([(A, B, 1.0)], num_threads=0)
     with pytest.raises(ValueError, match=r"dtype must be one of"):
         backend("float16")

@@ -57,9 +57,7 @@ def test_same_records_as_bundle_py(kind, dtype):
     assert len(records) == len(slow) == len(items)
     for got, want, out in zip(records, slow, outs):
         assert got[:5] == want[:5]  # dtype, batch, M, N, K
-        assert (
-            got[5] is want[5] and got[9] is want[9]
-        )  # the very same operands: no copies
+        assert got[5] is want[5] and got[9] is want[9]  # the very same operands: no copies
         assert got[6:9] == want[6:9] and got[10:13] == want[10:13]  # their strides
         assert got[14:] == want[14:]  # C's strides and alpha
         assert tuple(out.shape) == tuple(want[13].shape) and out.dtype == want[13].dtype

@@ -15,9 +15,7 @@ import torch
 from llm_bsm_kernel import backend_info, blas, bsm
 
 kernel, _ = blas.extension()
-needs_kernel = pytest.mark.skipif(
-    kernel is None or not kernel.openmp(), reason="no compiled OpenMP kernel"
-)
+needs_kernel = pytest.mark.skipif(kernel is None or not kernel.openmp(), reason="no compiled OpenMP kernel")
 
 
 @needs_kernel
@@ -32,9 +30,7 @@ def test_openmp_compiled_in_and_reported():
 def test_one_openmp_runtime_shared_with_torch():
     """torch and the kernel call the same libgomp, so nested regions stay single-threaded."""
     with open("/proc/self/maps") as f:
-        runtimes = {
-            line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line
-        }
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
     assert len(runtimes) == 1, runtimes
 
 
@@ -81,9 +77,7 @@ def test_gil_released_during_bundle():
     during = count[0] - before
     stop.set()
     worker.join()
-    assert during > 1000, (
-        f"the other thread counted only {during} times during the bundle"
-    )
+    assert during > 1000, f"the other thread counted only {during} times during the bundle"
 
 
 @needs_kernel
@@ -109,9 +103,7 @@ def test_concurrent_bundles_from_two_python_threads():
         w.join()
     for outs, items in zip(results, bundles):
         for got, item in zip(outs, items):
-            assert_matches(
-                got, item, "float64" if got.dtype == np.float64 else "float32"
-            )
+            assert_matches(got, item, "float64" if got.dtype == np.float64 else "float32")
 
 
 @needs_kernel

@@ -159,8 +159,6 @@ def test_bf16_equals_torch_addmm():
         rand(96, 80, kind="torch", dtype="bfloat16"),
     )
     (got,) = bsm([(a, b, 0.5)], num_threads=1)
-    want = torch.addmm(
-        torch.empty(64, 80, dtype=torch.bfloat16), a, b, beta=0, alpha=0.5
-    )
+    want = torch.addmm(torch.empty(64, 80, dtype=torch.bfloat16), a, b, beta=0, alpha=0.5)
     assert torch.equal(got, want)
     assert reference(a, b, 0.5)[0].shape == (64, 80)

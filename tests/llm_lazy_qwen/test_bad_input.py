@@ -24,7 +24,10 @@ def test_non_contiguous_spec(sep):
 def test_hidden_states_of_the_wrong_width(sep):
     path, _ = sep("qwen2")
     mid = load_part(path, "1-3 e")
-    with pytest.raises(ValueError, match=r"starts at layer 1, so it takes hidden states of shape \(batch, seq, hidden_size=64\); got \(1, 4, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"starts at layer 1, so it takes hidden states of shape \(batch, seq, hidden_size=64\); got \(1, 4, 32\)",
+    ):
         mid(torch.zeros(1, 4, 32))
     with pytest.raises(ValueError, match="takes hidden states"):
         mid(torch.zeros(1, 4, dtype=torch.long))
@@ -56,7 +59,9 @@ def test_positions_beyond_max_position_embeddings(sep):
 def test_bad_attention_mask_and_positions(sep):
     path, _ = sep("qwen2")
     model = load_part(path)
-    with pytest.raises(ValueError, match=r"attention_mask must be \(batch=1, 3\) or \(batch=1, past\+new=3\); got \(1, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"attention_mask must be \(batch=1, 3\) or \(batch=1, past\+new=3\); got \(1, 5\)"
+    ):
         model(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 5))
     with pytest.raises(ValueError, match=r"position_ids must be \(batch=1, seq=3\)"):
         model(torch.tensor([[1, 2, 3]]), position_ids=torch.tensor([[0, 1]]))
@@ -69,8 +74,14 @@ def test_bad_logits_to_keep(sep):
 
 
 def test_config_errors():
-    base = dict(architectures=["Qwen2ForCausalLM"], hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                num_attention_heads=2, vocab_size=10)
+    base = dict(
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=10,
+    )
     with pytest.raises(ConfigError, match=r"missing required key\(s\) \['intermediate_size'\]"):
         QwenConfig.from_dict({k: v for k, v in base.items() if k != "intermediate_size"})
     with pytest.raises(ConfigError, match="is not a dense Qwen2/Qwen2.5/Qwen3 model"):

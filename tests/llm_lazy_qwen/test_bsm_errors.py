@@ -9,9 +9,7 @@ from llm_lazy_qwen import bsm_path, load_part
 
 def test_unknown_matmul_is_refused(sep):
     path, _ = sep("qwen2")
-    with pytest.raises(
-        ValueError, match=r"matmul must be one of \('torch', 'bsm'\), got 'blas'"
-    ):
+    with pytest.raises(ValueError, match=r"matmul must be one of \('torch', 'bsm'\), got 'blas'"):
         load_part(path, matmul="blas")
 
 

@@ -39,9 +39,7 @@ VARIANTS = [
 
 
 def _ids(batch=2, seq=13, seed=0):
-    return torch.randint(
-        0, 384, (batch, seq), generator=torch.Generator().manual_seed(seed)
-    )
+    return torch.randint(0, 384, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["ram", "lazy"])
@@ -123,14 +121,8 @@ def test_padded_decode_logits_equal_torch_path(sep):
     with torch.no_grad():
         for step in range(6):
             x = ids if step == 0 else torch.full((3, 1), 5 + step)
-            m = (
-                mask
-                if step == 0
-                else torch.cat([mask, torch.ones(3, step, dtype=mask.dtype)], 1)
-            )
-            ref, got = (
-                model(x, cache=c, attention_mask=m) for model, c in zip(models, caches)
-            )
+            m = mask if step == 0 else torch.cat([mask, torch.ones(3, step, dtype=mask.dtype)], 1)
+            ref, got = (model(x, cache=c, attention_mask=m) for model, c in zip(models, caches))
             real = m[:, -x.shape[1] :].bool()
             torch.testing.assert_close(got[real], ref[real], **FP32)
 
@@ -194,9 +186,7 @@ def test_lora_wrapped_projections_fall_back_to_their_modules(sep):
     for matmul in ("torch", "bsm"):
         part = load_part(path, matmul=matmul)
         torch.manual_seed(0)
-        lora.apply_lora(
-            part, ["q_proj", "up_proj"], r=4, lora_alpha=8, init_lora_weights=False
-        )
+        lora.apply_lora(part, ["q_proj", "up_proj"], r=4, lora_alpha=8, init_lora_weights=False)
         with torch.no_grad():
             outs.append(part(ids))
     torch.testing.assert_close(outs[1], outs[0], **FP32)

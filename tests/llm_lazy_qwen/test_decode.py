@@ -28,11 +28,18 @@ def greedy(model, ids, steps, chunk=None, attention_mask=None):
 
 def hf_greedy(ckpt, ids, steps, attention_mask=None):
     out = ckpt.model.generate(
-        ids, attention_mask=attention_mask if attention_mask is not None else torch.ones_like(ids),
-        max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0, eos_token_id=None,
-        top_k=None, top_p=None, temperature=None,
+        ids,
+        attention_mask=attention_mask if attention_mask is not None else torch.ones_like(ids),
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        top_k=None,
+        top_p=None,
+        temperature=None,
     )
-    return out[:, ids.shape[1]:]
+    return out[:, ids.shape[1] :]
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["ram", "lazy"])

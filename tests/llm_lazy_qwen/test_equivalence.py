@@ -6,7 +6,16 @@ import torch
 from llm_lazy_qwen import QwenConfig, load_part
 
 FP32 = dict(atol=1e-4, rtol=1e-4)
-VARIANTS = ["qwen2", "qwen2_tied", "qwen2_v4", "qwen2_swa", "qwen2_swa_v4", "qwen3", "qwen3_tied_sharded", "qwen2_sharded"]
+VARIANTS = [
+    "qwen2",
+    "qwen2_tied",
+    "qwen2_v4",
+    "qwen2_swa",
+    "qwen2_swa_v4",
+    "qwen3",
+    "qwen3_tied_sharded",
+    "qwen2_sharded",
+]
 
 
 def _ids(batch=2, seq=13, seed=0):
@@ -118,7 +127,9 @@ def test_config_styles_agree(qwen_checkpoints):
 def test_lazy_knobs_do_not_change_results(sep, prefetch, resident_mb, mode):
     path, ckpt = sep("qwen2_tied")
     ids = _ids(seed=7)
-    model = load_part(path, lazy=True, prefetch=prefetch, resident_mb=resident_mb, head_chunk_size=100, stream_mode=mode)
+    model = load_part(
+        path, lazy=True, prefetch=prefetch, resident_mb=resident_mb, head_chunk_size=100, stream_mode=mode
+    )
     with torch.no_grad():
         want = ckpt.model(ids).logits
         for _ in range(2):  # the second forward uses the cyclic prefetch and pinned items

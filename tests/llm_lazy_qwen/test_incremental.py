@@ -33,8 +33,17 @@ def test_greedy_sampling_through_the_cache(sep):
     prompt = torch.randint(0, 384, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = llm_sampler.sample(fwd, prompt, 10, temperature=0)
-        want = ckpt.model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
-                                   eos_token_id=None, top_k=None, top_p=None, temperature=None)
+        want = ckpt.model.generate(
+            prompt,
+            max_new_tokens=10,
+            min_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+        )
     assert torch.equal(got, want[:, -10:])
 
 

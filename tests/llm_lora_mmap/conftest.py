@@ -5,10 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-
-
 # pytest runs with --import-mode=importlib, so test modules cannot import their neighbours; this makes
 # lora_helpers.py (the PEFT oracle helpers) importable from this directory's tests.
 sys.path.insert(0, os.path.dirname(__file__))
-
-

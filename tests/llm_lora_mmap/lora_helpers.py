@@ -33,9 +33,13 @@ def peft_name(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".default.", ".")
 
 
-def peft_twin(hf_model: nn.Module, ours: nn.Module, targets=ALL7, r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
+def peft_twin(
+    hf_model: nn.Module, ours: nn.Module, targets=ALL7, r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=False
+):
     """PEFT on a copy of the transformers model (the session's oracle stays untouched), our adapter weights copied in."""
-    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, target_modules=list(targets))
+    cfg = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, target_modules=list(targets)
+    )
     twin = get_peft_model(copy.deepcopy(hf_model), cfg)
     mine = {n: p for n, p in ours.named_parameters() if "lora_" in n}
     copied = set()

@@ -49,8 +49,16 @@ def main() -> None:
         now = status()
         peak = {k: max(peak[k], now[k]) for k in peak}
     lora_kib = sum(p.numel() * p.element_size() for p in params) / 1024
-    print(json.dumps({"anon_kib": peak["RssAnon"] - before["RssAnon"], "file_kib": peak["RssFile"] - before["RssFile"],
-                      "lora_kib": lora_kib, "loss": loss.item()}))
+    print(
+        json.dumps(
+            {
+                "anon_kib": peak["RssAnon"] - before["RssAnon"],
+                "file_kib": peak["RssFile"] - before["RssFile"],
+                "lora_kib": lora_kib,
+                "loss": loss.item(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

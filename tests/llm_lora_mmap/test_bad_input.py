@@ -48,8 +48,11 @@ def _edit_config(folder, **changes):
 
 def test_target_module_that_does_not_exist(sep):
     part = load_part(sep("qwen2")[0], "f")
-    with pytest.raises(LoraError, match=r"target module 'qq_proj' does not exist in the model; its linear layers are "
-                                        r"named \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj'"):
+    with pytest.raises(
+        LoraError,
+        match=r"target module 'qq_proj' does not exist in the model; its linear layers are "
+        r"named \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj'",
+    ):
         apply_lora(part, ["q_proj", "qq_proj"])
     with pytest.raises(LoraError, match=r"regex 'model.layers.9.\*' matches no module name"):
         apply_lora(part, "model.layers.9.*")
@@ -107,11 +110,16 @@ def test_adapter_of_a_different_rank(adapter):
     path, ad = adapter
     part = load_part(path, "f")
     apply_lora(part, ["q_proj", "v_proj"], r=8, lora_alpha=8)
-    with pytest.raises(LoraError, match=r"model.layers.0.self_attn.q_proj has LoRA r=8, scaling=1 but .* says r=4, scaling=2"):
+    with pytest.raises(
+        LoraError, match=r"model.layers.0.self_attn.q_proj has LoRA r=8, scaling=1 but .* says r=4, scaling=2"
+    ):
         load_adapter(part, ad)
     _edit_config(ad, r=8)  # the config and the tensors disagree
-    with pytest.raises(LoraError, match=r"model.layers.0.self_attn.q_proj has lora_A \[4, 64\] and lora_B \[64, 4\], but "
-                                        r"adapter_config.json says r=8"):
+    with pytest.raises(
+        LoraError,
+        match=r"model.layers.0.self_attn.q_proj has lora_A \[4, 64\] and lora_B \[64, 4\], but "
+        r"adapter_config.json says r=8",
+    ):
         read_adapter(ad)
 
 
@@ -123,8 +131,11 @@ def test_adapter_of_a_different_model(sep, adapter, tmp_path):
     save_adapter(other, tmp_path / "q3", base_model_name_or_path="tiny-qwen3")
     path, _ = adapter
     part = load_part(path, "f")
-    with pytest.raises(LoraError, match=r"model.layers.0.self_attn.q_proj has lora_A \[4, 64\] and lora_B \[96, 4\], but the "
-                                        r"model's layer is 64 -> 64 .*different base model \(base_model_name_or_path='tiny-qwen3'\)"):
+    with pytest.raises(
+        LoraError,
+        match=r"model.layers.0.self_attn.q_proj has lora_A \[4, 64\] and lora_B \[96, 4\], but the "
+        r"model's layer is 64 -> 64 .*different base model \(base_model_name_or_path='tiny-qwen3'\)",
+    ):
         load_adapter(part, tmp_path / "q3")
     assert not lora_layers(part)
     with pytest.raises(LoraError, match=r"do not fit model.layers.0.self_attn.q_proj.weight of shape \[64, 64\]"):
@@ -135,13 +146,19 @@ def test_adapter_of_a_different_model(sep, adapter, tmp_path):
 def test_missing_keys(adapter):
     path, ad = adapter
     _edit_weights(ad, lambda t: t.pop(KEY.format("B")))
-    with pytest.raises(LoraError, match=r"missing key 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight' "
-                                        r"\(the other half is there\)"):
+    with pytest.raises(
+        LoraError,
+        match=r"missing key 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight' "
+        r"\(the other half is there\)",
+    ):
         load_adapter(load_part(path, "f"), ad)
     _edit_weights(ad, lambda t: t.pop(KEY.format("A")))  # now the whole module is gone
     part = load_part(path, "f")
-    with pytest.raises(LoraError, match=r"no weights for 1 LoRA module\(s\) of the model, e.g. missing key "
-                                        r"'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'"):
+    with pytest.raises(
+        LoraError,
+        match=r"no weights for 1 LoRA module\(s\) of the model, e.g. missing key "
+        r"'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'",
+    ):
         load_adapter(part, ad)
     assert not lora_layers(part)
 
@@ -155,7 +172,10 @@ def test_unsupported_adapters(adapter):
     with pytest.raises(LoraError, match=r"peft_type is 'IA3'"):
         read_adapter(ad)
     _edit_config(ad, peft_type="LORA")
-    _edit_weights(ad, lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}))
+    _edit_weights(
+        ad,
+        lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}),
+    )
     with pytest.raises(LoraError, match=r"key '.*q_proj.lora_magnitude_vector' is not a LoRA weight of a linear layer"):
         read_adapter(ad)
 
@@ -166,10 +186,14 @@ def test_unreadable_files(adapter, tmp_path):
         read_adapter(tmp_path / "nope")
     data = (ad / "adapter_model.safetensors").read_bytes()
     (ad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])  # a truncated copy
-    with pytest.raises(LoraError, match=r"adapter_model.safetensors: not a valid safetensors file \(tensor .* do not hold"):
+    with pytest.raises(
+        LoraError, match=r"adapter_model.safetensors: not a valid safetensors file \(tensor .* do not hold"
+    ):
         read_adapter(ad)
     (ad / "adapter_model.safetensors").rename(ad / "adapter_model.bin")
-    with pytest.raises(LoraError, match=r"no adapter_model.safetensors \(adapter_model.bin is a pickle and is not read"):
+    with pytest.raises(
+        LoraError, match=r"no adapter_model.safetensors \(adapter_model.bin is a pickle and is not read"
+    ):
         read_adapter(ad)
     (ad / "adapter_config.json").write_text("{")
     with pytest.raises(LoraError, match=r"adapter_config.json: not valid JSON"):
@@ -180,7 +204,12 @@ def test_lora_on_a_tied_head_cannot_be_merged(sep, tmp_path):
     path, _ = sep("qwen2_tied")
     (tmp_path / "ad").mkdir()
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(LoraConfig(["lm_head"], r=2).to_dict()))
-    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64),
-               "base_model.model.lm_head.lora_B.weight": torch.zeros(384, 2)}, tmp_path / "ad" / "adapter_model.safetensors")
+    save_file(
+        {
+            "base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64),
+            "base_model.model.lm_head.lora_B.weight": torch.zeros(384, 2),
+        },
+        tmp_path / "ad" / "adapter_model.safetensors",
+    )
     with pytest.raises(LoraError, match=r"stores no tensor 'lm_head.weight' \(the head is tied to the embedding"):
         merge_adapter(path, tmp_path / "ad", tmp_path / "merged")

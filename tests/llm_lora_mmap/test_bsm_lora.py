@@ -2,7 +2,6 @@
 
 import sys
 
-import llm_lora_mmap.layer as layer_module
 import pytest
 import torch
 from lora_helpers import (
@@ -16,6 +15,7 @@ from lora_helpers import (
 )
 from torch import nn
 
+import llm_lora_mmap.layer as layer_module
 from llm_lazy_qwen import load_part
 from llm_lora_mmap import (
     LoraError,
@@ -108,9 +108,7 @@ def test_mixed_dtype_keeps_only_the_stored_weight_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x).sum().backward()
     weight_sized = [t for t in saved if t.numel() == layer.base_layer.weight.numel()]
-    assert weight_sized and all(
-        t.data_ptr() == layer.base_layer.weight.data_ptr() for t in weight_sized
-    )
+    assert weight_sized and all(t.data_ptr() == layer.base_layer.weight.data_ptr() for t in weight_sized)
 
 
 CASES = [
@@ -158,9 +156,7 @@ def test_small_inputs_take_the_torch_path(monkeypatch):
     monkeypatch.setattr(bsm_lora, "MIN_ROWS", 8)
     calls = []
     real = layer_module.base_and_lora_a
-    monkeypatch.setattr(
-        layer_module, "base_and_lora_a", lambda *a: calls.append(1) or real(*a)
-    )
+    monkeypatch.setattr(layer_module, "base_and_lora_a", lambda *a: calls.append(1) or real(*a))
     ref, got = _pair()
     for rows, bundled in [(7, 0), (8, 1)]:
         x = torch.randn(rows, 48)
@@ -169,9 +165,7 @@ def test_small_inputs_take_the_torch_path(monkeypatch):
 
 
 def test_unknown_matmul_is_refused():
-    with pytest.raises(
-        LoraError, match=r"matmul must be one of \('torch', 'bsm'\), got 'cuda'"
-    ):
+    with pytest.raises(LoraError, match=r"matmul must be one of \('torch', 'bsm'\), got 'cuda'"):
         LoraLinear(nn.Linear(4, 4), matmul="cuda")
 
 
@@ -179,9 +173,7 @@ def test_non_cpu_input_is_refused():
     pytest.importorskip("llm_bsm_kernel")
     # a lazy part's placeholder weight: not on the CPU
     layer = LoraLinear(nn.Linear(4, 4, device="meta"), r=2, matmul="bsm")
-    with pytest.raises(
-        LoraError, match=r"computes on CPU only.*meta.*set matmul='torch'"
-    ):
+    with pytest.raises(LoraError, match=r"computes on CPU only.*meta.*set matmul='torch'"):
         layer(torch.randn(2, 4, device="meta"))
 
 

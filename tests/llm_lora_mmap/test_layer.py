@@ -48,7 +48,9 @@ def test_base_is_frozen_and_adapters_follow_the_base_device():
 @pytest.mark.parametrize("rslora", [False, True])
 def test_output_equals_peft_lora_linear(dtype, rslora):
     ours = LoraLinear(_base(dtype=dtype), r=4, lora_alpha=12, use_rslora=rslora, init_lora_weights=False)  # random B
-    ref = get_peft_model(nn.Sequential(_base(dtype=dtype)), LoraConfig(r=4, lora_alpha=12, use_rslora=rslora, target_modules=["0"]))
+    ref = get_peft_model(
+        nn.Sequential(_base(dtype=dtype)), LoraConfig(r=4, lora_alpha=12, use_rslora=rslora, target_modules=["0"])
+    )
     layer = ref.base_model.model[0]
     assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT upcasts adapters (autocast_adapter_dtype)
     with torch.no_grad():
@@ -100,7 +102,10 @@ def test_mixed_dtype_keeps_only_the_stored_weight_for_backward():
     for t in weight_sized:
         assert t.dtype == torch.bfloat16 and t.data_ptr() == base.weight.data_ptr()
     out.sum().backward()
-    want = torch.ones(3, 96) @ base.weight.float() + (torch.ones(3, 96) @ layer.lora_B.weight @ layer.lora_A.weight) * layer.scaling
+    want = (
+        torch.ones(3, 96) @ base.weight.float()
+        + (torch.ones(3, 96) @ layer.lora_B.weight @ layer.lora_A.weight) * layer.scaling
+    )
     torch.testing.assert_close(x.grad, want)
     assert base.weight.grad is None
 

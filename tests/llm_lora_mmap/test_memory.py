@@ -15,15 +15,26 @@ import torch
 
 import llm_sepweight as sw
 
-H, I, LAYERS, VOCAB = 512, 1536, 4, 1024  # 13 MB of fp32 weights per layer; LoRA r=8 on all 7: 0.3 MB
+H, I, LAYERS, VOCAB = 512, 1536, 4, 1024  # 13 MB of fp32 weights per layer; LoRA r=8 on all 7: 0.3 MB  # noqa: E741
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mem") / "sep"
-    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": H, "intermediate_size": I,
-           "num_hidden_layers": LAYERS, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": VOCAB,
-           "tie_word_embeddings": False, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 512}
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": H,
+        "intermediate_size": I,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "tie_word_embeddings": False,
+        "rope_theta": 1e6,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 512,
+    }
     g = torch.Generator().manual_seed(0)
 
     def r(*shape):
@@ -33,11 +44,23 @@ def folder(tmp_path_factory) -> Path:
     w = sw.SepweightWriter(root, cfg, fsync=False)
     w.write("begin", {"embed_tokens.weight": r(VOCAB, H)})
     for i in range(LAYERS):
-        w.write(i, {"self_attn.q_proj.weight": r(H, H), "self_attn.q_proj.bias": r(H),
-                    "self_attn.k_proj.weight": r(kv, H), "self_attn.k_proj.bias": r(kv),
-                    "self_attn.v_proj.weight": r(kv, H), "self_attn.v_proj.bias": r(kv),
-                    "self_attn.o_proj.weight": r(H, H), "mlp.gate_proj.weight": r(I, H), "mlp.up_proj.weight": r(I, H),
-                    "mlp.down_proj.weight": r(H, I), "input_layernorm.weight": 1 + r(H), "post_attention_layernorm.weight": 1 + r(H)})
+        w.write(
+            i,
+            {
+                "self_attn.q_proj.weight": r(H, H),
+                "self_attn.q_proj.bias": r(H),
+                "self_attn.k_proj.weight": r(kv, H),
+                "self_attn.k_proj.bias": r(kv),
+                "self_attn.v_proj.weight": r(kv, H),
+                "self_attn.v_proj.bias": r(kv),
+                "self_attn.o_proj.weight": r(H, H),
+                "mlp.gate_proj.weight": r(I, H),
+                "mlp.up_proj.weight": r(I, H),
+                "mlp.down_proj.weight": r(H, I),
+                "input_layernorm.weight": 1 + r(H),
+                "post_attention_layernorm.weight": 1 + r(H),
+            },
+        )
     w.write("end", {"norm.weight": 1 + r(H), "lm_head.weight": r(VOCAB, H)})
     w.finish()
     return root

@@ -107,7 +107,9 @@ def test_part_folder_merges_its_share(sep, tmp_path):
     load_adapter(unmerged, tmp_path / "ad", strict=False)
     tokens = ids(seed=32)
     with torch.no_grad():
-        torch.testing.assert_close(load_part(tmp_path / "merged", "b 0-2")(tokens), unmerged(tokens), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            load_part(tmp_path / "merged", "b 0-2")(tokens), unmerged(tokens), atol=1e-5, rtol=1e-4
+        )
     with pytest.raises(LoraError, match="hf_out needs the whole model"):
         merge_adapter(tmp_path / "first", tmp_path / "ad", tmp_path / "m2", hf_out=tmp_path / "hf", strict=False)
 

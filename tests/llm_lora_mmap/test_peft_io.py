@@ -28,21 +28,47 @@ def test_saved_files_are_peft_layout(sep, tmp_path):
     save_adapter(part, tmp_path / "ad", base_model_name_or_path="tiny-qwen2")
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert {k: cfg[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias",
-                                "target_modules", "base_model_name_or_path")} == {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 16, "lora_dropout": 0.05,
-        "use_rslora": False, "bias": "none", "target_modules": ["down_proj", "q_proj"], "base_model_name_or_path": "tiny-qwen2"}
+    assert {
+        k: cfg[k]
+        for k in (
+            "peft_type",
+            "task_type",
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "use_rslora",
+            "bias",
+            "target_modules",
+            "base_model_name_or_path",
+        )
+    } == {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 4,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "use_rslora": False,
+        "bias": "none",
+        "target_modules": ["down_proj", "q_proj"],
+        "base_model_name_or_path": "tiny-qwen2",
+    }
     with safe_open(tmp_path / "ad" / "adapter_model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert f.metadata() == {"format": "pt"}
         assert f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").shape == (4, 64)
         assert f.get_tensor("base_model.model.model.layers.2.mlp.down_proj.lora_B.weight").shape == (64, 4)
         assert {f.get_tensor(k).dtype for k in keys} == {torch.float32}  # bf16 adapters are saved as fp32, as PEFT
-    assert keys == {f"base_model.model.model.layers.{i}.{m}.lora_{ab}.weight"
-                    for i in range(3) for m in ("self_attn.q_proj", "mlp.down_proj") for ab in "AB"}
+    assert keys == {
+        f"base_model.model.model.layers.{i}.{m}.lora_{ab}.weight"
+        for i in range(3)
+        for m in ("self_attn.q_proj", "mlp.down_proj")
+        for ab in "AB"
+    }
 
 
-@pytest.mark.parametrize(("name", "targets", "rslora"), [("qwen2", ALL7, False), ("qwen3_tied_sharded", ["q_proj", "v_proj"], True)])
+@pytest.mark.parametrize(
+    ("name", "targets", "rslora"), [("qwen2", ALL7, False), ("qwen3_tied_sharded", ["q_proj", "v_proj"], True)]
+)
 def test_our_adapter_loads_in_peft_with_the_same_logits(sep, tmp_path, name, targets, rslora):
     path, ckpt = sep(name)
     part = load_part(path, "f")

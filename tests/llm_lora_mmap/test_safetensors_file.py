@@ -49,8 +49,14 @@ def _file(header: bytes, data: bytes = b"") -> bytes:
         (b"\x01\x00", r"2 bytes, shorter than the 8-byte header length"),
         (b"\xff\x00\x00\x00\x00\x00\x00\x00{}", r"header length 255 exceeds the file's 10 bytes"),
         (_file(b"[]"), r"header is not a JSON object"),
-        (_file(b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b"1234"), r"tensor 'a': data_offsets \[0, 8\] do not hold \[2\] F32"),
-        (_file(b'{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}', b"12345678"), r"tensor 'a': data_offsets \[0, 8\] do not hold \[3\] F32"),
+        (
+            _file(b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b"1234"),
+            r"tensor 'a': data_offsets \[0, 8\] do not hold \[2\] F32",
+        ),
+        (
+            _file(b'{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}', b"12345678"),
+            r"tensor 'a': data_offsets \[0, 8\] do not hold \[3\] F32",
+        ),
         (_file(b'{"a":{"dtype":"Q9","shape":[],"data_offsets":[0,0]}}'), r"entry 'a' is malformed"),
     ],
 )

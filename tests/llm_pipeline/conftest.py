@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-
 WORKER = Path(__file__).with_name("pipeline_worker.py")
-
 
 
 @dataclass
@@ -29,9 +27,7 @@ class Rank:
     def error(self) -> dict:
         """The JSON line a failed worker printed: {"error", "type", "at"}."""
         lines = [ln for ln in self.stdout.splitlines() if ln.startswith("{")]
-        assert lines, (
-            f"rank {self.rank} printed no error (rc {self.returncode}):\n{self.stderr[-3000:]}"
-        )
+        assert lines, f"rank {self.rank} printed no error (rc {self.returncode}):\n{self.stderr[-3000:]}"
         return json.loads(lines[-1])
 
 
@@ -53,9 +49,7 @@ def launch(tmp_path_factory):
     logs = tmp_path_factory.mktemp("ranks")
     count = [0]
 
-    def run(
-        zygote, world: int, args, ranks=None, stuck=(), wait: float = 60.0
-    ) -> list[Rank]:
+    def run(zygote, world: int, args, ranks=None, stuck=(), wait: float = 60.0) -> list[Rank]:
         count[0] += 1
         prefix = logs / f"launch{count[0]}"
         ranks = list(range(world) if ranks is None else ranks)
@@ -83,9 +77,7 @@ def launch(tmp_path_factory):
             text = {s: Path(f"{prefix}.{r}.{s}").read_text() for s in ("out", "err")}
             out.append(Rank(r, reply["codes"][str(r)], text["out"], text["err"]))
         late = [r for r in reply["killed"] if r not in stuck]
-        assert not late, f"ranks {late} did not finish in {wait} s:\n" + "\n".join(
-            o.stderr[-2000:] for o in out
-        )
+        assert not late, f"ranks {late} did not finish in {wait} s:\n" + "\n".join(o.stderr[-2000:] for o in out)
         return out
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

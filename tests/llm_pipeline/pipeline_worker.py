@@ -47,9 +47,7 @@ def equivalence(stage, out: str) -> None:
         for m in (1, 2, 5):
             pipe.micro_batches = m
             res[f"logits_m{m}"] = pipe(ids, attention_mask=mask)
-            res[f"greedy_m{m}"] = generate(
-                pipe, ids, 10, attention_mask=mask, temperature=0
-            )
+            res[f"greedy_m{m}"] = generate(pipe, ids, 10, attention_mask=mask, temperature=0)
         pipe.micro_batches = 2
         res["sampled"] = generate(
             pipe,
@@ -63,9 +61,7 @@ def equivalence(stage, out: str) -> None:
         # scoring crops the caches back to the prompt; 20-token continuations exceed a
         # sliding-window ring's rollback room, so every stage's cache is rebuilt by a replay
         conts = [list(range(10, 30)), [7, 8], list(range(40, 60))]
-        res["scores"] = [
-            s.token_logprobs for s in score(CachedForward(pipe), ids[0].tolist(), conts)
-        ]
+        res["scores"] = [s.token_logprobs for s in score(CachedForward(pipe), ids[0].tolist(), conts)]
         # a failure on rank 0's own part (token id >= vocab in micro-batch 1) and one
         # injected on rank 1: both raised here, and the pipeline keeps working
         bad = ids.clone()
@@ -124,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         def never_loads(*a, **kw):
             time.sleep(600)
 
-        llm_pipeline.stage.load_part = (
-            never_loads  # the victim joins but never loads its part
-        )
+        llm_pipeline.stage.load_part = never_loads  # the victim joins but never loads its part
     try:
         stage = load_stage(
             args.model,
@@ -150,9 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             kill_or_hang(stage, args.scenario, args.victim, args.out)
         stage.close()
     except (PipelineError, ValueError) as e:
-        print(
-            json.dumps({"error": str(e), "type": type(e).__name__, "at": time.time()})
-        )
+        print(json.dumps({"error": str(e), "type": type(e).__name__, "at": time.time()}))
         sys.exit(3)
 
 

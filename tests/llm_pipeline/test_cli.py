@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from llm_pipeline.cli import main
 
 from llm_lazy_qwen import IncrementalPart, load_part
+from llm_pipeline.cli import main
 from llm_sampler import CachedForward, pad_left, sample
 
 
@@ -40,9 +40,7 @@ def test_torchrun_generate_equals_single_process(sep, tmp_path):
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [
-        json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")
-    ]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["prompt_ids"] for r in rows] == prompts
     ids, mask = pad_left(prompts, pad_token_id=0)
     with torch.no_grad():
@@ -109,9 +107,6 @@ def test_bad_input_is_one_clear_line(sep, monkeypatch, capsys, argv, match):
 
 def test_split_prints_the_automatic_split(sep, capsys):
     path, _ = sep("qwen2")
-    assert (
-        main(["split", "--model", str(path), "--stages", "2", "--balance", "layers"])
-        == 0
-    )
+    assert main(["split", "--model", str(path), "--stages", "2", "--balance", "layers"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("stage 0: b 0-2  (") and out[-1] == "b 0-2,2 e"

@@ -27,9 +27,7 @@ def run(request, sep, launch, tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "result.pt"
     ranks = launch(world, ["equivalence", str(path), parts, str(out), *extra])
     for r in ranks:
-        assert r.returncode == 0, (
-            f"rank {r.rank} failed:\n{r.stdout}\n{r.stderr[-3000:]}"
-        )
+        assert r.returncode == 0, f"rank {r.rank} failed:\n{r.stdout}\n{r.stderr[-3000:]}"
     return torch.load(out), path, ckpt
 
 
@@ -50,9 +48,7 @@ def test_logits_equal_single_process(run):
         want = load_part(path)(res["ids"], attention_mask=res["mask"])
         hf = ckpt.model(res["ids"], attention_mask=res["mask"]).logits
     torch.testing.assert_close(res["logits_m1"], want, **FP32)
-    real = res[
-        "mask"
-    ].bool()  # transformers' logits at padding positions are not comparable
+    real = res["mask"].bool()  # transformers' logits at padding positions are not comparable
     torch.testing.assert_close(res["logits_m1"][real], hf[real], atol=1e-4, rtol=1e-4)
 
 
@@ -66,9 +62,7 @@ def test_micro_batched_equals_unbatched(run, m):
 def test_greedy_equals_single_process_and_transformers(run):
     res, path, ckpt = run
     ids, mask = res["ids"], res["mask"]
-    assert torch.equal(
-        res["greedy_m1"], reference_sample(path, ids, mask, temperature=0)
-    )
+    assert torch.equal(res["greedy_m1"], reference_sample(path, ids, mask, temperature=0))
     hf = ckpt.model.generate(
         ids,
         attention_mask=mask,
@@ -114,8 +108,5 @@ def test_scores_after_crops_equal_single_process(run):
 def test_stage_errors_are_raised_on_rank0_and_the_pipeline_survives(run):
     res, _, _ = run
     assert "token ids must be in [0, vocab_size=384)" in res["own_error"]
-    assert (
-        "rank 1 (stage 1 of" in res["stage_error"]
-        and "ValueError: injected failure" in res["stage_error"]
-    )
+    assert "rank 1 (stage 1 of" in res["stage_error"] and "ValueError: injected failure" in res["stage_error"]
     torch.testing.assert_close(res["after_errors"], res["logits_m1"], **FP32)

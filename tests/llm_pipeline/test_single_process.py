@@ -22,9 +22,7 @@ def test_logits_and_generation_equal_the_model(sep, local):
     stage = load_stage(path)
     with torch.no_grad():
         want = load_part(path)(ids)
-        want_new = sample(
-            CachedForward(IncrementalPart(load_part(path))), ids, 6, temperature=0
-        )
+        want_new = sample(CachedForward(IncrementalPart(load_part(path))), ids, 6, temperature=0)
     with Pipeline(stage, micro_batches=2) as pipe:
         torch.testing.assert_close(pipe(ids), want, **FP32)
         torch.testing.assert_close(pipe(ids, logits_to_keep=2), want[:, -2:], **FP32)
@@ -56,9 +54,7 @@ def test_micro_batches_changed_mid_generation_keep_the_cached_split(sep, local):
             match="the caches hold 3 rows, got 2; crop\\(0\\) to start a new batch",
         ):
             pipe.forward_incremental(nxt[:2], 5, None, 1)
-        with pytest.raises(
-            ValueError, match="past_length=3 but the caches hold 5 positions"
-        ):
+        with pytest.raises(ValueError, match="past_length=3 but the caches hold 5 positions"):
             pipe.forward_incremental(nxt, 3, None, 1)
     pipe.close()
 
@@ -76,9 +72,7 @@ def test_a_failed_step_is_replayed_not_half_cached(sep, local):
             pipe.forward_incremental(torch.tensor([[1], [2], [999]]), 5, None, 1)
         nxt = torch.tensor([[1], [2], [3]])
         want = full.forward_incremental(nxt, 5, None, 1)
-        torch.testing.assert_close(
-            pipe.forward_incremental(nxt, 5, None, 1), want, **FP32
-        )
+        torch.testing.assert_close(pipe.forward_incremental(nxt, 5, None, 1), want, **FP32)
     pipe.close()
 
 

@@ -2,7 +2,6 @@
 Also the CPU share of a rank when several share a host."""
 
 import pytest
-from llm_pipeline.spec import part_sizes
 
 from llm_pipeline import (
     parse_stages,
@@ -10,6 +9,7 @@ from llm_pipeline import (
     split_layers,
     stage_specs,
 )
+from llm_pipeline.spec import part_sizes
 from llm_sepweight import SepWeights
 
 
@@ -76,9 +76,7 @@ def test_stage_specs_of_a_folder(sep):
     assert len(sizes) == 5 and sum(sizes) > 0
     assert names(stage_specs("auto", 2, source, balance="layers")) == ["b 0-2", "2 e"]
     assert names(stage_specs("b 0-1, 1-3 e", 2, source)) == ["b 0", "1-3 e"]
-    with pytest.raises(
-        ValueError, match=r"2 stage specs .* for 3 ranks; give one spec per rank"
-    ):
+    with pytest.raises(ValueError, match=r"2 stage specs .* for 3 ranks; give one spec per rank"):
         stage_specs("b 0-1,1-3 e", 3, source)
     with pytest.raises(ValueError, match=r"cannot split 3 layers into 4 stages"):
         stage_specs("auto", 4, source, balance="layers")

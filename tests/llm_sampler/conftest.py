@@ -12,9 +12,7 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 VOCAB = 100
 
 
-def build_qwen2(
-    seed: int, num_hidden_layers: int = 2, vocab_size: int = VOCAB
-) -> Qwen2ForCausalLM:
+def build_qwen2(seed: int, num_hidden_layers: int = 2, vocab_size: int = VOCAB) -> Qwen2ForCausalLM:
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=32,

@@ -18,9 +18,7 @@ VOCAB = 8
 
 
 def good_forward(ids: torch.Tensor) -> torch.Tensor:
-    return torch.randn(
-        ids.shape[0], ids.shape[1], VOCAB, generator=torch.Generator().manual_seed(0)
-    )
+    return torch.randn(ids.shape[0], ids.shape[1], VOCAB, generator=torch.Generator().manual_seed(0))
 
 
 PROMPT = torch.tensor([[1, 2, 3]])
@@ -133,9 +131,7 @@ def test_padding_needs_a_forward_that_takes_the_mask() -> None:
     ):
         sample(good_forward, ids, 3, attention_mask=mask)
 
-    def masked_forward(
-        ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def masked_forward(ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return good_forward(ids)
 
     assert sample(masked_forward, ids, 3, attention_mask=mask).shape == (2, 3)
@@ -213,9 +209,7 @@ def test_bad_scoring_input() -> None:
         match=r"continuations\[1\] must be a non-empty 1-D sequence of token ids",
     ):
         score(good_forward, [1], [[1], []])
-    with pytest.raises(
-        ValueError, match=r"continuations is empty; give at least one continuation"
-    ):
+    with pytest.raises(ValueError, match=r"continuations is empty; give at least one continuation"):
         multiple_choice(good_forward, [1], [])
     with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
         score(good_forward, [1], [[1]], batch_size=0)
@@ -227,9 +221,7 @@ def test_bad_scoring_input() -> None:
 
 
 def test_bad_speculative_input() -> None:
-    with pytest.raises(
-        ValueError, match=r"num_draft_tokens must be an integer >= 1, got 0"
-    ):
+    with pytest.raises(ValueError, match=r"num_draft_tokens must be an integer >= 1, got 0"):
         speculative_sample(good_forward, good_forward, PROMPT, 3, num_draft_tokens=0)
     with pytest.raises(
         ValueError,

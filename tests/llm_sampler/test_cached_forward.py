@@ -51,9 +51,7 @@ def test_outputs_equal_uncached_and_only_the_suffix_runs(qwen2) -> None:
     for ids, keep, expected_run in CALLS:
         before = cached.tokens_run
         got = cached(ids, logits_to_keep=keep)
-        torch.testing.assert_close(
-            got, _full(qwen2, ids)[:, -keep:], atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(got, _full(qwen2, ids)[:, -keep:], atol=1e-5, rtol=1e-5)
         assert cached.tokens_run - before == expected_run, ids.tolist()
 
 
@@ -62,9 +60,7 @@ def test_left_padded_batch_equals_uncached(qwen2) -> None:
     ids, mask = pad_left([[5, 6, 7, 8], [9, 10]], 0)
     for step in range(3):
         got = cached(ids, attention_mask=mask, logits_to_keep=1)
-        torch.testing.assert_close(
-            got, _full(qwen2, ids, mask)[:, -1:], atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(got, _full(qwen2, ids, mask)[:, -1:], atol=1e-5, rtol=1e-5)
         ids = torch.cat([ids, torch.tensor([[20 + step], [30 + step]])], 1)
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
     assert cached.tokens_run == 4 + 1 + 1
@@ -92,9 +88,7 @@ def test_scoring_reuses_the_prompt(qwen2) -> None:
     assert cached.tokens_run == len(prompt) - 1 + sum(len(c) for c in conts)
     uncached = score(lambda ids: qwen2(ids).logits, prompt, conts)
     for a, b in zip(got, uncached, strict=True):
-        torch.testing.assert_close(
-            a.token_logprobs, b.token_logprobs, atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=1e-5, rtol=1e-5)
 
 
 class Recorder:
@@ -105,9 +99,7 @@ class Recorder:
         self.calls: list[tuple[str, int]] = []
         self.fail_on = fail_on
 
-    def forward_incremental(
-        self, input_ids, past_length, attention_mask, logits_to_keep
-    ):
+    def forward_incremental(self, input_ids, past_length, attention_mask, logits_to_keep):
         assert past_length == self.length
         self.calls.append(("run", input_ids.shape[1]))
         if self.fail_on is not None and self.fail_on in input_ids:
@@ -115,9 +107,7 @@ class Recorder:
         self.length += input_ids.shape[1]
         positions = torch.arange(past_length, self.length)
         # (B, T_new, 8)
-        logits = (
-            torch.nn.functional.one_hot(input_ids % 8, 8).float() + positions[:, None]
-        )
+        logits = torch.nn.functional.one_hot(input_ids % 8, 8).float() + positions[:, None]
         return logits[:, -logits_to_keep:]
 
     def crop(self, length: int) -> None:
@@ -139,8 +129,7 @@ def test_protocol_calls_and_reset_on_error() -> None:
     out = cached(_ids([1, 2]), logits_to_keep=2)
     torch.testing.assert_close(
         out,
-        torch.nn.functional.one_hot(torch.tensor([[1, 2]]), 8).float()
-        + torch.tensor([[[0.0], [1.0]]]),
+        torch.nn.functional.one_hot(torch.tensor([[1, 2]]), 8).float() + torch.tensor([[[0.0], [1.0]]]),
     )
 
 

@@ -108,9 +108,7 @@ def test_warper_equals_transformers(ours, theirs, ties: bool) -> None:
     for seed in range(5):
         logits = _random_logits(seed, ties)
         ids = torch.zeros(6, 1, dtype=torch.long)
-        torch.testing.assert_close(
-            ours(logits), theirs(ids, logits.clone()), rtol=0, atol=0
-        )
+        torch.testing.assert_close(ours(logits), theirs(ids, logits.clone()), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])
@@ -121,9 +119,7 @@ def test_repetition_penalty_equals_transformers(penalty: float) -> None:
         gen = torch.Generator().manual_seed(seed)
         context = torch.randint(0, 40, (6, 12), generator=gen)
         expected = RepetitionPenaltyLogitsProcessor(penalty)(context, logits.clone())
-        torch.testing.assert_close(
-            apply_repetition_penalty(logits, context, penalty), expected, rtol=0, atol=0
-        )
+        torch.testing.assert_close(apply_repetition_penalty(logits, context, penalty), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -157,13 +153,9 @@ def test_process_logits_equals_transformers_chain(settings: dict) -> None:
     params = SamplingParams(**settings)
     for seed in range(5):
         logits = _random_logits(seed, ties=seed % 2 == 1)
-        context = torch.randint(
-            0, 40, (6, 9), generator=torch.Generator().manual_seed(seed)
-        )
+        context = torch.randint(0, 40, (6, 9), generator=torch.Generator().manual_seed(seed))
         expected = LogitsProcessorList(chain)(context, logits.clone())
-        torch.testing.assert_close(
-            process_logits(logits, params, context), expected, rtol=0, atol=0
-        )
+        torch.testing.assert_close(process_logits(logits, params, context), expected, rtol=0, atol=0)
 
 
 def test_order_matters() -> None:

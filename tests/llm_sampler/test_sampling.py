@@ -30,9 +30,7 @@ SETTINGS = [
 
 
 def _prompt(seed: int, length: int = 7) -> torch.Tensor:
-    return torch.randint(
-        1, 100, (1, length), generator=torch.Generator().manual_seed(seed)
-    )
+    return torch.randint(1, 100, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _forwards(model):
@@ -48,36 +46,24 @@ def test_greedy_equals_generate(qwen2, hf_generate, kind: str) -> None:
     for seed in range(3):
         ids = _prompt(seed)
         expected = hf_generate(ids, 24)
-        assert (
-            sample(_forwards(qwen2)[kind], ids, 24, temperature=0).tolist()
-            == expected.tolist()
-        )
+        assert sample(_forwards(qwen2)[kind], ids, 24, temperature=0).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("kind", ["transformers_forward", "cached"])
-def test_greedy_left_padded_batch_equals_generate(
-    qwen2, hf_generate, kind: str
-) -> None:
-    ids, mask = pad_left(
-        [[5, 6, 7, 8, 9, 10, 11], [12, 3, 44], [40], [70, 71, 72, 73, 74, 75, 76]], 0
-    )
+def test_greedy_left_padded_batch_equals_generate(qwen2, hf_generate, kind: str) -> None:
+    ids, mask = pad_left([[5, 6, 7, 8, 9, 10, 11], [12, 3, 44], [40], [70, 71, 72, 73, 74, 75, 76]], 0)
     expected = hf_generate(ids, 16, mask)
     got = sample(_forwards(qwen2)[kind], ids, 16, temperature=0, attention_mask=mask)
     assert got.tolist() == expected.tolist()
     # each row equals that prompt run alone: padding does not leak into a row
     for row in range(ids.shape[0]):
         alone = ids[row, mask[row].bool()][None]
-        assert (
-            sample(_forwards(qwen2)[kind], alone, 16, temperature=0).tolist()
-            == got[row : row + 1].tolist()
-        )
+        assert sample(_forwards(qwen2)[kind], alone, 16, temperature=0).tolist() == got[row : row + 1].tolist()
 
 
 def test_stop_tokens_pad_finished_rows_like_generate(qwen2, hf_generate) -> None:
     ids, mask = pad_left([[5, 6, 7, 8, 9, 10, 11], [12, 3, 44], [40]], 0)
-    free = sample(
-        transformers_forward(qwen2), ids, 20, temperature=0, attention_mask=mask
-    )
+    free = sample(transformers_forward(qwen2), ids, 20, temperature=0, attention_mask=mask)
     # a token row 1 produces early; rows finish at different steps
     stop = int(free[1, 4])
     expected = hf_generate(ids, 20, mask, eos_token_id=[stop], pad_token_id=99)
@@ -110,10 +96,7 @@ def test_same_seed_same_tokens_as_generate(qwen2, hf_generate, settings: dict) -
 
 def test_generator_makes_runs_reproducible(qwen2) -> None:
     forward = transformers_forward(qwen2)
-    runs = [
-        sample(forward, _prompt(0), 12, generator=torch.Generator().manual_seed(7))
-        for _ in range(2)
-    ]
+    runs = [sample(forward, _prompt(0), 12, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert runs[0].tolist() == runs[1].tolist()
     other = sample(forward, _prompt(0), 12, generator=torch.Generator().manual_seed(8))
     assert other.tolist() != runs[0].tolist()
@@ -131,9 +114,7 @@ def test_stream_yields_what_sample_returns(qwen2) -> None:
             generator=torch.Generator().manual_seed(3),
         )
     )
-    whole = sample(
-        forward, ids, 8, attention_mask=mask, generator=torch.Generator().manual_seed(3)
-    )
+    whole = sample(forward, ids, 8, attention_mask=mask, generator=torch.Generator().manual_seed(3))
     assert [s.shape for s in steps] == [torch.Size([2])] * 8
     assert torch.stack(steps, 1).tolist() == whole.tolist()
 
@@ -162,9 +143,7 @@ def test_stops_early_when_every_row_stopped() -> None:
 
 
 @pytest.mark.parametrize("settings", [*SETTINGS, {"temperature": 1.0}])
-def test_token_frequencies_match_processed_distribution(
-    settings: dict, chi_square_critical
-) -> None:
+def test_token_frequencies_match_processed_distribution(settings: dict, chi_square_critical) -> None:
     vocab, draws = 12, 20_000
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * 1.5
     prompt = torch.tensor([[1, 2, 2, 7]])
@@ -184,7 +163,5 @@ def test_token_frequencies_match_processed_distribution(
     counts = torch.bincount(tokens[:, 0], minlength=vocab).double()
     kept = expected > 0
     assert counts[~kept].sum() == 0, "a filtered token was sampled"
-    statistic = float(
-        ((counts[kept] - draws * expected[kept]) ** 2 / (draws * expected[kept])).sum()
-    )
+    statistic = float(((counts[kept] - draws * expected[kept]) ** 2 / (draws * expected[kept])).sum())
     assert statistic < chi_square_critical(int(kept.sum()) - 1), statistic

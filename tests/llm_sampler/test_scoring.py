@@ -22,11 +22,7 @@ def _direct(model, prompt: list[int], cont: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("batch_size", [1, 2, 4])
 @pytest.mark.parametrize("cached", [False, True])
 def test_scores_equal_direct_log_softmax(qwen2, batch_size: int, cached: bool) -> None:
-    forward = (
-        CachedForward(TransformersIncremental(qwen2))
-        if cached
-        else (lambda ids: qwen2(ids).logits)
-    )
+    forward = CachedForward(TransformersIncremental(qwen2)) if cached else (lambda ids: qwen2(ids).logits)
     scores = score(forward, PROMPT, CONTINUATIONS, batch_size=batch_size)
     for cont, got in zip(CONTINUATIONS, scores, strict=True):
         expected = _direct(qwen2, PROMPT, cont)
@@ -59,9 +55,7 @@ def test_padding_and_batch_neighbours_never_change_a_score() -> None:
         return torch.sin(prefix[..., None] * torch.arange(1, vocab + 1).float())
 
     alone = score(forward, [1, 2], [[3, 4, 5]])[0]
-    batched = score(
-        forward, [1, 2], [[9], [3, 4, 5], [6, 6, 6, 6, 6, 6]], batch_size=3
-    )[1]
+    batched = score(forward, [1, 2], [[9], [3, 4, 5], [6, 6, 6, 6, 6, 6]], batch_size=3)[1]
     assert torch.equal(alone.token_logprobs, batched.token_logprobs)
     assert alone.token_logprobs.shape == (3,)
 
@@ -74,9 +68,7 @@ def test_forward_returning_only_the_last_positions_is_enough() -> None:
 
     got = score(forward, [1, 2], [[2, 2], [3]])
     assert got[0].is_greedy and not got[1].is_greedy
-    assert got[0].logprob == pytest.approx(
-        2 * float(torch.tensor([1.0, 0, 0, 0]).log_softmax(0)[0])
-    )
+    assert got[0].logprob == pytest.approx(2 * float(torch.tensor([1.0, 0, 0, 0]).log_softmax(0)[0]))
 
 
 def test_multiple_choice_sum_versus_length_normalised() -> None:

@@ -33,17 +33,13 @@ def _forward(table: torch.Tensor):
     return forward
 
 
-def _exact_distribution(
-    table: torch.Tensor, prompt: list[int], length: int, params: SamplingParams
-) -> dict:
+def _exact_distribution(table: torch.Tensor, prompt: list[int], length: int, params: SamplingParams) -> dict:
     """P(x_1..x_n) under the target with processing, by enumeration (the penalty sees each prefix)."""
     probs = {}
     for seq in itertools.product(range(VOCAB), repeat=length):
         p, context = 1.0, list(prompt)
         for token in seq:
-            scores = process_logits(
-                table[context[-1]][None], params, torch.tensor([context])
-            )
+            scores = process_logits(table[context[-1]][None], params, torch.tensor([context]))
             p *= float(scores.softmax(-1)[0, token])
             context.append(token)
         probs[seq] = p
@@ -57,9 +53,7 @@ def _exact_distribution(
         ({"temperature": 0.8, "top_k": 3, "repetition_penalty": 1.5}, 3),
     ],
 )
-def test_output_distribution_equals_target(
-    settings: dict, num_draft: int, chi_square_critical
-) -> None:
+def test_output_distribution_equals_target(settings: dict, num_draft: int, chi_square_critical) -> None:
     target, draft = _bigram(0, 1.5), _bigram(1, 1.5)  # unrelated: plenty of rejections
     prompt, length, runs = [1], 3, 3000
     expected = _exact_distribution(target, prompt, length, SamplingParams(**settings))
@@ -83,9 +77,7 @@ def test_output_distribution_equals_target(
     assert 0.2 < accepted / proposed < 0.9
     assert sum(c for seq, c in counts.items() if expected[seq] == 0) == 0
     cells = [seq for seq in expected if expected[seq] > 0]
-    statistic = sum(
-        (counts[s] - runs * expected[s]) ** 2 / (runs * expected[s]) for s in cells
-    )
+    statistic = sum((counts[s] - runs * expected[s]) ** 2 / (runs * expected[s]) for s in cells)
     assert statistic < chi_square_critical(len(cells) - 1), statistic
 
 
@@ -94,15 +86,11 @@ def test_draft_distribution_would_fail_the_same_test(chi_square_critical) -> Non
     target, draft = _bigram(0, 1.5), _bigram(1, 1.5)
     expected = _exact_distribution(target, [1], 3, SamplingParams())
     gen = torch.Generator().manual_seed(0)
-    tokens = sample(
-        _forward(draft), torch.tensor([[1]]).expand(3000, 1), 3, generator=gen
-    )
+    tokens = sample(_forward(draft), torch.tensor([[1]]).expand(3000, 1), 3, generator=gen)
     counts = dict.fromkeys(expected, 0)
     for row in tokens.tolist():
         counts[tuple(row)] += 1
-    statistic = sum(
-        (counts[s] - 3000 * p) ** 2 / (3000 * p) for s, p in expected.items()
-    )
+    statistic = sum((counts[s] - 3000 * p) ** 2 / (3000 * p) for s, p in expected.items())
     assert statistic > chi_square_critical(len(expected) - 1)
 
 
@@ -123,9 +111,7 @@ def test_greedy_equals_target_greedy(qwen2, noisy_draft, num_draft: int) -> None
     expected = sample(lambda ids: qwen2(ids).logits, prompt, 30, temperature=0)
     target = CachedForward(TransformersIncremental(qwen2))
     draft = CachedForward(TransformersIncremental(noisy_draft))
-    out = speculative_sample(
-        target, draft, prompt, 30, num_draft_tokens=num_draft, temperature=0
-    )
+    out = speculative_sample(target, draft, prompt, 30, num_draft_tokens=num_draft, temperature=0)
     assert out.tokens.tolist() == expected.tolist()
     stats = out.stats
     assert 0 < stats.accepted < stats.proposed
@@ -154,9 +140,7 @@ def test_identical_draft_is_always_accepted(qwen2) -> None:
 def test_stop_token_ends_generation() -> None:
     table = torch.full((VOCAB, VOCAB), -5.0)
     table[:, 2] = 5.0  # token 2 is almost certain everywhere
-    out = speculative_sample(
-        _forward(table), _forward(table), [[1]], 10, stop_tokens=[2], temperature=0
-    )
+    out = speculative_sample(_forward(table), _forward(table), [[1]], 10, stop_tokens=[2], temperature=0)
     assert out.tokens.tolist() == [[2]]
 
 

@@ -68,18 +68,9 @@ def test_stream_text_yields_the_generated_text_without_the_stop_token() -> None:
     script = [*TEXT.encode(), 0]  # byte 0 is the stop token
 
     def forward(ids: torch.Tensor) -> torch.Tensor:  # greedy follows the script
-        return (
-            torch.nn.functional.one_hot(
-                torch.tensor([[script[ids.shape[1]]]]), 256
-            ).float()
-            * 10
-        )
+        return torch.nn.functional.one_hot(torch.tensor([[script[ids.shape[1]]]]), 256).float() * 10
 
-    chunks = list(
-        stream_text(
-            forward, [script[0]], ByteDecoder(), 100, temperature=0, stop_tokens=[0]
-        )
-    )
+    chunks = list(stream_text(forward, [script[0]], ByteDecoder(), 100, temperature=0, stop_tokens=[0]))
     assert TEXT[0] + "".join(chunks) == TEXT
     assert all("\ufffd" not in c for c in chunks)
 
@@ -93,9 +84,7 @@ def test_stream_text_is_batch_one() -> None:
 
 
 def test_stream_text_needs_a_decoder() -> None:
-    with pytest.raises(
-        TypeError, match=r"tokenizer must have a decode\(list\[int\]\) -> str method"
-    ):
+    with pytest.raises(TypeError, match=r"tokenizer must have a decode\(list\[int\]\) -> str method"):
         stream_text(lambda ids: ids, [[1]], object(), 3)  # type: ignore[arg-type]
 
 
@@ -108,9 +97,7 @@ def test_real_byte_level_bpe_tokenizer() -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=alphabet, show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(["hello world cafe naive size"] * 10, trainer)
     ids = tok.encode(TEXT).ids
     # "Gr" + the first byte of "ö": the tokenizer really splits characters

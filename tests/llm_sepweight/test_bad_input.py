@@ -37,7 +37,9 @@ def _shard(src, key="model.layers.1.mlp.up_proj.weight"):
 def test_truncated_source_data(single, tmp_path):
     f = single / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    with pytest.raises(sw.SepweightError, match=r"model\.safetensors: not a valid safetensors file \(data section truncated"):
+    with pytest.raises(
+        sw.SepweightError, match=r"model\.safetensors: not a valid safetensors file \(data section truncated"
+    ):
         sw.convert(single, tmp_path / "out", progress=False)
 
 
@@ -46,14 +48,18 @@ def test_corrupted_source_header(src, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[9:12] = b"\x00\xff\x00"
     shard.write_bytes(bytes(raw))
-    with pytest.raises(sw.SepweightError, match=rf"{shard.name}: not a valid safetensors file \(header is not valid JSON"):
+    with pytest.raises(
+        sw.SepweightError, match=rf"{shard.name}: not a valid safetensors file \(header is not valid JSON"
+    ):
         sw.convert(src, tmp_path / "out", progress=False)
 
 
 def test_missing_shard_named_in_index(src, tmp_path):
     shard = _shard(src)
     shard.unlink()
-    with pytest.raises(sw.SepweightError, match=rf"{shard.name}: shard named in model\.safetensors\.index\.json is missing"):
+    with pytest.raises(
+        sw.SepweightError, match=rf"{shard.name}: shard named in model\.safetensors\.index\.json is missing"
+    ):
         sw.convert(src, tmp_path / "out", progress=False)
 
 
@@ -62,7 +68,9 @@ def test_index_lies_about_a_shard(src, tmp_path):
     data = json.loads(index.read_text())
     data["weight_map"]["model.layers.1.mlp.up_proj.weight"] = _shard(src, "model.norm.weight").name
     index.write_text(json.dumps(data))
-    with pytest.raises(sw.SepweightError, match=r"says it holds 'model\.layers\.1\.mlp\.up_proj\.weight', but it does not"):
+    with pytest.raises(
+        sw.SepweightError, match=r"says it holds 'model\.layers\.1\.mlp\.up_proj\.weight', but it does not"
+    ):
         sw.convert(src, tmp_path / "out", progress=False)
 
 
@@ -72,7 +80,9 @@ def test_missing_layer_tensor(single, tmp_path):
     sd = load_file(str(single / "model.safetensors"))
     del sd["model.layers.2.mlp.down_proj.weight"]
     save_file(sd, str(single / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(sw.SepweightError, match=r"layer 2 has a different set of tensors than layer 0: \['mlp\.down_proj\.weight'\]"):
+    with pytest.raises(
+        sw.SepweightError, match=r"layer 2 has a different set of tensors than layer 0: \['mlp\.down_proj\.weight'\]"
+    ):
         sw.convert(single, tmp_path / "out", progress=False)
 
 
@@ -82,7 +92,9 @@ def test_untied_config_without_head(single, tmp_path):
     sd = load_file(str(single / "model.safetensors"))
     del sd["lm_head.weight"]
     save_file(sd, str(single / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(sw.SepweightError, match=r"no 'lm_head\.weight' but config\.json says tie_word_embeddings=false"):
+    with pytest.raises(
+        sw.SepweightError, match=r"no 'lm_head\.weight' but config\.json says tie_word_embeddings=false"
+    ):
         sw.convert(single, tmp_path / "out", progress=False)
 
 
@@ -92,7 +104,9 @@ def test_unknown_tensor_name(single, tmp_path):
     sd = load_file(str(single / "model.safetensors"))
     sd["transformer.h.0.attn.weight"] = sd["model.norm.weight"].clone()
     save_file(sd, str(single / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(sw.SepweightError, match=r"tensor 'transformer\.h\.0\.attn\.weight' is not part of the supported layout"):
+    with pytest.raises(
+        sw.SepweightError, match=r"tensor 'transformer\.h\.0\.attn\.weight' is not part of the supported layout"
+    ):
         sw.convert(single, tmp_path / "out", progress=False)
 
 
@@ -109,7 +123,9 @@ def test_unsupported_architecture(single, tmp_path):
     cfg = json.loads((single / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (single / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(sw.SepweightError, match=r"architecture \['GPT2LMHeadModel'\] is not supported; supported: \['Qwen2ForCausalLM'"):
+    with pytest.raises(
+        sw.SepweightError, match=r"architecture \['GPT2LMHeadModel'\] is not supported; supported: \['Qwen2ForCausalLM'"
+    ):
         sw.convert(single, tmp_path / "out", progress=False)
 
 
@@ -148,7 +164,9 @@ def test_bad_parts(single, tmp_path):
 
 def test_layer_file_missing_from_folder(sep):
     (sep / "mid.00001.safetensors").unlink()
-    with pytest.raises(sw.SepweightError, match=r"mid\.00001\.safetensors: listed in manifest\.json \(layer 1\) but missing"):
+    with pytest.raises(
+        sw.SepweightError, match=r"mid\.00001\.safetensors: listed in manifest\.json \(layer 1\) but missing"
+    ):
         sw.SepWeights(sep)
     report = sw.verify(sep)
     assert not report.ok and "mid.00001.safetensors: missing" in str(report)
@@ -157,7 +175,9 @@ def test_layer_file_missing_from_folder(sep):
 def test_truncated_part_file(sep):
     f = sep / "mid.00000.safetensors"
     f.write_bytes(f.read_bytes()[:-10])
-    with pytest.raises(sw.SepweightError, match=r"mid\.00000\.safetensors: \d+ bytes, manifest\.json says \d+; the file is truncated"):
+    with pytest.raises(
+        sw.SepweightError, match=r"mid\.00000\.safetensors: \d+ bytes, manifest\.json says \d+; the file is truncated"
+    ):
         sw.SepWeights(sep)
 
 
@@ -187,7 +207,10 @@ def test_header_does_not_match_manifest(sep):
     m = json.loads((sep / "manifest.json").read_text())
     m["files"]["mid.00000.safetensors"]["tensors"]["mlp.up_proj.weight"]["shape"] = [1, 2]
     (sep / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(sw.SepweightError, match=r"mid\.00000\.safetensors: tensors do not match manifest\.json .*different dtype/shape \['mlp\.up_proj\.weight'\]"):
+    with pytest.raises(
+        sw.SepweightError,
+        match=r"mid\.00000\.safetensors: tensors do not match manifest\.json .*different dtype/shape \['mlp\.up_proj\.weight'\]",
+    ):
         sw.SepWeights(sep).layer(0)
 
 

@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
+from qwen_fixtures import VARIANTS
 
 import llm_sepweight as sw
-
-from qwen_fixtures import VARIANTS
 
 ALL = list(VARIANTS)
 

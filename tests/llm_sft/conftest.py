@@ -8,10 +8,8 @@ import sys
 import pytest
 import torch
 
-
 # pytest runs with --import-mode=importlib: make sft_helpers.py importable from this directory's tests
 sys.path.insert(0, os.path.dirname(__file__))
-
 
 
 @pytest.fixture(autouse=True)

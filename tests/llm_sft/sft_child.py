@@ -49,15 +49,11 @@ def _train(cfg: dict) -> None:
     torch.manual_seed(cfg["seed"])
     part = load_part(cfg["sep"], "f", lazy=cfg["lazy"], prefetch=0, head_chunk_size=100)
     apply_lora(part, ALL7, r=4, lora_alpha=8, lora_dropout=cfg["dropout"])
-    randomize_adapters(
-        part, seed=rank
-    )  # ranks start different: sft broadcasts rank 0's values, as DDP does
+    randomize_adapters(part, seed=rank)  # ranks start different: sft broadcasts rank 0's values, as DDP does
     opt = torch.optim.AdamW(mark_only_lora_trainable(part), lr=cfg["lr"])
     lengths = [4 + (5 * i) % 11 for i in range(cfg["n"])]
     ds = SFTDataset(examples(lengths, prompt=3, seed=3), pad_id=0)
-    total = cfg["epochs"] * steps_per_epoch(
-        len(ds), cfg["batch_size"], cfg["grad_accum"], world
-    )
+    total = cfg["epochs"] * steps_per_epoch(len(ds), cfg["batch_size"], cfg["grad_accum"], world)
     sched = warmup_cosine(opt, 1, total)
 
     def callback(info):

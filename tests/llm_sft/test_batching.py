@@ -27,27 +27,16 @@ def test_pad_id_equal_to_the_end_token_is_still_trained_where_it_is_a_label():
 
 
 def test_batch_indices_cover_everything_once_and_repeat_per_seed_and_epoch():
-    lengths = torch.randint(
-        1, 100, (103,), generator=torch.Generator().manual_seed(0)
-    ).tolist()
+    lengths = torch.randint(1, 100, (103,), generator=torch.Generator().manual_seed(0)).tolist()
     a = batch_indices(lengths, 8, seed=1, epoch=0)
     assert sorted(i for b in a for i in b) == list(range(103))
     assert [len(b) for b in a].count(8) == 12 and min(len(b) for b in a) == 7
     assert a == batch_indices(lengths, 8, seed=1, epoch=0)
-    assert a != batch_indices(lengths, 8, seed=1, epoch=1) and a != batch_indices(
-        lengths, 8, seed=2, epoch=0
-    )
+    assert a != batch_indices(lengths, 8, seed=1, epoch=1) and a != batch_indices(lengths, 8, seed=2, epoch=0)
 
     def padding(batches):
-        return sum(
-            max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
-            for b in batches
-        )
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 
     plain = batch_indices(lengths, 8, seed=1, group_by_length=False)
-    assert (
-        padding(a) < padding(plain) / 4
-    )  # grouping by length saves most of the padding
-    assert batch_indices(lengths, 8, shuffle=False, group_by_length=False)[0] == list(
-        range(8)
-    )
+    assert padding(a) < padding(plain) / 4  # grouping by length saves most of the padding
+    assert batch_indices(lengths, 8, shuffle=False, group_by_length=False)[0] == list(range(8))

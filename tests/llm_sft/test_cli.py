@@ -7,10 +7,10 @@ import struct
 
 import pytest
 import torch
-from llm_sft.cli import main
 
 from llm_lazy_qwen import load_part
 from llm_lora_mmap import load_adapter
+from llm_sft.cli import main
 
 WORDS = [
     "the",
@@ -42,9 +42,7 @@ def _write_data(path, n, seed):
     g = torch.Generator().manual_seed(seed)
     with open(path, "w") as f:
         for _ in range(n):
-            pick = [
-                WORDS[int(i)] for i in torch.randint(0, len(WORDS), (8,), generator=g)
-            ]
+            pick = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (8,), generator=g)]
             f.write(
                 json.dumps(
                     {
@@ -57,9 +55,7 @@ def _write_data(path, n, seed):
             )
 
 
-def test_train_writes_a_peft_adapter_loss_log_and_curve(
-    qwen_checkpoints, tmp_path, capsys
-):
+def test_train_writes_a_peft_adapter_loss_log_and_curve(qwen_checkpoints, tmp_path, capsys):
     ckpt = qwen_checkpoints("qwen2")
     _write_data(tmp_path / "train.jsonl", 10, seed=0)
     _write_data(tmp_path / "val.jsonl", 3, seed=1)
@@ -96,10 +92,7 @@ def test_train_writes_a_peft_adapter_loss_log_and_curve(
         "2",
     ]
     assert main(args) == 0
-    assert (
-        "llm-sft: 10 examples (0 truncated, 0 dropped), 6 steps"
-        in capsys.readouterr().err
-    )
+    assert "llm-sft: 10 examples (0 truncated, 0 dropped), 6 steps" in capsys.readouterr().err
     for name in (
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -110,9 +103,7 @@ def test_train_writes_a_peft_adapter_loss_log_and_curve(
     ):
         assert (out / name).is_file(), name
     rows = _rows(out / "loss_log.csv")
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6] and float(
-        rows[-1]["loss"]
-    ) < float(rows[0]["loss"])
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6] and float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert [r["eval_loss"] != "" for r in rows] == [
         False,
         False,
@@ -121,9 +112,7 @@ def test_train_writes_a_peft_adapter_loss_log_and_curve(
         False,
         True,
     ]
-    assert json.loads((out / "loss_log.json").read_text())[2][
-        "eval_loss"
-    ] == pytest.approx(float(rows[2]["eval_loss"]))
+    assert json.loads((out / "loss_log.json").read_text())[2]["eval_loss"] == pytest.approx(float(rows[2]["eval_loss"]))
     png = (out / "loss_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (
         640,
@@ -140,12 +129,8 @@ def test_train_writes_a_peft_adapter_loss_log_and_curve(
     load_adapter(ours, out)
     ours.eval()  # after load_adapter: its new LoRA modules start in train mode (dropout on)
     with torch.no_grad():
-        torch.testing.assert_close(
-            ours(ids), peft_model(ids).logits, atol=1e-4, rtol=1e-4
-        )
-        assert not torch.allclose(
-            ours(ids), ckpt.model(ids).logits, atol=1e-3
-        )  # training changed something
+        torch.testing.assert_close(ours(ids), peft_model(ids).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(ours(ids), ckpt.model(ids).logits, atol=1e-3)  # training changed something
 
     assert (
         main([*args[:-2], "--save-every", "2", "--epochs", "2"]) == 0
@@ -171,7 +156,4 @@ def test_errors_are_one_line_and_exit_2(sep, tmp_path, capsys):
         == 2
     )
     err = capsys.readouterr().err
-    assert (
-        err.startswith("llm-sft: error: ")
-        and "column 'instruction' is missing in 1 of 1 records" in err
-    )
+    assert err.startswith("llm-sft: error: ") and "column 'instruction' is missing in 1 of 1 records" in err

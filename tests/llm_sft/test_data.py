@@ -16,9 +16,7 @@ QWEN_CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tok_dir(qwen_checkpoints):
-    return qwen_checkpoints(
-        "qwen2"
-    ).path  # tokenizer.json + tokenizer_config.json (eos <|im_end|>, pad <|endoftext|>)
+    return qwen_checkpoints("qwen2").path  # tokenizer.json + tokenizer_config.json (eos <|im_end|>, pad <|endoftext|>)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +49,7 @@ def test_chatml_against_hand_built_ids_and_qwen_chat_template(tok_dir, tok):
     ]
     answer = [*enc(tok, "Blue."), E]
     assert ds[0].input_ids == prompt + answer
-    assert (
-        ds[0].labels == [-100] * len(prompt) + answer
-    )  # the end token <|im_end|> is trained
+    assert ds[0].labels == [-100] * len(prompt) + answer  # the end token <|im_end|> is trained
     prompt = system + [
         S,
         *enc(tok, "user\nAdd them\n\n2 and 3"),
@@ -72,16 +68,14 @@ def test_chatml_against_hand_built_ids_and_qwen_chat_template(tok_dir, tok):
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Name a colour."},
     ]
-    want_prompt = hf.apply_chat_template(
-        messages, add_generation_prompt=True, chat_template=QWEN_CHAT_TEMPLATE
-    )["input_ids"]
+    want_prompt = hf.apply_chat_template(messages, add_generation_prompt=True, chat_template=QWEN_CHAT_TEMPLATE)[
+        "input_ids"
+    ]
     full = hf.apply_chat_template(
         [*messages, {"role": "assistant", "content": "Blue."}],
         chat_template=QWEN_CHAT_TEMPLATE,
     )["input_ids"]
-    assert (
-        ds[0].input_ids == want_prompt + answer == full[:-1]
-    )  # Qwen's template adds "\n" after <|im_end|>
+    assert ds[0].input_ids == want_prompt + answer == full[:-1]  # Qwen's template adds "\n" after <|im_end|>
 
 
 def test_alpaca_with_and_without_input(tok_dir, tok):
@@ -110,9 +104,7 @@ def test_alpaca_with_and_without_input(tok_dir, tok):
         prompt, answer = enc(tok, prompt_text), [*enc(tok, answer_text), eos]
         assert ex.input_ids == prompt + answer
         assert ex.labels == [-100] * len(prompt) + answer
-    other_end = prepare_dataset(
-        tok_dir, ["Say hi"], ["Hi!"], template="alpaca", end_token="<|endoftext|>"
-    )
+    other_end = prepare_dataset(tok_dir, ["Say hi"], ["Hi!"], template="alpaca", end_token="<|endoftext|>")
     assert other_end[0].input_ids[-1] == tok.token_to_id("<|endoftext|>")
 
 
@@ -130,14 +122,11 @@ def test_truncation_keeps_the_prompt_and_counts(tok_dir, tok):
         )
     messages = [str(w.message) for w in record]
     assert any(
-        "1 of 3 examples were dropped: their prompt alone fills max_seq_len" in m
-        and "rows [2]" in m
-        for m in messages
+        "1 of 3 examples were dropped: their prompt alone fills max_seq_len" in m and "rows [2]" in m for m in messages
     )
     cut = len(enc(tok, long_answer)) + 1 - 4
     assert any(
-        f"1 of 3 examples were truncated to max_seq_len={n_prompt + 4} ({cut} response tokens cut"
-        in m
+        f"1 of 3 examples were truncated to max_seq_len={n_prompt + 4} ({cut} response tokens cut" in m
         for m in messages
     )
     assert len(ds) == 2 and (
@@ -145,28 +134,20 @@ def test_truncation_keeps_the_prompt_and_counts(tok_dir, tok):
         ds.stats.dropped_too_long,
         ds.stats.response_tokens_cut,
     ) == (1, 1, cut)
-    assert (
-        len(ds[1]) == n_prompt + 4 and ds[1].labels[:n_prompt] == [-100] * n_prompt
-    )  # prompt kept whole
-    assert (
-        ds[1].input_ids[n_prompt:] == enc(tok, long_answer)[:4]
-    )  # the response's start, its end token lost
+    assert len(ds[1]) == n_prompt + 4 and ds[1].labels[:n_prompt] == [-100] * n_prompt  # prompt kept whole
+    assert ds[1].input_ids[n_prompt:] == enc(tok, long_answer)[:4]  # the response's start, its end token lost
     assert ds[0].input_ids == short[0].input_ids
 
 
 def test_bad_input_is_reported_with_counts(tok_dir, tok):
-    with pytest.raises(
-        TypeError, match=r"1 non-string response\(s\) \(int\) at rows \[1\]"
-    ):
+    with pytest.raises(TypeError, match=r"1 non-string response\(s\) \(int\) at rows \[1\]"):
         prepare_dataset(tok, ["a", "b"], ["x", 3])
     with pytest.raises(
         TypeError,
         match=r"2 non-string instruction\(s\) \(NoneType, list\) at rows \[0, 2\]",
     ):
         prepare_dataset(tok, [None, "b", ["c"]], ["x", "y", "z"])
-    with pytest.raises(
-        ValueError, match="same length; got 2 instructions, 1 responses"
-    ):
+    with pytest.raises(ValueError, match="same length; got 2 instructions, 1 responses"):
         prepare_dataset(tok, ["a", "b"], ["x"])
     with pytest.warns(
         DataWarning,
@@ -195,9 +176,7 @@ def test_tokenizer_without_the_template_tokens(tmp_path):
     plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     plain.train_from_iterator(
         ["hello world"] * 10,
-        trainers.BpeTrainer(
-            vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
+        trainers.BpeTrainer(vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
     )
     with pytest.raises(
         ValueError,
@@ -216,9 +195,7 @@ def test_readers_jsonl_json_csv(tmp_path, tok):
         {"instruction": "Add", "input": "1 2", "output": "3"},
     ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    (tmp_path / "d.json").write_text(
-        json.dumps(rows)
-    )  # yahma/alpaca-cleaned: one JSON array
+    (tmp_path / "d.json").write_text(json.dumps(rows))  # yahma/alpaca-cleaned: one JSON array
     (tmp_path / "d.csv").write_text("instruction,input,output\nSay hi,,Hi\nAdd,1 2,3\n")
     want = {
         "instructions": ["Say hi", "Add"],
@@ -228,9 +205,11 @@ def test_readers_jsonl_json_csv(tmp_path, tok):
     for name in ("d.jsonl", "d.json", "d.csv"):
         assert read_records(tmp_path / name) == want, name
     (tmp_path / "q.jsonl").write_text(json.dumps({"q": "Say hi", "a": "Hi"}) + "\n")
-    assert read_records(
-        tmp_path / "q.jsonl", instruction_column="q", output_column="a"
-    ) == {"instructions": ["Say hi"], "inputs": None, "responses": ["Hi"]}
+    assert read_records(tmp_path / "q.jsonl", instruction_column="q", output_column="a") == {
+        "instructions": ["Say hi"],
+        "inputs": None,
+        "responses": ["Hi"],
+    }
     assert len(prepare_dataset(tok, **read_records(tmp_path / "d.jsonl"))) == 2
 
 
@@ -249,9 +228,7 @@ def test_readers_report_missing_columns_and_bad_lines(tmp_path):
         match=r"column 'instruction' is missing in 1 of 1 records .* columns \['output', 'prompt'\]",
     ):
         read_records(tmp_path / "m.csv")
-    (tmp_path / "bad.jsonl").write_text(
-        '{"instruction": "a", "output": "x"}\n{"instruction": \n'
-    )
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "x"}\n{"instruction": \n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         read_records(tmp_path / "bad.jsonl")
     (tmp_path / "d.txt").write_text("x")

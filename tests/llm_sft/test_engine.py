@@ -55,9 +55,7 @@ def test_gradients_equal_full_graph_autograd(sep, load, dropout, train_norm):
     for m in (ref, part):
         m.model.norm.weight.requires_grad_(train_norm)
     torch.manual_seed(7)  # the dropout masks
-    want_loss = sum(
-        float(_backward(full_graph_loss_sum(ref, b), total)) for b in batches
-    )
+    want_loss = sum(float(_backward(full_graph_loss_sum(ref, b), total)) for b in batches)
     rng_after_reference = torch.get_rng_state()
 
     torch.manual_seed(7)
@@ -71,9 +69,7 @@ def test_gradients_equal_full_graph_autograd(sep, load, dropout, train_norm):
     assert len(want) == 2 * 7 * 3 + train_norm
     assert_grads_close(got, want)
     if load is not None:
-        assert part.get_submodule(
-            "model.layers.1.self_attn.q_proj.base_layer"
-        ).weight.is_meta  # released
+        assert part.get_submodule("model.layers.1.self_attn.q_proj.base_layer").weight.is_meta  # released
         part.close()
 
 
@@ -137,11 +133,7 @@ def test_accumulated_micro_batches_equal_peft_and_transformers_loss(sep):
     with torch.no_grad():
         for name, p in twin.named_parameters():
             if "lora_" in name:
-                p.copy_(
-                    ours[
-                        name.removeprefix("base_model.model.").replace(".default.", ".")
-                    ]
-                )
+                p.copy_(ours[name.removeprefix("base_model.model.").replace(".default.", ".")])
     twin.train()
     exs = examples((9, 6, 12, 5), seed=4)
     micro = [collate(exs[:2], pad_id=0), collate(exs[2:], pad_id=0)]
@@ -151,12 +143,8 @@ def test_accumulated_micro_batches_equal_peft_and_transformers_loss(sep):
 
     engine = LayerwiseEngine(part)
     torch.manual_seed(11)
-    loss_sum = sum(
-        engine.forward_backward(mb, normalizer=total).loss_sum for mb in micro
-    )
-    torch.manual_seed(
-        11
-    )  # PEFT's dropout draws the same masks in the same module order, one micro-batch at a time
+    loss_sum = sum(engine.forward_backward(mb, normalizer=total).loss_sum for mb in micro)
+    torch.manual_seed(11)  # PEFT's dropout draws the same masks in the same module order, one micro-batch at a time
     hf_loss = sum(
         twin(
             mb.input_ids,
@@ -173,12 +161,8 @@ def test_accumulated_micro_batches_equal_peft_and_transformers_loss(sep):
         part.eval(),
     )  # without dropout: == the mean over the target tokens of all rows in one batch
     with torch.no_grad():
-        whole_loss = twin(
-            whole.input_ids, attention_mask=whole.attention_mask, labels=whole.labels
-        ).loss
-    assert sum(engine.loss(mb).loss_sum for mb in micro) / total == pytest.approx(
-        float(whole_loss), rel=1e-6
-    )
+        whole_loss = twin(whole.input_ids, attention_mask=whole.attention_mask, labels=whole.labels).loss
+    assert sum(engine.loss(mb).loss_sum for mb in micro) / total == pytest.approx(float(whole_loss), rel=1e-6)
     want = {
         n.removeprefix("base_model.model.").replace(".default.", "."): p.grad
         for n, p in twin.named_parameters()
@@ -190,14 +174,10 @@ def test_accumulated_micro_batches_equal_peft_and_transformers_loss(sep):
 def test_chunked_cross_entropy_equals_cross_entropy():
     g = torch.Generator().manual_seed(0)
     N, H, V = 37, 16, 203
-    y = (
-        torch.randn(N, H, generator=g) * 3
-    ).requires_grad_()  # large logits: the online softmax must rescale
+    y = (torch.randn(N, H, generator=g) * 3).requires_grad_()  # large logits: the online softmax must rescale
     w = torch.randn(V, H, generator=g)
     t = torch.randint(0, V, (N,), generator=g)
-    t[:3] = torch.tensor(
-        [0, V - 1, 64]
-    )  # first and last vocabulary rows, a chunk border
+    t[:3] = torch.tensor([0, V - 1, 64])  # first and last vocabulary rows, a chunk border
     want = F.cross_entropy(y @ w.T, t, reduction="sum")
     want.backward()
     edges = [0, 64, 65, 150, V]  # uneven chunks, one of a single row
@@ -216,10 +196,7 @@ def test_eval_loss_equals_full_forward(sep):
     with torch.no_grad():
         want = full_graph_loss_sum(part, batch)
     out = LayerwiseEngine(part).loss(batch)
-    assert (
-        out.loss_sum == pytest.approx(float(want), rel=1e-6)
-        and out.n_targets == batch.n_targets
-    )
+    assert out.loss_sum == pytest.approx(float(want), rel=1e-6) and out.n_targets == batch.n_targets
 
 
 def test_refuses_what_it_cannot_train(sep):

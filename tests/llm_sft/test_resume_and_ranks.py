@@ -25,9 +25,7 @@ def _cmd(cfg):
 
 
 def _run(cfg, env=None, expect=0):
-    out = subprocess.run(
-        _cmd(cfg), check=False, capture_output=True, text=True, env=env, timeout=300
-    )
+    out = subprocess.run(_cmd(cfg), check=False, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == expect, out.stderr[-3000:]
     return out
 
@@ -81,21 +79,15 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(sep, tmp_path):
         expect=-signal.SIGKILL,
     )
     assert _step(ckpt) == killed_at + 1
-    assert [
-        p.name for p in ckpt.iterdir() if p.name.startswith("tmp-")
-    ]  # the half-written one, never picked
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith("tmp-")]  # the half-written one, never picked
 
     _run({**base, "out": out, "ckpt": str(ckpt)})  # resumed to the end
-    assert _step(ckpt) == 6 and not [
-        p for p in ckpt.iterdir() if p.name.startswith("tmp-")
-    ]
+    assert _step(ckpt) == 6 and not [p for p in ckpt.iterdir() if p.name.startswith("tmp-")]
     a, b = _adapter(tmp_path / "a"), _adapter(out)
     assert sorted(a) == sorted(b) and len(a) == 2 * 7 * 3
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert json.loads((tmp_path / "a" / "log.json").read_text()) == json.loads(
-        Path(out, "log.json").read_text()
-    )
+    assert json.loads((tmp_path / "a" / "log.json").read_text()) == json.loads(Path(out, "log.json").read_text())
 
 
 def _free_port() -> int:
@@ -140,16 +132,12 @@ def test_two_ranks_with_batch_b_equal_one_rank_with_batch_2b(sep, tmp_path):
             )
         )
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outs):
+    for p, (_stdout, stderr) in zip(procs, outs):
         assert p.returncode == 0, stderr[-3000:]
-    steps = [
-        [json.loads(line)["step"] for line in stdout.splitlines()] for stdout, _ in outs
-    ]
+    steps = [[json.loads(line)["step"] for line in stdout.splitlines()] for stdout, _ in outs]
     assert steps == [[1, 2], [1, 2]]
     one, two = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-5, msg=k)
-    losses = [
-        json.loads((tmp_path / d / "log.json").read_text()) for d in ("one", "two")
-    ]
+    losses = [json.loads((tmp_path / d / "log.json").read_text()) for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -22,9 +22,7 @@ def _dataset(n=6, seed=2):
 
 
 def _snapshot(part):
-    return {
-        n: p.detach().clone() for n, p in part.named_parameters() if p.requires_grad
-    }
+    return {n: p.detach().clone() for n, p in part.named_parameters() if p.requires_grad}
 
 
 def test_step_update_is_the_gradient_of_the_mean_over_the_accumulated_batch(sep):
@@ -32,9 +30,7 @@ def test_step_update_is_the_gradient_of_the_mean_over_the_accumulated_batch(sep)
     ds = _dataset()
     part, ref = lora_part(path), lora_part(path)
     before = _snapshot(part)
-    opt = torch.optim.SGD(
-        [p for p in part.parameters() if p.requires_grad], lr=1.0
-    )  # update = -grad
+    opt = torch.optim.SGD([p for p in part.parameters() if p.requires_grad], lr=1.0)  # update = -grad
     after = {}
     log = sft(
         part,
@@ -48,30 +44,19 @@ def test_step_update_is_the_gradient_of_the_mean_over_the_accumulated_batch(sep)
         callback=lambda info: after.setdefault(info.step, _snapshot(part)),
     )
     assert len(log) == steps_per_epoch(6, 2, 2) == 2
-    first_group = batch_indices(ds.lengths, 2, seed=5, epoch=0)[
-        :2
-    ]  # the two micro-batches of step 1
+    first_group = batch_indices(ds.lengths, 2, seed=5, epoch=0)[:2]  # the two micro-batches of step 1
     micro = [collate([ds[i] for i in b], 0) for b in first_group]
     total = sum(mb.n_targets for mb in micro)
-    loss = (
-        sum(full_graph_loss_sum(ref, mb) for mb in micro) / total
-    )  # mean over the targets of both
+    loss = sum(full_graph_loss_sum(ref, mb) for mb in micro) / total  # mean over the targets of both
     loss.backward()
-    assert (
-        log[0].loss == pytest.approx(float(loss.detach()), rel=1e-6)
-        and log[0].targets == total
-    )
+    assert log[0].loss == pytest.approx(float(loss.detach()), rel=1e-6) and log[0].targets == total
 
     for (
         name,
         p,
-    ) in (
-        ref.named_parameters()
-    ):  # SGD with lr 1: the first update is minus the gradient
+    ) in ref.named_parameters():  # SGD with lr 1: the first update is minus the gradient
         if p.requires_grad:
-            torch.testing.assert_close(
-                before[name] - after[1][name], p.grad, atol=1e-6, rtol=1e-5, msg=name
-            )
+            torch.testing.assert_close(before[name] - after[1][name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_gradient_clipping_after_accumulation(sep):
@@ -92,9 +77,7 @@ def test_gradient_clipping_after_accumulation(sep):
         callback=lambda info: after.setdefault("p", _snapshot(part)),
     )
     update = torch.cat([(before[n] - after["p"][n]).flatten() for n in before])
-    assert float(update.norm()) == pytest.approx(
-        1e-3, rel=1e-4
-    )  # the global norm, clipped once
+    assert float(update.norm()) == pytest.approx(1e-3, rel=1e-4)  # the global norm, clipped once
 
 
 def test_eval_loss_scheduler_and_log(sep):
@@ -120,18 +103,14 @@ def test_eval_loss_scheduler_and_log(sep):
         1,
         1,
     ]
-    assert [h.lr for h in log] == pytest.approx(
-        [5e-3, 1e-2, 1e-2, 1e-2 * (0.1 + 0.9 * 0.5 * (1 + 0.5**0.5))], rel=1e-6
-    )
+    assert [h.lr for h in log] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2 * (0.1 + 0.9 * 0.5 * (1 + 0.5**0.5))], rel=1e-6)
     assert [h.eval_loss is not None for h in log] == [
         False,
         True,
         False,
         True,
     ]  # end of each epoch
-    assert log[-1].eval_loss == pytest.approx(
-        evaluate(part, val, batch_size=3), rel=1e-6
-    )
+    assert log[-1].eval_loss == pytest.approx(evaluate(part, val, batch_size=3), rel=1e-6)
     assert log[-1].loss < log[0].loss
     assert all(h.tokens > h.targets > 0 and h.tokens_per_s > 0 for h in log)
     assert part.training
@@ -143,9 +122,7 @@ def test_bad_settings(sep):
     lora = [p for p in part.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         sft(part, _dataset(), torch.optim.SGD(lora, lr=0.1), batch_size=0, epochs=1)
-    with pytest.raises(
-        ValueError, match="the optimizer holds 1 parameters that are not trainable"
-    ):
+    with pytest.raises(ValueError, match="the optimizer holds 1 parameters that are not trainable"):
         sft(
             part,
             _dataset(),
@@ -186,9 +163,7 @@ def test_resume_with_other_settings_is_refused(sep, tmp_path):
         checkpoint_dir=tmp_path,
         progress=False,
     )
-    with pytest.raises(
-        ValueError, match=r"was written with other settings \(batch_size: 2 -> 3\)"
-    ):
+    with pytest.raises(ValueError, match=r"was written with other settings \(batch_size: 2 -> 3\)"):
         sft(
             part,
             _dataset(),
@@ -212,9 +187,7 @@ def test_resume_with_other_settings_is_refused(sep, tmp_path):
         )
         == 3
     )  # done already
-    with pytest.warns(
-        UserWarning, match=r"resume=False: removed 1 checkpoint\(s\) of an earlier run"
-    ):
+    with pytest.warns(UserWarning, match=r"resume=False: removed 1 checkpoint\(s\) of an earlier run"):
         log = sft(
             part,
             _dataset(),

@@ -63,9 +63,7 @@ class BundledMatmul(torch.autograd.Function):
     ):
         ctx.scales, ctx.num_threads = scales, num_threads
         ctx.save_for_backward(*operands)
-        items = [
-            (operands[2 * i], operands[2 * i + 1], s) for i, s in enumerate(scales)
-        ]
+        items = [(operands[2 * i], operands[2 * i + 1], s) for i, s in enumerate(scales)]
         return tuple(compute(items, num_threads))
 
     @staticmethod
@@ -78,9 +76,7 @@ class BundledMatmul(torch.autograd.Function):
             a, b = operands[2 * i], operands[2 * i + 1]
             if g is None or not (needs[2 * i] or needs[2 * i + 1]):
                 continue
-            more_items, more_slots = _grad_items(
-                a, b, g, ctx.scales[i], needs[2 * i], needs[2 * i + 1], i
-            )
+            more_items, more_slots = _grad_items(a, b, g, ctx.scales[i], needs[2 * i], needs[2 * i + 1], i)
             items += more_items
             slots += more_slots
         results = compute(items, ctx.num_threads)
@@ -93,9 +89,7 @@ class BundledMatmul(torch.autograd.Function):
         return (None, None, *out)
 
 
-def bsm_autograd(
-    items: Sequence[Any], num_threads: int | None = None
-) -> list[torch.Tensor]:
+def bsm_autograd(items: Sequence[Any], num_threads: int | None = None) -> list[torch.Tensor]:
     """`bsm` for torch tensors that require grad: one Function call for the whole bundle."""
     scales, operands = [], []
     for i, raw in enumerate(items):

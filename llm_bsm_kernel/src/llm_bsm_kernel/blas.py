@@ -60,9 +60,7 @@ def _mapped_libraries() -> list[str]:
     """Shared objects mapped into this process (Linux); [] elsewhere."""
     try:
         with open("/proc/self/maps") as f:
-            return sorted(
-                {line.split()[-1] for line in f if ".so" in line and "/" in line}
-            )
+            return sorted({line.split()[-1] for line in f if ".so" in line and "/" in line})
     except OSError:
         return []
 
@@ -131,27 +129,19 @@ def _torch_lib() -> tuple[ctypes.CDLL | None, str]:
 
 def _mkl(kernel: ModuleType) -> Gemm | None:
     lib, why = _torch_lib()
-    if lib is None or not all(
-        hasattr(lib, s) for s in ("sgemm_", "dgemm_", "MKL_Get_Version_String")
-    ):
+    if lib is None or not all(hasattr(lib, s) for s in ("sgemm_", "dgemm_", "MKL_Get_Version_String")):
         return None
     buf = ctypes.create_string_buffer(256)
     lib.MKL_Get_Version_String(buf, len(buf))
     version = buf.value.decode(errors="replace").split(" Product")[0]
-    local = (
-        _addr(lib, "MKL_Set_Num_Threads_Local")
-        if hasattr(lib, "MKL_Set_Num_Threads_Local")
-        else 0
-    )
+    local = _addr(lib, "MKL_Set_Num_Threads_Local") if hasattr(lib, "MKL_Set_Num_Threads_Local") else 0
     kernel.set_blas(_addr(lib, "sgemm_"), _addr(lib, "dgemm_"), local, 0, 0)
     return Gemm("mkl", f"MKL sgemm_/dgemm_ ({version}) from {why}")
 
 
 def _openblas_library() -> tuple[ctypes.CDLL, str, str] | None:
     """The LP64 OpenBLAS that scipy loaded: (library, its symbol prefix, path), or None."""
-    paths = sorted(
-        _mapped_libraries(), key=lambda p: "scipy" not in p
-    )  # scipy's own first
+    paths = sorted(_mapped_libraries(), key=lambda p: "scipy" not in p)  # scipy's own first
     for path in paths:
         name = os.path.basename(path)
         # numpy's copy is ILP64 (suffix 64_): not the one behind scipy's capsules
@@ -175,20 +165,14 @@ def _openblas(kernel: ModuleType) -> Gemm | None:
         return None
     lib, prefix, path = found
     # Private prototypes: ctypes.pythonapi's shared function objects are left untouched.
-    getname = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
-        ("PyCapsule_GetName", ctypes.pythonapi)
-    )
+    getname = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
     getptr = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
         ("PyCapsule_GetPointer", ctypes.pythonapi)
     )
     capsules = cython_blas.__pyx_capi__
-    sgemm, dgemm = (
-        getptr(capsules[n], getname(capsules[n])) for n in ("sgemm", "dgemm")
-    )
+    sgemm, dgemm = (getptr(capsules[n], getname(capsules[n])) for n in ("sgemm", "dgemm"))
     get_threads = _addr(lib, f"{prefix}openblas_get_num_threads")
-    kernel.set_blas(
-        sgemm, dgemm, 0, get_threads, _addr(lib, f"{prefix}openblas_set_num_threads")
-    )
+    kernel.set_blas(sgemm, dgemm, 0, get_threads, _addr(lib, f"{prefix}openblas_set_num_threads"))
     corename = getattr(lib, f"{prefix}openblas_get_corename", None)
     core = "?"
     if corename is not None:
@@ -197,11 +181,7 @@ def _openblas(kernel: ModuleType) -> Gemm | None:
     import scipy
 
     # OPENBLAS_CORETYPE=Haswell on an AVX-512 machine halves sgemm speed (102 vs 200 GF/s per core here).
-    pinned = (
-        f", OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
-        if "OPENBLAS_CORETYPE" in os.environ
-        else ""
-    )
+    pinned = f", OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}" if "OPENBLAS_CORETYPE" in os.environ else ""
     return Gemm(
         "openblas",
         f"OpenBLAS sgemm/dgemm (core {core}{pinned}) from scipy {scipy.__version__}: {path}",
@@ -234,9 +214,7 @@ def _float_gemm(kernel: ModuleType) -> Gemm | None:
     if chosen:
         order = [chosen] + [p for p in order if p != chosen]
     for provider in order:
-        found = {"mkl": _mkl, "openblas": _openblas, "torch": lambda k: None}.get(
-            provider, lambda k: None
-        )(kernel)
+        found = {"mkl": _mkl, "openblas": _openblas, "torch": lambda k: None}.get(provider, lambda k: None)(kernel)
         if found is not None:
             return found
     return None
@@ -264,9 +242,7 @@ def gemm(dtype: str) -> Gemm:
     if found is not None:
         kernel.set_route(DTYPE_CODE[dtype], ROUTE_TORCH)
         return found
-    return Gemm(
-        "fallback", "no GEMM found: install scipy (OpenBLAS) or torch (MKL, oneDNN)"
-    )
+    return Gemm("fallback", "no GEMM found: install scipy (OpenBLAS) or torch (MKL, oneDNN)")
 
 
 def kernel_ready() -> ModuleType | None:

@@ -121,13 +121,9 @@ def _validate_operand(x: Array, i: int, name: str) -> bool:
 def parse_item(raw: Any, i: int) -> tuple[Array, Array, float, bool, bool]:
     """(A, B, scale, transpose A, transpose B) of item `i`, or a ValueError/TypeError naming it."""
     if not isinstance(raw, (tuple, list)):
-        raise TypeError(
-            f"item {i} is a {type(raw).__name__}; expected a tuple (A, B, scale) or (A, B, scale, 'nt')"
-        )
+        raise TypeError(f"item {i} is a {type(raw).__name__}; expected a tuple (A, B, scale) or (A, B, scale, 'nt')")
     if len(raw) not in (3, 4):
-        raise ValueError(
-            f"item {i} has {len(raw)} elements; expected (A, B, scale) or (A, B, scale, 'nt')"
-        )
+        raise ValueError(f"item {i} has {len(raw)} elements; expected (A, B, scale) or (A, B, scale, 'nt')")
     a, b, scale = raw[0], raw[1], raw[2]
     trans = raw[3] if len(raw) == 4 else "nn"
     if trans not in TRANSPOSES:
@@ -139,34 +135,22 @@ def parse_item(raw: Any, i: int) -> tuple[Array, Array, float, bool, bool]:
     return a, b, float(scale), trans[0] == "t", trans[1] == "t"
 
 
-def _check_out(
-    out: Array, i: int, shape: tuple[int, ...], dtype: str, is_torch: bool
-) -> None:
+def _check_out(out: Array, i: int, shape: tuple[int, ...], dtype: str, is_torch: bool) -> None:
     torch = _torch_module()
     if is_torch:
-        ok = (
-            isinstance(out, torch.Tensor) and out.is_cpu and out.layout is torch.strided
-        )
+        ok = isinstance(out, torch.Tensor) and out.is_cpu and out.layout is torch.strided
     else:
         ok = isinstance(out, np.ndarray)
     if not ok or tuple(out.shape) != shape:
         kind = "torch CPU tensor" if is_torch else "numpy array"
         got = f"{type(out).__name__} of shape {tuple(getattr(out, 'shape', ()))}"
-        raise ValueError(
-            f"out[{i}] must be a {kind} of shape {shape} and dtype {dtype}; got a {got}"
-        )
+        raise ValueError(f"out[{i}] must be a {kind} of shape {shape} and dtype {dtype}; got a {got}")
     if _dtype(out, is_torch, f"out[{i}]") != dtype:
         raise TypeError(f"out[{i}] has dtype {out.dtype}; item {i} computes {dtype}")
     if not is_torch and not out.flags.writeable:
         raise ValueError(f"out[{i}] is read-only")
-    g = (
-        _blas_layout(_geometry(out, is_torch, False))
-        if _whole_strides(out, is_torch)
-        else None
-    )
-    if g is None or (
-        g.batch > 1 and abs(g.sb) < (g.rows - 1) * g.s0 + (g.cols - 1) * g.s1 + 1
-    ):
+    g = _blas_layout(_geometry(out, is_torch, False)) if _whole_strides(out, is_torch) else None
+    if g is None or (g.batch > 1 and abs(g.sb) < (g.rows - 1) * g.s0 + (g.cols - 1) * g.s1 + 1):
         message = f"out[{i}] must have a unit stride in one of its last two dimensions and no overlapping parts"
         raise ValueError(message)
 
@@ -174,9 +158,7 @@ def _check_out(
 def prepare(raw_items: Sequence[Any], out: Sequence[Array] | None = None) -> list[Item]:
     """Validate every item (errors name the item and what is wrong) and allocate or check the outputs."""
     if not isinstance(raw_items, (list, tuple)):
-        raise TypeError(
-            f"items must be a list of (A, B, scale) tuples, got {type(raw_items).__name__}"
-        )
+        raise TypeError(f"items must be a list of (A, B, scale) tuples, got {type(raw_items).__name__}")
     if out is not None and len(out) != len(raw_items):
         raise ValueError(f"out has {len(out)} arrays for {len(raw_items)} items")
     items = []
@@ -184,17 +166,13 @@ def prepare(raw_items: Sequence[Any], out: Sequence[Array] | None = None) -> lis
         a, b, scale, ta, tb = parse_item(raw, i)
         is_torch = _validate_operand(a, i, "A")
         if _validate_operand(b, i, "B") != is_torch:
-            raise TypeError(
-                f"item {i}: A and B must both be numpy arrays or both torch tensors"
-            )
+            raise TypeError(f"item {i}: A and B must both be numpy arrays or both torch tensors")
         dtype, dtype_b = (
             _dtype(a, is_torch, f"item {i}: A"),
             _dtype(b, is_torch, f"item {i}: B"),
         )
         if dtype_b != dtype:
-            raise TypeError(
-                f"item {i}: A is {dtype} but B is {dtype_b}; cast one of them"
-            )
+            raise TypeError(f"item {i}: A is {dtype} but B is {dtype_b}; cast one of them")
         a = a if _whole_strides(a, is_torch) else np.ascontiguousarray(a)
         b = b if _whole_strides(b, is_torch) else np.ascontiguousarray(b)
         ga, gb = _geometry(a, is_torch, ta), _geometry(b, is_torch, tb)
@@ -227,9 +205,7 @@ def _transposed(g: Geometry) -> Geometry:
     return g._replace(rows=g.cols, cols=g.rows, s0=g.s1, s1=g.s0)
 
 
-def _for_blas(
-    x: Array, g: Geometry, is_torch: bool, transpose: bool
-) -> tuple[Array, Geometry]:
+def _for_blas(x: Array, g: Geometry, is_torch: bool, transpose: bool) -> tuple[Array, Geometry]:
     """x and its BLAS layout; x is copied first when it has no unit stride, negative strides or
     overlapping rows."""
     layout = _blas_layout(g)
@@ -260,20 +236,12 @@ def record(item: Item) -> tuple | None:
         a, b, la, lb, lc = b, a, _transposed(lb), _transposed(la), _transposed(lc)
     batch, m, n, k = max(la.batch, lb.batch), la.rows, lb.cols, la.cols
     scb = lc.sb
-    if (
-        batch > 1
-        and lb.batch == 1
-        and la.s1 == 1
-        and la.sb == m * la.s0
-        and scb == m * lc.s0
-    ):
+    if batch > 1 and lb.batch == 1 and la.s1 == 1 and la.sb == m * la.s0 and scb == m * lc.s0:
         # (batch, M, K) @ (K, N) with A and C stacked row after row is one (batch*M, K) @ (K, N) GEMM
         batch, m, la = 1, batch * m, la._replace(sb=0)
         scb = 0
     if max(m, n, k, la.s0, la.s1, lb.s0, lb.s1, lc.s0) > INT32_MAX:
-        raise ValueError(
-            f"a dimension or leading dimension of {item.dtype} item exceeds 2**31-1 (32-bit BLAS)"
-        )
+        raise ValueError(f"a dimension or leading dimension of {item.dtype} item exceeds 2**31-1 (32-bit BLAS)")
     return (
         DTYPE_CODE[item.dtype], batch, m, n, k,
         a, la.sb, la.s0, la.s1,

@@ -18,28 +18,16 @@ def _num_threads(num_threads: int | None) -> int:
     kernel, _ = blas.extension()
     if num_threads is None:
         return kernel.max_threads() if kernel is not None else 1
-    if (
-        isinstance(num_threads, bool)
-        or not isinstance(num_threads, int)
-        or num_threads < 1
-    ):
-        raise ValueError(
-            f"num_threads must be a positive int or None, got {num_threads!r}"
-        )
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
     return num_threads
 
 
 def _needs_grad(items: Sequence[Any]) -> bool:
     torch = sys.modules.get("torch")
-    if (
-        torch is None
-        or not torch.is_grad_enabled()
-        or not isinstance(items, (list, tuple))
-    ):
+    if torch is None or not torch.is_grad_enabled() or not isinstance(items, (list, tuple)):
         return False  # malformed items are reported by the validator
-    operands = (
-        x for item in items if isinstance(item, (list, tuple)) for x in item[:2]
-    )
+    operands = (x for item in items if isinstance(item, (list, tuple)) for x in item[:2])
     return any(isinstance(x, torch.Tensor) and x.requires_grad for x in operands)
 
 
@@ -105,9 +93,7 @@ def bsm(
     """
     if _needs_grad(items):
         if out is not None:
-            raise ValueError(
-                "out= is not supported when an input requires grad; call bsm under torch.no_grad()"
-            )
+            raise ValueError("out= is not supported when an input requires grad; call bsm under torch.no_grad()")
         from .autograd import bsm_autograd
 
         return bsm_autograd(items, num_threads)

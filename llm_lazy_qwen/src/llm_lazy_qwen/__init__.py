@@ -1,10 +1,10 @@
 """llm_lazy_qwen: Qwen2/2.5/3 part-models as plain nn.Modules, optionally streamed layer by layer.
 
-    from llm_lazy_qwen import load_part
-    first = load_part("qwen-sep", "b 0-12")            # embedding + layers 0..11, in RAM (mmapped)
-    last = load_part("qwen-sep", "12-24 e", lazy=True)  # layers 12..23 + head, one layer resident
-    cache_a, cache_b = first.new_cache(), last.new_cache()
-    logits = last(first(ids, cache=cache_a), cache=cache_b, logits_to_keep=1)
+from llm_lazy_qwen import load_part
+first = load_part("qwen-sep", "b 0-12")            # embedding + layers 0..11, in RAM (mmapped)
+last = load_part("qwen-sep", "12-24 e", lazy=True)  # layers 12..23 + head, one layer resident
+cache_a, cache_b = first.new_cache(), last.new_cache()
+logits = last(first(ids, cache=cache_a), cache=cache_b, logits_to_keep=1)
 """
 
 from .config import ConfigError, QwenConfig
@@ -15,4 +15,13 @@ from .part import QwenPart, Step
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "IncrementalPart", "KVCache", "QwenConfig", "QwenPart", "Step", "from_pretrained", "load_part"]
+__all__ = [
+    "ConfigError",
+    "IncrementalPart",
+    "KVCache",
+    "QwenConfig",
+    "QwenPart",
+    "Step",
+    "from_pretrained",
+    "load_part",
+]

@@ -55,9 +55,7 @@ def check_matmul(matmul: str, device: torch.device) -> None:
         require_bsm()
 
 
-def _bundle(
-    items: Sequence[tuple], out: list[torch.Tensor] | None
-) -> list[torch.Tensor]:
+def _bundle(items: Sequence[tuple], out: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """Run a bundle; write into `out` unless autograd needs the outputs (the kernel refuses out= then)."""
     bsm = require_bsm()
     return bsm(items) if out is None else bsm(items, out=out)
@@ -124,9 +122,7 @@ def gqa_attention(
     return torch.stack(_bundle(pv_items, None)).view(B, nH, T, d)
 
 
-def mlp(
-    x: torch.Tensor, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Module
-) -> torch.Tensor:
+def mlp(x: torch.Tensor, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Module) -> torch.Tensor:
     """SwiGLU with gate and up as one bundle: ``down(silu(gate(x)) * up(x))``."""
     gate, up = linears(x, [gate_proj, up_proj])  # (..., inter) each
     return down_proj(F.silu(gate) * up)

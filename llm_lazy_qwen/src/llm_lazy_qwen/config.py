@@ -75,7 +75,9 @@ class QwenConfig:
             self.sliding_window = None
         if self.layer_types is None:
             self.layer_types = [
-                "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers else "full_attention"
+                "sliding_attention"
+                if self.sliding_window is not None and i >= self.max_window_layers
+                else "full_attention"
                 for i in range(self.num_hidden_layers)
             ]
         if len(self.layer_types) != self.num_hidden_layers:

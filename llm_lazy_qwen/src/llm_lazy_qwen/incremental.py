@@ -16,14 +16,16 @@ from .part import QwenPart
 class IncrementalPart:
     """Example::
 
-        from llm_sampler import CachedForward, sample
-        fwd = CachedForward(IncrementalPart(load_part("qwen-sep", "f", lazy=True)))
-        new_tokens = sample(fwd, prompt_ids, 32, temperature=0)
+    from llm_sampler import CachedForward, sample
+    fwd = CachedForward(IncrementalPart(load_part("qwen-sep", "f", lazy=True)))
+    new_tokens = sample(fwd, prompt_ids, 32, temperature=0)
     """
 
     def __init__(self, part: QwenPart, extra_window_slots: int = 8) -> None:
         if not (part.spec.begin and part.spec.end):
-            raise ValueError(f"IncrementalPart needs a part holding 'b' and 'e' (token ids in, logits out); got {str(part.spec)!r}")
+            raise ValueError(
+                f"IncrementalPart needs a part holding 'b' and 'e' (token ids in, logits out); got {str(part.spec)!r}"
+            )
         self.part, self.extra_window_slots = part, extra_window_slots
         self.cache: KVCache = part.new_cache(extra_window_slots)
         self._ids: torch.Tensor | None = None  # (B, L) ids the cache covers (kept for replays)
@@ -32,7 +34,12 @@ class IncrementalPart:
 
     def crop(self, length: int) -> None:
         if length == 0 or self._ids is None:
-            self.cache, self._ids, self._mask, self._replay = self.part.new_cache(self.extra_window_slots), None, None, None
+            self.cache, self._ids, self._mask, self._replay = (
+                self.part.new_cache(self.extra_window_slots),
+                None,
+                None,
+                None,
+            )
             return
         try:
             self.cache.crop(length)

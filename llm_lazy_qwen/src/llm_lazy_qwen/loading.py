@@ -15,8 +15,14 @@ from .config import QwenConfig
 from .part import QwenPart
 from .streaming import Mode
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 def _dtype(dtype: torch.dtype | str | None, stored: torch.dtype | None) -> torch.dtype:
@@ -70,8 +76,12 @@ def load_part(
     """
     source = SepWeights(sepweight_dir)
     config = QwenConfig.from_dict(source.config, source=str(Path(sepweight_dir) / "config.json"))
-    part = QwenPart(config, spec, device=device, dtype=_dtype(dtype, source.dtype), head_chunk_size=head_chunk_size, matmul=matmul)
-    part.load_weights(source, lazy=lazy, prefetch=prefetch, resident_mb=resident_mb, stream_mode=stream_mode, hugepages=hugepages)
+    part = QwenPart(
+        config, spec, device=device, dtype=_dtype(dtype, source.dtype), head_chunk_size=head_chunk_size, matmul=matmul
+    )
+    part.load_weights(
+        source, lazy=lazy, prefetch=prefetch, resident_mb=resident_mb, stream_mode=stream_mode, hugepages=hugepages
+    )
     return part.eval()  # like transformers' from_pretrained: trainers call .train() themselves
 
 
@@ -99,7 +109,9 @@ def from_pretrained(
 
         model = from_pretrained("Qwen/Qwen2.5-0.5B", "f", lazy=True, dtype="bf16")
     """
-    key = hashlib.sha256(f"{Path(src).resolve() if Path(src).exists() else src}|{storage_dtype}|{PartSpec.parse(spec)}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{Path(src).resolve() if Path(src).exists() else src}|{storage_dtype}|{PartSpec.parse(spec)}".encode()
+    ).hexdigest()[:16]
     name = Path(str(src)).name or "model"
     dst = Path(cache_dir) if cache_dir is not None else default_cache_dir() / f"{name}-{key}"
     convert(src, dst, dtype=storage_dtype, parts=spec, progress=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from .rope import cos_sin, inv_freq
 from .streaming import LayerStreamer, Mode
 from .weights import assign, meta_placeholders, release
 
-LogitsToKeep = Union[int, slice, torch.Tensor, None]
+LogitsToKeep = int | slice | torch.Tensor | None
 
 
 @dataclass
@@ -90,11 +89,17 @@ class QwenPart(nn.Module):
         self.model = nn.Module()
         # a given `_weight` skips the random init (which on meta imports torch._dynamo: ~2 s, ~60 MB)
         embed = torch.empty(config.vocab_size, config.hidden_size, device=meta)
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embed) if self.spec.begin else None
+        self.model.embed_tokens = (
+            nn.Embedding(config.vocab_size, config.hidden_size, _weight=embed) if self.spec.begin else None
+        )
         self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, meta, matmul) for i in layers})
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, meta) if self.spec.end else None
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=meta) if self.spec.end else None
-        self.register_buffer("inv_freq", inv_freq(config.head_dim or 0, float(config.rope_theta or 1e4), self.device), persistent=False)
+        self.lm_head = (
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=meta) if self.spec.end else None
+        )
+        self.register_buffer(
+            "inv_freq", inv_freq(config.head_dim or 0, float(config.rope_theta or 1e4), self.device), persistent=False
+        )
         self._placeholders = {i: meta_placeholders(self.model.layers[str(i)]) for i in layers}
         self._streamer: LayerStreamer | None = None
         self._source: SepWeights | None = None
@@ -287,7 +292,9 @@ class QwenPart(nn.Module):
                     f"int64; got {tuple(x.shape)} {x.dtype}"
                 )
             if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
-                raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size}); got {int(x.min())}..{int(x.max())}")
+                raise ValueError(
+                    f"token ids must be in [0, vocab_size={self.config.vocab_size}); got {int(x.min())}..{int(x.max())}"
+                )
         else:
             H = self.config.hidden_size
             if x.dim() != 3 or x.shape[-1] != H or not x.is_floating_point():
@@ -301,7 +308,13 @@ class QwenPart(nn.Module):
         return x.shape[0], x.shape[1]
 
     def _masks(
-        self, attention_mask: torch.Tensor | None, cache: KVCache | None, B: int, T: int, start: int, device: torch.device
+        self,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        B: int,
+        T: int,
+        start: int,
+        device: torch.device,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(mask of the new tokens (B, T), key mask over all cache indices (B, start+T)); None = no padding."""
         new: torch.Tensor | None = None

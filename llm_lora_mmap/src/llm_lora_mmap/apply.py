@@ -102,8 +102,14 @@ def apply_lora(
         apply_lora(part, ["q_proj", "v_proj"], r=16, lora_alpha=32)
         opt = torch.optim.AdamW(mark_only_lora_trainable(part), lr=2e-4)
     """
-    cfg = LoraConfig(list(target_modules) if not isinstance(target_modules, str) else target_modules,
-                     r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+    cfg = LoraConfig(
+        list(target_modules) if not isinstance(target_modules, str) else target_modules,
+        r,
+        lora_alpha,
+        lora_dropout,
+        use_rslora,
+        init_lora_weights,
+    )
     names = find_targets(model, cfg.target_modules)
     for name in names:
         module = model.get_submodule(name)
@@ -116,7 +122,14 @@ def apply_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapped = LoraLinear(
             model.get_submodule(name),  # type: ignore[arg-type]
-            r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, dtype=dtype, device=device, matmul=matmul,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init_lora_weights,
+            dtype=dtype,
+            device=device,
+            matmul=matmul,
         )
         setattr(parent, leaf, wrapped)  # works for ModuleDict/ModuleList parents too (keys are strings)
     return names

@@ -25,7 +25,9 @@ Tensors = dict[str, torch.Tensor]
 Part = str | int
 
 
-def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, where: str = "") -> torch.Tensor:
+def merged_weight(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, where: str = ""
+) -> torch.Tensor:
     """``W + (B @ A) * scaling`` computed in fp32 and rounded once to W's dtype; refuses non-finite values.
 
     Example::
@@ -63,7 +65,9 @@ def _plan(source: sw.SepWeights, weights: AdapterWeights, adapter: Path, strict:
         if name not in where and not strict and layer is not None and int(layer[1]) < source.num_layers:
             continue  # a layer of the model that this part-folder does not hold
         if name not in where:
-            tied = " (the head is tied to the embedding in this model)" if name == "lm_head.weight" and source.tied else ""
+            tied = (
+                " (the head is tied to the embedding in this model)" if name == "lm_head.weight" and source.tied else ""
+            )
             raise LoraError(
                 f"{adapter}: adapts {module}, but {source.root} stores no tensor {name!r}{tied}; the adapter was made "
                 f"for another model, or the folder holds only {str(source.spec)!r} (strict=False merges its share)"

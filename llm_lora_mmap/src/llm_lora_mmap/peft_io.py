@@ -162,7 +162,9 @@ def load_adapter(
         for n in targets:
             target = model.get_submodule(n)
             if not isinstance(target, nn.Linear):
-                raise LoraError(f"{Path(path) / CONFIG_NAME}: target {n} is a {type(target).__name__}, not an nn.Linear")
+                raise LoraError(
+                    f"{Path(path) / CONFIG_NAME}: target {n} is a {type(target).__name__}, not an nn.Linear"
+                )
             shapes[n] = (target.in_features, target.out_features)
     missing = sorted(set(shapes) - set(weights))
     if missing:
@@ -186,7 +188,9 @@ def load_adapter(
                 f"for a different base model (base_model_name_or_path={cfg.base_model_name_or_path!r})"
             )
     if not layers:
-        apply_lora(model, list(shapes), cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, dtype=dtype, device=device)
+        apply_lora(
+            model, list(shapes), cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, dtype=dtype, device=device
+        )
         layers = lora_layers(model)
     with torch.no_grad():
         for n, m in layers.items():

@@ -22,8 +22,16 @@ from .atomic import atomic_path
 from .errors import LoraError
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # as the safetensors package
@@ -98,8 +106,17 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         except (KeyError, TypeError, ValueError):
             raise bad(f"entry {name!r} is malformed: {info!r}") from None
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= len(body)) or end - begin != size:
-            raise bad(f"tensor {name!r}: data_offsets {[begin, end]} do not hold {shape} {info['dtype']} inside the file")
-        raw = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        if (
+            not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= len(body))
+            or end - begin != size
+        ):
+            raise bad(
+                f"tensor {name!r}: data_offsets {[begin, end]} do not hold {shape} {info['dtype']} inside the file"
+            )
+        raw = (
+            torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8)
+            if size
+            else torch.empty(0, dtype=torch.uint8)
+        )
         out[name] = raw.view(dtype).reshape(shape)
     return out

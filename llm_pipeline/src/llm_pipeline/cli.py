@@ -38,9 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser(
-        "generate", help="generate through the pipeline (run every rank with torchrun)"
-    )
+    g = sub.add_parser("generate", help="generate through the pipeline (run every rank with torchrun)")
     g.add_argument(
         "--model",
         required=True,
@@ -80,9 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="compute dtype: bf16, fp16, fp32 (default: stored)",
     )
-    g.add_argument(
-        "--device", default="cpu", help="cpu (gloo) or cuda (nccl, cuda:LOCAL_RANK)"
-    )
+    g.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, cuda:LOCAL_RANK)")
     g.add_argument(
         "--threads",
         type=int,
@@ -148,9 +144,7 @@ def _prompt_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise ValueError(
-            f"--prompt-ids {text!r}: expected integers like '1 2 3' or '1,2,3'"
-        ) from None
+        raise ValueError(f"--prompt-ids {text!r}: expected integers like '1 2 3' or '1,2,3'") from None
     if not ids:
         raise ValueError("--prompt-ids is empty")
     return ids
@@ -159,15 +153,11 @@ def _prompt_ids(text: str) -> list[int]:
 def _tokenizer(model: Path) -> Any:
     path = model / "tokenizer.json"
     if not path.is_file():
-        raise ValueError(
-            f"{path} not found: --prompt needs the tokenizer; give --prompt-ids instead"
-        )
+        raise ValueError(f"{path} not found: --prompt needs the tokenizer; give --prompt-ids instead")
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise ValueError(
-            "--prompt needs the tokenizers package: pip install 'llm_pipeline[text]'"
-        ) from None
+        raise ValueError("--prompt needs the tokenizers package: pip install 'llm_pipeline[text]'") from None
     return Tokenizer.from_file(str(path))
 
 
@@ -183,9 +173,7 @@ def _generate(args: argparse.Namespace) -> None:
     model = Path(args.model)
     # everything a rank can get wrong is checked on every rank before anyone waits for the others
     if bool(args.prompt) == bool(args.prompt_ids):
-        raise ValueError(
-            "give the prompts as --prompt TEXT or as --prompt-ids IDS (repeat either for a batch)"
-        )
+        raise ValueError("give the prompts as --prompt TEXT or as --prompt-ids IDS (repeat either for a batch)")
     if args.micro_batches is not None and args.micro_batches < 1:
         raise ValueError(f"--micro-batches must be >= 1, got {args.micro_batches}")
     prompts = [_prompt_ids(t) for t in args.prompt_ids]
@@ -222,11 +210,7 @@ def _drive(pipe: Pipeline, args: argparse.Namespace, prompts: list[list[int]]) -
         prompts = [tok.encode(t).ids for t in args.prompt]
     stops = args.stop_tokens if args.stop_tokens is not None else _eos(model, config)
     stops = [] if args.ignore_eos else stops
-    pad = (
-        config.pad_token_id
-        if config.pad_token_id is not None
-        else (stops[0] if stops else 0)
-    )
+    pad = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
     ids, mask = pad_left(prompts, pad_token_id=pad)  # (B, T), left padding
     stream = generate_stream(
         pipe,
@@ -261,11 +245,7 @@ def _drive(pipe: Pipeline, args: argparse.Namespace, prompts: list[list[int]]) -
         else:
             print(text if text is not None else " ".join(map(str, row)), flush=True)
     n, stage = new.shape[1], pipe.stage
-    decode = (
-        f", decode {(n - 1) * new.shape[0] / (elapsed - t_first):.1f} tokens/s"
-        if n > 1
-        else ""
-    )
+    decode = f", decode {(n - 1) * new.shape[0] / (elapsed - t_first):.1f} tokens/s" if n > 1 else ""
     print(
         f"llm-pipeline: {stage.num_stages} stages {[str(s) for s in stage.specs]}, {new.shape[0]} prompts, "
         f"{min(pipe.micro_batches, new.shape[0])} micro-batches: prefill + first token {t_first:.2f} s{decode}",
@@ -285,11 +265,7 @@ def _split(args: argparse.Namespace) -> None:
             print(f"stage {i}: {s}")
             continue
         layers = list(s.layers or ())
-        total = (
-            (sizes[0] if s.begin else 0)
-            + sum(sizes[j + 1] for j in layers)
-            + (sizes[-1] if s.end else 0)
-        )
+        total = (sizes[0] if s.begin else 0) + sum(sizes[j + 1] for j in layers) + (sizes[-1] if s.end else 0)
         print(f"stage {i}: {s}  ({total / 2**20:.1f} MiB)")
     print(",".join(str(s) for s in specs))
 

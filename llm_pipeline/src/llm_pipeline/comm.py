@@ -135,9 +135,7 @@ class Link:
         self._pending: list[tuple[Any, torch.Tensor, int]] = []
 
     # ------------------------------------------------------------------------------- send
-    def send(
-        self, dst: int, header: Header, *tensors: torch.Tensor, text: str | None = None
-    ) -> None:
+    def send(self, dst: int, header: Header, *tensors: torch.Tensor, text: str | None = None) -> None:
         """Queue a header and its payload to ``dst``; returns before they are delivered."""
         payload = b"" if text is None else text.encode()
         header.nbytes = len(payload)
@@ -156,9 +154,7 @@ class Link:
         try:
             work = dist.isend(t, dst, group=group)
         except RuntimeError as e:
-            raise PipelineError(
-                self._explain(e, dst, "sending to", self.timeout)
-            ) from e
+            raise PipelineError(self._explain(e, dst, "sending to", self.timeout)) from e
         self._pending.append((work, t, dst))
 
     def _reap(self) -> None:
@@ -194,9 +190,7 @@ class Link:
         self._recv(buf, src, self.control, timeout or self.timeout, what)
         return Header.from_tensor(buf)
 
-    def recv(
-        self, src: int, shape: tuple[int, ...], dtype: torch.dtype, what: str
-    ) -> torch.Tensor:
+    def recv(self, src: int, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
         self._recv(buf, src, self.data, self.timeout, what)
         return buf
@@ -205,14 +199,10 @@ class Link:
         if header.nbytes == 0:
             return ""
         buf = torch.empty(header.nbytes, dtype=torch.uint8)
-        self._recv(
-            buf, src, self.control, self.timeout, "receiving an error message from"
-        )
+        self._recv(buf, src, self.control, self.timeout, "receiving an error message from")
         return bytes(buf.tolist()).decode(errors="replace")
 
-    def _recv(
-        self, buf: torch.Tensor, src: int, group: Any, timeout: float, what: str
-    ) -> None:
+    def _recv(self, buf: torch.Tensor, src: int, group: Any, timeout: float, what: str) -> None:
         try:
             work = dist.irecv(buf, src, group=group)
         except RuntimeError as e:
@@ -241,9 +231,7 @@ class Link:
     def _explain(self, e: BaseException, peer: int, what: str, timeout: float) -> str:
         text = _gloo_text(e)
         low = text.lower()
-        if (
-            "pair closure" in low
-        ):  # an earlier timeout of this rank closed its connections
+        if "pair closure" in low:  # an earlier timeout of this rank closed its connections
             cause = "this rank's connections were closed after an earlier timeout"
         elif "timed out" in low:
             self.timed_out = True

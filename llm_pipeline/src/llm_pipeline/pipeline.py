@@ -246,9 +246,7 @@ class Pipeline:
                     bounds = self._split(ids.shape[0], past, use_cache)
                     for j, (r0, r1) in enumerate(bounds):
                         m = _rows(new_mask, r0, r1)
-                        outputs.append(
-                            self.stage.run(ids[r0:r1], j, past, m, keep, use_cache)
-                        )
+                        outputs.append(self.stage.run(ids[r0:r1], j, past, m, keep, use_cache))
                     return torch.cat(outputs, dim=0)  # (B, keep or T, V)
                 sent, own_error = self._feed(ids, past, new_mask, keep, use_cache)
                 outputs, errors = [], []  # gathered in order, even after an error

@@ -22,11 +22,7 @@ def parse_stages(parts: str | Sequence[str], num_layers: int) -> list[PartSpec]:
 
         parse_stages("b 0-2, 2-3 e", num_layers=3)   # [PartSpec('b 0-2'), PartSpec('2-3 e')]
     """
-    texts = (
-        [p.strip() for p in parts.split(",")]
-        if isinstance(parts, str)
-        else [str(p).strip() for p in parts]
-    )
+    texts = [p.strip() for p in parts.split(",")] if isinstance(parts, str) else [str(p).strip() for p in parts]
     if not texts or any(not t for t in texts):
         msg = f"stage specs {parts!r}: give one spec per stage separated by commas, e.g. 'b 0-12,12-24 e'"
         raise ValueError(msg)
@@ -50,24 +46,14 @@ def check_stages(specs: Sequence[PartSpec], num_layers: int) -> None:
     names = ", ".join(f"stage {i} {str(s)!r}" for i, s in enumerate(specs))
     for i, s in enumerate(specs):
         if s.begin != (i == 0):
-            where = (
-                "the first stage must hold 'b' (the embedding)"
-                if i == 0
-                else "only the first stage may hold 'b'"
-            )
+            where = "the first stage must hold 'b' (the embedding)" if i == 0 else "only the first stage may hold 'b'"
             raise ValueError(f"{names}: {where}")
         if s.end != (i == len(specs) - 1):
             last = i == len(specs) - 1
-            where = (
-                "the last stage must hold 'e' (norm + head)"
-                if last
-                else "only the last stage may hold 'e'"
-            )
+            where = "the last stage must hold 'e' (norm + head)" if last else "only the last stage may hold 'e'"
             raise ValueError(f"{names}: {where}")
         if not s.is_contiguous():
-            raise ValueError(
-                f"{names}: stage {i} {str(s)!r} must hold one contiguous range of layers"
-            )
+            raise ValueError(f"{names}: stage {i} {str(s)!r} must hold one contiguous range of layers")
         if not s.layers and not (s.begin or s.end):
             raise ValueError(f"{names}: stage {i} holds nothing")
     expected = 0  # the next layer the chain must reach
@@ -76,26 +62,16 @@ def check_stages(specs: Sequence[PartSpec], num_layers: int) -> None:
         if not layers:
             continue
         if layers[0] < expected:
-            owner = next(
-                j for j, t in enumerate(specs[:i]) if layers[0] in (t.layers or ())
-            )
+            owner = next(j for j, t in enumerate(specs[:i]) if layers[0] in (t.layers or ()))
             msg = f"{names}: stage {i} {str(s)!r} overlaps stage {owner} {str(specs[owner])!r} at layer {layers[0]}"
             raise ValueError(msg)
         if layers[0] > expected:
-            gap = (
-                f"{expected}"
-                if layers[0] == expected + 1
-                else f"{expected}-{layers[0]}"
-            )
-            raise ValueError(
-                f"{names}: layer(s) {gap} are in no stage (stage {i} starts at layer {layers[0]})"
-            )
+            gap = f"{expected}" if layers[0] == expected + 1 else f"{expected}-{layers[0]}"
+            raise ValueError(f"{names}: layer(s) {gap} are in no stage (stage {i} starts at layer {layers[0]})")
         expected = layers[-1] + 1
     if expected != num_layers:
         gap = f"{expected}-{num_layers}"
-        raise ValueError(
-            f"{names}: layer(s) {gap} of the model's {num_layers} are in no stage"
-        )
+        raise ValueError(f"{names}: layer(s) {gap} of the model's {num_layers} are in no stage")
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[PartSpec]:
@@ -106,9 +82,7 @@ def split_layers(num_layers: int, num_stages: int) -> list[PartSpec]:
         [str(s) for s in split_layers(24, 3)]   # ['b 0-8', '8-16', '16-24 e']
     """
     if not 1 <= num_stages <= max(num_layers, 1):
-        raise ValueError(
-            f"cannot split {num_layers} layers into {num_stages} stages of at least one layer each"
-        )
+        raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages of at least one layer each")
     base, extra = divmod(num_layers, num_stages)
     bounds = [0]
     for i in range(num_stages):
@@ -129,9 +103,7 @@ def split_bytes(sizes: Sequence[int], num_stages: int) -> list[PartSpec]:
     """
     n = len(sizes)
     if n < 2 or not 1 <= num_stages <= n:
-        raise ValueError(
-            f"cannot split {n - 2} layers plus embedding and head into {num_stages} non-empty stages"
-        )
+        raise ValueError(f"cannot split {n - 2} layers plus embedding and head into {num_stages} non-empty stages")
     prefix = [0]
     for s in sizes:
         prefix.append(prefix[-1] + s)

@@ -60,9 +60,7 @@ class Stage:
         owns_group: bool = False,
         extra_window_slots: int = 8,
     ) -> None:
-        assert (link is None) == (len(specs) == 1), (
-            "a multi-stage pipeline needs a link"
-        )
+        assert (link is None) == (len(specs) == 1), "a multi-stage pipeline needs a link"
         self.part, self.specs, self.rank, self.link = part, specs, rank, link
         self.owns_group = owns_group
         # rollback room of sliding-window rings (speculative decoding, scoring)
@@ -108,9 +106,7 @@ class Stage:
                 msg = f"micro-batch {micro_batch}: asked to go on after {past} positions; {have}"
                 raise ValueError(msg)
         keep_arg = keep or None
-        out: torch.Tensor = self.part(
-            x, attention_mask=new_mask, cache=cache, logits_to_keep=keep_arg
-        )
+        out: torch.Tensor = self.part(x, attention_mask=new_mask, cache=cache, logits_to_keep=keep_arg)
         return out
 
     def crop(self, length: int) -> bool:
@@ -170,9 +166,7 @@ class Stage:
                 raise PipelineError(msg)
             return False
         else:
-            raise PipelineError(
-                f"rank {self.rank}: unexpected message {h} from rank {prev}"
-            )
+            raise PipelineError(f"rank {self.rank}: unexpected message {h} from rank {prev}")
         return True
 
     def _forward(self, h: Header) -> None:
@@ -204,9 +198,7 @@ class Stage:
             self.link.send(0, Header(Op.RESULT, h.micro_batch, flags=flags), text=error)
             return
         failed = error is not None and h.op in (Op.FORWARD, Op.ERROR)
-        header = Header(
-            Op.ERROR if failed else h.op, h.micro_batch, past=h.past, flags=h.flags
-        )
+        header = Header(Op.ERROR if failed else h.op, h.micro_batch, past=h.past, flags=h.flags)
         self.link.send(self.rank + 1, header, text=error)
 
     def warn_downstream(self, error: str) -> None:
@@ -299,25 +291,17 @@ def load_stage(
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if world == 1:
-        part = load_part(
-            model, specs[0], device=dev, dtype=dtype, lazy=lazy, **load_kwargs
-        )
+        part = load_part(model, specs[0], device=dev, dtype=dtype, lazy=lazy, **load_kwargs)
         return Stage(part, specs, 0, None, extra_window_slots=extra_window_slots)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     join = timeout if join_timeout is None else join_timeout
     owns = init_distributed(backend, join)
     # control messages (headers, texts, the handshake) always go over gloo on the CPU
-    control = (
-        None
-        if backend == "gloo"
-        else dist.new_group(backend="gloo", timeout=timedelta(seconds=join))
-    )
+    control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timedelta(seconds=join))
     name = f"stage {rank} of {world}, {str(specs[rank])!r}"
     link = Link(rank, name, timeout, data=None, control=control, device=dev)
     try:
-        part = load_part(
-            model, specs[rank], device=dev, dtype=dtype, lazy=lazy, **load_kwargs
-        )
+        part = load_part(model, specs[rank], device=dev, dtype=dtype, lazy=lazy, **load_kwargs)
         config = json.dumps(source.config, sort_keys=True).encode()
         info = {
             "host": socket.gethostname(),
@@ -331,9 +315,7 @@ def load_stage(
         if owns and dist.is_initialized():
             dist.destroy_process_group()
         raise
-    return Stage(
-        part, specs, rank, link, owns_group=owns, extra_window_slots=extra_window_slots
-    )
+    return Stage(part, specs, rank, link, owns_group=owns, extra_window_slots=extra_window_slots)
 
 
 def pin_local_cpus() -> list[int]:
@@ -362,24 +344,18 @@ def _cpu_share(cpus: list[int], local_rank: int, local_world: int) -> list[int]:
     return share or [cpus[local_rank % n]]
 
 
-def _handshake(
-    rank: int, world: int, info: dict[str, str], group: Any, timeout: float
-) -> None:
+def _handshake(rank: int, world: int, info: dict[str, str], group: Any, timeout: float) -> None:
     """Wait (bounded) until every rank has loaded its part; check they all load the same model."""
     mine = json.dumps(info).encode()[: _INFO_BYTES - 1]
     buf = torch.zeros(_INFO_BYTES, dtype=torch.uint8)
     buf[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
     bufs = [torch.empty_like(buf) for _ in range(world)]
     try:
-        dist.monitored_barrier(
-            group, timeout=timedelta(seconds=timeout), wait_all_ranks=True
-        )
+        dist.monitored_barrier(group, timeout=timedelta(seconds=timeout), wait_all_ranks=True)
         dist.all_gather(bufs, buf, group=group)
     except RuntimeError as e:
         why = _gloo_text(e)
-        msg = (
-            f"rank {rank}: not every rank loaded its part within {timeout:g} s ({why})"
-        )
+        msg = f"rank {rank}: not every rank loaded its part within {timeout:g} s ({why})"
         raise PipelineError(msg) from e
     infos = [json.loads(bytes(b.tolist()).rstrip(b"\0")) for b in bufs]
     what = {

@@ -93,11 +93,7 @@ class CachedForward:
             # The common case: the input extends what is cached, with the same padding.
             if old_mask is None and attention_mask is None:
                 return n
-            if (
-                old_mask is not None
-                and attention_mask is not None
-                and torch.equal(old_mask, attention_mask[:, :n])
-            ):
+            if old_mask is not None and attention_mask is not None and torch.equal(old_mask, attention_mask[:, :n]):
                 return n
         same = (old_ids[:, :n] == input_ids[:, :n]).all(dim=0)  # (n,)
         if old_mask is not None or attention_mask is not None:
@@ -123,13 +119,9 @@ class CachedForward:
             raise ValueError(msg)
         if attention_mask is not None:
             # canonical form: int64 0/1, or None when nothing is padded
-            attention_mask = (
-                None if bool(attention_mask.all()) else attention_mask.long()
-            )
+            attention_mask = None if bool(attention_mask.all()) else attention_mask.long()
         # Always run at least logits_to_keep positions: their logits are not stored.
-        reuse = min(
-            self._common_prefix(input_ids, attention_mask), length - logits_to_keep
-        )
+        reuse = min(self._common_prefix(input_ids, attention_mask), length - logits_to_keep)
         # Without autograd the model runs in inference mode (about 5-10% faster on small models). A cache
         # made in one mode is never extended in the other (reuse is 0 then): inference tensors cannot be
         # updated in place or saved for backward outside inference mode.
@@ -140,9 +132,7 @@ class CachedForward:
                     self.model.crop(0)
                 elif reuse < self.cached_length:
                     self.model.crop(reuse)
-                logits = self.model.forward_incremental(
-                    input_ids[:, reuse:], reuse, attention_mask, logits_to_keep
-                )
+                logits = self.model.forward_incremental(input_ids[:, reuse:], reuse, attention_mask, logits_to_keep)
         except BaseException:
             self.reset()  # the cache may be half-updated; never reuse it
             raise
@@ -150,7 +140,5 @@ class CachedForward:
         self._ids = input_ids.clone()
         self._mask = None if attention_mask is None else attention_mask.clone()
         self._inference = inference
-        logits = check_logits(
-            logits, batch, logits_to_keep, logits_to_keep, "forward_incremental"
-        )
+        logits = check_logits(logits, batch, logits_to_keep, logits_to_keep, "forward_incremental")
         return logits.clone() if inference else logits  # callers get a normal tensor

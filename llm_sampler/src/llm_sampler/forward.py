@@ -64,9 +64,7 @@ class Forward:
             raise ValueError(msg)
         return attention_mask
 
-    def __call__(
-        self, input_ids: Tensor, attention_mask: Tensor | None, logits_to_keep: int
-    ) -> Tensor:
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None, logits_to_keep: int) -> Tensor:
         """Return fp32 logits for the last `logits_to_keep` positions, `(B, logits_to_keep, V)`."""
         kwargs: dict[str, object] = {}
         if self.takes_mask:

@@ -14,9 +14,7 @@ from torch import Tensor
 from llm_sampler.forward import ForwardFunc
 
 
-def _positions(
-    attention_mask: Tensor | None, past_length: int, length: int, device: torch.device
-) -> Tensor:
+def _positions(attention_mask: Tensor | None, past_length: int, length: int, device: torch.device) -> Tensor:
     if attention_mask is None:
         positions = torch.arange(past_length, past_length + length, device=device)
         return positions[None]  # (1, T_new)
@@ -33,9 +31,7 @@ def transformers_forward(model: Any) -> ForwardFunc:
         >>> new = sample(forward, ids, 20, attention_mask=mask, temperature=0)
     """
 
-    def forward(
-        input_ids: Tensor, attention_mask: Tensor | None = None, logits_to_keep: int = 0
-    ) -> Tensor:
+    def forward(input_ids: Tensor, attention_mask: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
         positions = _positions(attention_mask, 0, input_ids.shape[1], input_ids.device)
         out = model(
             input_ids=input_ids,
@@ -73,9 +69,7 @@ class TransformersIncremental:
         logits_to_keep: int,
     ) -> Tensor:
         assert past_length == self._length, (past_length, self._length)
-        positions = _positions(
-            attention_mask, past_length, input_ids.shape[1], input_ids.device
-        )
+        positions = _positions(attention_mask, past_length, input_ids.shape[1], input_ids.device)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -72,9 +72,7 @@ def apply_repetition_penalty(
     ids = context_ids.clamp(max=vocab)
     if context_mask is not None:
         ids = ids.masked_fill(context_mask == 0, vocab)
-    seen = torch.zeros(
-        logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device
-    )
+    seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
     seen.scatter_(1, ids, True)
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen[:, :vocab], penalised, logits)
@@ -168,9 +166,7 @@ def process_logits(
     return logits
 
 
-def select_tokens(
-    scores: Tensor, params: SamplingParams, generator: torch.Generator | None = None
-) -> Tensor:
+def select_tokens(scores: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
     """Pick one token per row from processed `scores` `(B, V)`: argmax when greedy, else a multinomial draw.
 
     The draw is transformers' `multinomial(softmax(scores), 1)`; with `generator=None` it uses torch's global

@@ -24,9 +24,7 @@ from llm_sampler.validation import (
 )
 
 
-def pad_left(
-    sequences: Sequence[Sequence[int]], pad_token_id: int
-) -> tuple[Tensor, Tensor]:
+def pad_left(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
     """Left-pad ragged prompts into `(input_ids (B, T), attention_mask (B, T))`.
 
     Example:

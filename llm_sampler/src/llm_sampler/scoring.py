@@ -74,10 +74,7 @@ def score(
         torch.Size([2])
     """
     prompt = _as_sequence("prompt_ids", prompt_ids)
-    conts = [
-        _as_sequence(f"continuations[{i}]", c).to(prompt.device)
-        for i, c in enumerate(continuations)
-    ]
+    conts = [_as_sequence(f"continuations[{i}]", c).to(prompt.device) for i, c in enumerate(continuations)]
     if not conts:
         msg = "continuations is empty; give at least one continuation to score"
         raise ValueError(msg)
@@ -90,9 +87,7 @@ def score(
     return results
 
 
-def _score_chunk(
-    forward: Forward, prompt: Tensor, chunk: list[Tensor]
-) -> list[ContinuationScore]:
+def _score_chunk(forward: Forward, prompt: Tensor, chunk: list[Tensor]) -> list[ContinuationScore]:
     width = max(c.numel() for c in chunk)
     # The last continuation token predicts nothing we score, so it is not fed: T = P + width - 1.
     # (b, T) right-padded with id 0, which no scored position can see

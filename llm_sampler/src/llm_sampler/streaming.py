@@ -104,9 +104,7 @@ def stream_text(
     return _texts(tokens, TextStream(tokenizer), set(stops))
 
 
-def _texts(
-    tokens: Iterator[Tensor], stream: TextStream, stops: set[int]
-) -> Iterator[str]:
+def _texts(tokens: Iterator[Tensor], stream: TextStream, stops: set[int]) -> Iterator[str]:
     for step in tokens:
         token = int(step[0])
         if token in stops:

@@ -19,30 +19,20 @@ def check_sampling_params(
     repetition_penalty: float | None,
 ) -> None:
     """Raise `ValueError` for any sampling setting outside its valid range."""
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not temperature >= 0
-    ):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         msg = f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}"
         raise ValueError(msg)
-    if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
-    ):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         msg = f"top_k must be an integer >= 1, or None for no top-k filtering; got {top_k!r}"
         raise ValueError(msg)
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        msg = (
-            f"top_p must be in (0, 1], or None for no nucleus filtering; got {top_p!r}"
-        )
+        msg = f"top_p must be in (0, 1], or None for no nucleus filtering; got {top_p!r}"
         raise ValueError(msg)
     if min_p is not None and not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
         msg = f"min_p must be in [0, 1], or None for no min-p filtering; got {min_p!r}"
         raise ValueError(msg)
     if repetition_penalty is not None and not (
-        isinstance(repetition_penalty, (int, float))
-        and math.isfinite(repetition_penalty)
-        and repetition_penalty > 0
+        isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty) and repetition_penalty > 0
     ):
         msg = f"repetition_penalty must be a finite number > 0 (1.0 means no penalty), or None; got {repetition_penalty!r}"
         raise ValueError(msg)
@@ -56,9 +46,7 @@ def check_count(name: str, value: int, minimum: int) -> int:
     return value
 
 
-def check_stop_tokens(
-    stop_tokens: Sequence[int] | Tensor, pad_token_id: int | None
-) -> tuple[tuple[int, ...], int]:
+def check_stop_tokens(stop_tokens: Sequence[int] | Tensor, pad_token_id: int | None) -> tuple[tuple[int, ...], int]:
     """Return the stop ids as a tuple and the pad id (default: the first stop id)."""
     if isinstance(stop_tokens, Tensor):
         stop_tokens = stop_tokens.flatten().tolist()
@@ -68,11 +56,7 @@ def check_stop_tokens(
         raise ValueError(msg)
     if pad_token_id is None:
         return stops, stops[0] if stops else 0
-    if (
-        isinstance(pad_token_id, bool)
-        or not isinstance(pad_token_id, int)
-        or pad_token_id < 0
-    ):
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
         msg = f"pad_token_id must be a token id >= 0 or None (use the first stop token), got {pad_token_id!r}"
         raise ValueError(msg)
     return stops, pad_token_id
@@ -88,19 +72,13 @@ def as_token_tensor(name: str, ids: TokenIds) -> Tensor:
         except (ValueError, TypeError) as err:
             msg = f"{name} must be a tensor or a rectangular list of token ids (use pad_left for ragged rows): {err}"
             raise ValueError(msg) from err
-    if (
-        tensor.dtype.is_floating_point
-        or tensor.dtype.is_complex
-        or tensor.dtype == torch.bool
-    ):
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         msg = f"{name} must hold integer token ids, got dtype {tensor.dtype}"
         raise ValueError(msg)
     return tensor.long()
 
 
-def check_prompt(
-    input_ids: TokenIds, attention_mask: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
+def check_prompt(input_ids: TokenIds, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Return `(input_ids (B, T), attention_mask (B, T) or None)` after checking shapes and left padding."""
     ids = as_token_tensor("input_ids", input_ids)
     if ids.ndim == 1:
@@ -132,9 +110,7 @@ def check_prompt(
     return ids, mask
 
 
-def check_logits(
-    logits: object, batch: int, length: int, needed: int, source: str = "forward_func"
-) -> Tensor:
+def check_logits(logits: object, batch: int, length: int, needed: int, source: str = "forward_func") -> Tensor:
     """Check that `logits` is `(B, k, V)` with `needed <= k <= T` and return it."""
     if not isinstance(logits, Tensor):
         msg = (
@@ -143,12 +119,7 @@ def check_logits(
         )
         raise TypeError(msg)
     shape = tuple(logits.shape)
-    if (
-        logits.ndim != 3
-        or shape[0] != batch
-        or not 1 <= shape[1] <= length
-        or shape[2] < 1
-    ):
+    if logits.ndim != 3 or shape[0] != batch or not 1 <= shape[1] <= length or shape[2] < 1:
         msg = (
             f"{source} must return logits of shape (B, T, V) = ({batch}, {length}, V), or the last k positions "
             f"(B, k, V) with 1 <= k <= T; got {shape} for input_ids of shape ({batch}, {length})"

@@ -168,7 +168,9 @@ class Checkpoint:
                 reference = keys
             elif keys != reference:
                 diff = sorted(reference ^ keys)
-                raise SepweightError(f"{where}: layer {i} has a different set of tensors than layer {layers[0]}: {diff}")
+                raise SepweightError(
+                    f"{where}: layer {i} has a different set of tensors than layer {layers[0]}: {diff}"
+                )
 
     @contextmanager
     def tensors(self, fname: str) -> Iterator[dict[str, torch.Tensor]]:

@@ -73,8 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
-            convert(args.src, args.dst, dtype=args.dtype, parts=args.parts, revision=args.revision,
-                    progress=not args.no_progress)
+            convert(
+                args.src,
+                args.dst,
+                dtype=args.dtype,
+                parts=args.parts,
+                revision=args.revision,
+                progress=not args.no_progress,
+            )
             print(info_text(args.dst))
         elif args.command == "info":
             print(info_text(args.dir))

@@ -117,7 +117,13 @@ def _resume_key(ckpt: Checkpoint, spec: PartSpec, target: torch.dtype | None) ->
     for name in sorted(ckpt.files):
         st = (ckpt.root / name).stat()
         stats[name] = [st.st_size, st.st_mtime_ns]
-    key = {"v": FORMAT_VERSION, "src": str(ckpt.root.resolve()), "files": stats, "parts": str(spec), "dtype": str(target)}
+    key = {
+        "v": FORMAT_VERSION,
+        "src": str(ckpt.root.resolve()),
+        "files": stats,
+        "parts": str(spec),
+        "dtype": str(target),
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -36,7 +36,9 @@ def fetch(repo_id: str, spec: PartSpec, revision: str | None = None) -> Path:
         try:
             return Path(hf.hf_hub_download(repo_id, name, revision=revision))
         except Exception as e:
-            raise SepweightError(f"cannot download {name!r} from hub repo {repo_id!r}: {type(e).__name__}: {e}") from None
+            raise SepweightError(
+                f"cannot download {name!r} from hub repo {repo_id!r}: {type(e).__name__}: {e}"
+            ) from None
 
     if "config.json" not in names:
         raise SepweightError(f"hub repo {repo_id!r} has no config.json; is it a transformers model?")

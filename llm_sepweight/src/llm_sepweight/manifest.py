@@ -87,7 +87,9 @@ class Manifest:
         except SepweightError:
             raise
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise SepweightError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-run the conversion") from None
+            raise SepweightError(
+                f"{path}: malformed manifest ({type(e).__name__}: {e}); re-run the conversion"
+            ) from None
 
     def parts(self) -> tuple[bool, list[int], bool]:
         """(has begin, stored layer indices, has end)."""

@@ -99,7 +99,9 @@ class SepWeights:
             part, key = "begin", "embed_tokens.weight"
         name = self._name(part)
         if key not in self.manifest.files[name].tensors:
-            raise SepweightError(f"{self.root / name}: no tensor {key!r} (has {sorted(self.manifest.files[name].tensors)})")
+            raise SepweightError(
+                f"{self.root / name}: no tensor {key!r} (has {sorted(self.manifest.files[name].tensors)})"
+            )
         return name, key
 
     def rows(self, part: Part, key: str, start: int, stop: int, prefault: bool = False) -> torch.Tensor:
@@ -150,7 +152,10 @@ class SepWeights:
     def nbytes(self, part: Part, rows: tuple[str, int, int] | None = None) -> int:
         """Bytes :meth:`read_into` needs for a part (or for rows of one tensor)."""
         if rows is None:
-            return sum(math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize for t in self.manifest.files[self._name(part)].tensors.values())
+            return sum(
+                math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize
+                for t in self.manifest.files[self._name(part)].tensors.values()
+            )
         name, key = self._resolve(part, rows[0])
         info = self.manifest.files[name].tensors[key]
         return (rows[2] - rows[1]) * math.prod(info["shape"][1:]) * DTYPES[info["dtype"]].itemsize

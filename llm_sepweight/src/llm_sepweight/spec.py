@@ -51,7 +51,7 @@ class PartSpec:
         covered: dict[int, str] = {}
         for tok in tokens:
             if tok in ("b", "e"):
-                if (begin if tok == "b" else end):
+                if begin if tok == "b" else end:
                     raise SepweightError(f"part spec {spec!r}: token {tok!r} appears twice")
                 begin, end = begin or tok == "b", end or tok == "e"
                 continue
@@ -60,7 +60,9 @@ class PartSpec:
             elif m := _RANGE.match(tok):
                 lo, hi = int(m.group(1)), int(m.group(2))
                 if hi <= lo:
-                    raise SepweightError(f"part spec {spec!r}: range {tok!r} is empty (ranges are half-open A-B with B > A)")
+                    raise SepweightError(
+                        f"part spec {spec!r}: range {tok!r} is empty (ranges are half-open A-B with B > A)"
+                    )
             else:
                 raise SepweightError(f"part spec {spec!r}: token {tok!r} is not understood; {_HELP}")
             for i in range(lo, hi):

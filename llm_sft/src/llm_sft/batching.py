@@ -23,9 +23,7 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) int64
     labels: torch.Tensor  # (B, T) int64, -100 on prompt and padding
     attention_mask: torch.Tensor  # (B, T) int64, 1 = token, 0 = padding
-    position_ids: (
-        torch.Tensor
-    )  # (B, T) int64, 0..T-1 (padding comes after every real token)
+    position_ids: torch.Tensor  # (B, T) int64, 0..T-1 (padding comes after every real token)
 
     @property
     def n_targets(self) -> int:
@@ -84,25 +82,15 @@ def batch_indices(
 
         batch_indices([5, 9, 7, 3], 2, seed=0, epoch=0)     # e.g. [[1, 2], [0, 3]]
     """
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or batch_size < 1
-    ):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     n = len(lengths)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
     if group_by_length:
         mega = megabatch_mult * batch_size
-        order = [
-            i
-            for k in range(0, n, mega)
-            for i in sorted(order[k : k + mega], key=lambda i: -lengths[i])
-        ]
+        order = [i for k in range(0, n, mega) for i in sorted(order[k : k + mega], key=lambda i: -lengths[i])]
     batches = [order[k : k + batch_size] for k in range(0, n, batch_size)]
     if shuffle and group_by_length:
-        batches = [
-            batches[i] for i in torch.randperm(len(batches), generator=g).tolist()
-        ]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return batches

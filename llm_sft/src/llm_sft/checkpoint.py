@@ -52,11 +52,7 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return None
-    steps = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP.fullmatch(p.name)) and p.is_dir()
-    ]
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.fullmatch(p.name)) and p.is_dir()]
     return max(steps)[1] if steps else None
 
 
@@ -91,9 +87,7 @@ def save_checkpoint(
     os.rename(tmp, final)
     _fsync_dir(root)  # make the rename itself durable
     # keep the newest `keep - 1` earlier ones; later steps can only be left by an abandoned run
-    old = sorted(
-        p for p in root.iterdir() if _STEP.fullmatch(p.name) and p.name < final.name
-    )
+    old = sorted(p for p in root.iterdir() if _STEP.fullmatch(p.name) and p.name < final.name)
     doomed = old[: max(0, len(old) - (keep - 1))] + [
         p for p in root.iterdir() if _STEP.fullmatch(p.name) and p.name > final.name
     ]
@@ -107,11 +101,7 @@ def remove_checkpoints(checkpoint_dir: str | Path) -> int:
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return 0
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and (_STEP.fullmatch(p.name) or p.name.startswith("tmp-"))
-    ]
+    found = [p for p in root.iterdir() if p.is_dir() and (_STEP.fullmatch(p.name) or p.name.startswith("tmp-"))]
     for p in found:
         shutil.rmtree(p, ignore_errors=True)
     return len(found)
@@ -139,11 +129,7 @@ def restore_checkpoint(
     ``settings`` (batch size, ranks, seed, ...) must equal the ones the checkpoint was written with.
     """
     state, progress = load_checkpoint(ckpt)
-    changed = {
-        k: (progress["settings"].get(k), v)
-        for k, v in settings.items()
-        if progress["settings"].get(k) != v
-    }
+    changed = {k: (progress["settings"].get(k), v) for k, v in settings.items() if progress["settings"].get(k) != v}
     if changed:
         diff = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
         raise ValueError(
@@ -164,9 +150,7 @@ def restore_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     if lr_scheduler is not None:
         if state["scheduler"] is None:
-            raise ValueError(
-                f"{ckpt} was written without an lr_scheduler; resume without one or start afresh"
-            )
+            raise ValueError(f"{ckpt} was written without an lr_scheduler; resume without one or start afresh")
         lr_scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"][rank])
     if state["rng"]["cuda"] is not None and device.type == "cuda":

@@ -55,17 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="adapter folder (PEFT format) + loss_log.csv/json + loss_curve.png",
     )
-    io.add_argument(
-        "--eval-data", help="held-out file in the same layout; its loss is logged"
-    )
+    io.add_argument("--eval-data", help="held-out file in the same layout; its loss is logged")
     io.add_argument(
         "--eval-every",
         type=int,
         help="evaluate every N steps (default: end of each epoch)",
     )
-    io.add_argument(
-        "--tokenizer", help="tokenizer.json or its folder (default: the model's)"
-    )
+    io.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the model's)")
     io.add_argument(
         "--cache-dir",
         help="where an HF checkpoint is converted to sepweight (default: llm_lazy_qwen's cache)",
@@ -80,23 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     lora.add_argument("--r", type=int, default=8)
     lora.add_argument("--alpha", type=float, default=16)
     lora.add_argument("--dropout", type=float, default=0.05)
-    lora.add_argument(
-        "--targets", default=ALL7, help="comma-separated module names, or all-linear"
-    )
+    lora.add_argument("--targets", default=ALL7, help="comma-separated module names, or all-linear")
     opt = t.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=2e-4)
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--warmup-steps", type=int, default=0)
-    opt.add_argument(
-        "--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr x this"
-    )
+    opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr x this")
     opt.add_argument("--epochs", type=int, default=1)
-    opt.add_argument(
-        "--batch-size", type=int, default=4, help="examples per micro-batch (per rank)"
-    )
-    opt.add_argument(
-        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step"
-    )
+    opt.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (per rank)")
+    opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     opt.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
     opt.add_argument("--seed", type=int, default=0)
     run = t.add_argument_group("memory and run")
@@ -132,9 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         default=100,
         help="checkpoint every N optimizer steps (and at the end)",
     )
-    run.add_argument(
-        "--no-resume", action="store_true", help="ignore existing checkpoints"
-    )
+    run.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     run.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -183,24 +169,16 @@ def train(args: argparse.Namespace) -> int:
     }
     dataset = prepare_dataset(tokenizer, **read_records(args.data, **columns), **common)
     eval_dataset = (
-        prepare_dataset(tokenizer, **read_records(args.eval_data, **columns), **common)
-        if args.eval_data
-        else None
+        prepare_dataset(tokenizer, **read_records(args.eval_data, **columns), **common) if args.eval_data else None
     )
 
     targets = (
-        args.targets
-        if args.targets == "all-linear"
-        else [t.strip() for t in args.targets.split(",") if t.strip()]
+        args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
     )
-    apply_lora(
-        part, targets, r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout
-    )
+    apply_lora(part, targets, r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout)
     params = mark_only_lora_trainable(part)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    total = args.epochs * steps_per_epoch(
-        len(dataset), args.batch_size, args.grad_accum, world
-    )
+    total = args.epochs * steps_per_epoch(len(dataset), args.batch_size, args.grad_accum, world)
     scheduler = warmup_cosine(optimizer, args.warmup_steps, total, args.min_lr_ratio)
     out = Path(args.out)
     if rank == 0:
@@ -241,11 +219,7 @@ def train(args: argparse.Namespace) -> int:
         last = history[-1] if history else None
         summary = (
             f"final loss {last.loss:.4f}"
-            + (
-                f", eval loss {last.eval_loss:.4f}"
-                if last and last.eval_loss is not None
-                else ""
-            )
+            + (f", eval loss {last.eval_loss:.4f}" if last and last.eval_loss is not None else "")
             if last
             else "no steps"
         )

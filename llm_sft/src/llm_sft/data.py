@@ -83,9 +83,7 @@ class SFTDataset(Sequence[Example]):
     ) -> None:
         self.examples = list(examples)
         self.pad_id = pad_id
-        self.stats = stats or PrepareStats(
-            rows=len(self.examples), kept=len(self.examples)
-        )
+        self.stats = stats or PrepareStats(rows=len(self.examples), kept=len(self.examples))
 
     @overload
     def __getitem__(self, i: int) -> Example: ...
@@ -166,9 +164,7 @@ class _Special:
 Piece = str | _Special
 
 
-def _prompt_pieces(
-    template: str, instruction: str, input: str, system: str | None
-) -> list[Piece]:
+def _prompt_pieces(template: str, instruction: str, input: str, system: str | None) -> list[Piece]:
     """The prompt as text pieces and special tokens, ending where the model starts to answer."""
     if template == "chatml":  # Qwen's chat template with add_generation_prompt=True
         user = f"{instruction}\n\n{input}" if input else instruction
@@ -191,30 +187,21 @@ def _prompt_pieces(
     return [system + "\n\n" + text] if system else [text]
 
 
-def _check_types(
-    instructions: Sequence[Any], responses: Sequence[Any], inputs: Sequence[Any] | None
-) -> None:
+def _check_types(instructions: Sequence[Any], responses: Sequence[Any], inputs: Sequence[Any] | None) -> None:
     bad: list[str] = []
     for name, column, optional in (
         ("instruction", instructions, False),
         ("response", responses, False),
         ("input", inputs or (), True),
     ):
-        rows = [
-            i
-            for i, v in enumerate(column)
-            if not (isinstance(v, str) or (optional and v is None))
-        ]
+        rows = [i for i, v in enumerate(column) if not (isinstance(v, str) or (optional and v is None))]
         if rows:
             kinds = sorted({type(column[i]).__name__ for i in rows})
             bad.append(
                 f"{len(rows)} non-string {name}(s) ({', '.join(kinds)}) at rows {rows[:5]}{' ...' if len(rows) > 5 else ''}"
             )
     if bad:
-        raise TypeError(
-            "every instruction, input and response must be a string (input may be None): "
-            + "; ".join(bad)
-        )
+        raise TypeError("every instruction, input and response must be a string (input may be None): " + "; ".join(bad))
 
 
 def _warn(msg: str) -> None:
@@ -255,23 +242,15 @@ def prepare_dataset(
     """
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
-    if (
-        isinstance(max_seq_len, bool)
-        or not isinstance(max_seq_len, int)
-        or max_seq_len < 2
-    ):
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ValueError(
             f"max_seq_len must be an integer >= 2 (prompt + at least one response token), got {max_seq_len!r}"
         )
-    if len(instructions) != len(responses) or (
-        inputs is not None and len(inputs) != len(instructions)
-    ):
+    if len(instructions) != len(responses) or (inputs is not None and len(inputs) != len(instructions)):
         sizes = f"{len(instructions)} instructions, {len(responses)} responses" + (
             f", {len(inputs)} inputs" if inputs is not None else ""
         )
-        raise ValueError(
-            f"instructions, responses and inputs must have the same length; got {sizes}"
-        )
+        raise ValueError(f"instructions, responses and inputs must have the same length; got {sizes}")
     if len(instructions) == 0:
         raise ValueError("the dataset is empty: no instructions given")
     _check_types(instructions, responses, inputs)
@@ -286,11 +265,7 @@ def prepare_dataset(
         end = (
             end_token
             or specials.get("eos_token")
-            or (
-                "<|endoftext|>"
-                if tok.token_to_id("<|endoftext|>") is not None
-                else None
-            )
+            or ("<|endoftext|>" if tok.token_to_id("<|endoftext|>") is not None else None)
         )
         if end is None:
             raise ValueError(
@@ -306,7 +281,7 @@ def prepare_dataset(
 
     stats = PrepareStats(rows=len(instructions))
     rows = []
-    for i, (instruction, response) in enumerate(zip(instructions, responses)):
+    for i, (_instruction, response) in enumerate(zip(instructions, responses)):
         if not response.strip():
             stats.dropped_empty += 1
             stats.dropped_rows.append(i)
@@ -347,14 +322,10 @@ def prepare_dataset(
         )
         for i in rows
     ]
-    texts = [p for pieces in prompts for p in pieces if isinstance(p, str)] + [
-        responses[i] for i in rows
-    ]
+    texts = [p for pieces in prompts for p in pieces if isinstance(p, str)] + [responses[i] for i in rows]
     encoded = iter(e.ids for e in tok.encode_batch(texts, add_special_tokens=False))
     special_ids = (
-        {t: _special_id(tok, t, "the template needs") for t in (IM_START, IM_END)}
-        if template == "chatml"
-        else {}
+        {t: _special_id(tok, t, "the template needs") for t in (IM_START, IM_END)} if template == "chatml" else {}
     )
     prompt_ids = []
     for pieces in prompts:
@@ -415,9 +386,7 @@ def _rows(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
             records = list(reader)
         return records, [i + 2 for i in range(len(records))]  # line 1 is the header
     text = path.read_text(encoding="utf-8")
-    if suffix == ".json" and text.lstrip().startswith(
-        "["
-    ):  # one JSON array (yahma/alpaca-cleaned's file)
+    if suffix == ".json" and text.lstrip().startswith("["):  # one JSON array (yahma/alpaca-cleaned's file)
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
@@ -436,14 +405,10 @@ def _rows(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
                 ) from None
             lines.append(n)
     else:
-        raise ValueError(
-            f"{path}: unknown file type {suffix!r}; use .jsonl, .json (an array of objects) or .csv"
-        )
+        raise ValueError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json (an array of objects) or .csv")
     not_objects = [n for r, n in zip(records, lines) if not isinstance(r, dict)]
     if not_objects:
-        raise ValueError(
-            f"{path}: {len(not_objects)} records are not JSON objects (lines/items {not_objects[:5]})"
-        )
+        raise ValueError(f"{path}: {len(not_objects)} records are not JSON objects (lines/items {not_objects[:5]})")
     return records, lines
 
 

@@ -20,9 +20,7 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed(
-    device: torch.device | str = "cpu", timeout_s: float = 1800
-) -> tuple[int, int]:
+def init_distributed(device: torch.device | str = "cpu", timeout_s: float = 1800) -> tuple[int, int]:
     """Join the process group that ``torchrun`` describes in the environment; ``(rank, world_size)``.
 
     Without ``WORLD_SIZE`` > 1 in the environment (a plain ``python`` run) nothing happens and
@@ -37,9 +35,7 @@ def init_distributed(
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     if not dist.is_available():
-        raise RuntimeError(
-            "WORLD_SIZE > 1 but this torch build has no torch.distributed"
-        )
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
@@ -56,9 +52,7 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum(
-    values: Sequence[float], device: torch.device | str = "cpu"
-) -> list[float]:
+def all_reduce_sum(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
     """Sum a few numbers over ranks (float64: token counts stay exact)."""
     if not _active():
         return list(values)
@@ -71,12 +65,7 @@ def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """Sum the gradients of ``params`` over ranks in place, in one flat buffer (missing grads count as 0)."""
     if not _active() or not params:
         return
-    flat = torch.cat(
-        [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            for p in params
-        ]
-    )
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     dist.all_reduce(flat)
     offset = 0
     for p in params:

@@ -34,9 +34,7 @@ from llm_lazy_qwen import QwenPart
 from .batching import Batch
 from .data import IGNORE_INDEX
 
-RngState = tuple[
-    torch.Tensor, torch.Tensor | None
-]  # (CPU generator state, CUDA generator state)
+RngState = tuple[torch.Tensor, torch.Tensor | None]  # (CPU generator state, CUDA generator state)
 
 
 @dataclass
@@ -53,9 +51,7 @@ class StepLoss:
 
 
 def _rng_state(device: torch.device) -> RngState:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(
-        device
-    ) if device.type == "cuda" else None
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 @contextmanager
@@ -116,9 +112,7 @@ def chunked_cross_entropy(
         p = z.sub_(m_new[:, None]).exp_()  # in place: one (N, chunk) block alive
         s = s * alpha + p.sum(dim=1)
         if acc is not None and w_target is not None:
-            acc.mul_(alpha[:, None]).add_(
-                (p.to(w.dtype) @ w).float()
-            )  # (N, chunk) @ (chunk, H)
+            acc.mul_(alpha[:, None]).add_((p.to(w.dtype) @ w).float())  # (N, chunk) @ (chunk, H)
             w_target[rows] = w[cols].float()
         m = m_new
         del z, p
@@ -150,19 +144,11 @@ class LayerwiseEngine:
 
     def __init__(self, part: QwenPart) -> None:
         if not isinstance(part, QwenPart):
-            raise TypeError(
-                f"LayerwiseEngine trains an llm_lazy_qwen QwenPart, got {type(part).__name__}"
-            )
+            raise TypeError(f"LayerwiseEngine trains an llm_lazy_qwen QwenPart, got {type(part).__name__}")
         if not (part.spec.begin and part.spec.end):
-            raise ValueError(
-                f"the engine needs the whole model (spec 'f'), got a part with spec {str(part.spec)!r}"
-            )
+            raise ValueError(f"the engine needs the whole model (spec 'f'), got a part with spec {str(part.spec)!r}")
         frozen_only = {"model.embed_tokens.weight", "lm_head.weight"}
-        bad = [
-            n
-            for n, p in part.named_parameters()
-            if n in frozen_only and p.requires_grad and not p.is_meta
-        ]
+        bad = [n for n, p in part.named_parameters() if n in frozen_only and p.requires_grad and not p.is_meta]
         if bad:
             raise ValueError(
                 f"{bad} require grad; the layer-wise engine keeps the embedding and the head frozen (train LoRA on the layers)"
@@ -173,25 +159,18 @@ class LayerwiseEngine:
     # ------------------------------------------------------------------------------- parameters
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters that get gradients, by name (meta placeholders of lazy parts are never trainable)."""
-        return {
-            n: p
-            for n, p in self.part.named_parameters()
-            if p.requires_grad and not p.is_meta
-        }
+        return {n: p for n, p in self.part.named_parameters() if p.requires_grad and not p.is_meta}
 
     def _lowest_trainable_layer(self) -> int | None:
         for i in self.part.layer_ids:
             if any(
-                p.requires_grad and not p.is_meta
-                for p in self.part.get_submodule(f"model.layers.{i}").parameters()
+                p.requires_grad and not p.is_meta for p in self.part.get_submodule(f"model.layers.{i}").parameters()
             ):
                 return i
         return None
 
     # ------------------------------------------------------------------------------- steps
-    def _inputs(
-        self, batch: Batch
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.device
         return (
             batch.input_ids.to(dev),
@@ -200,9 +179,7 @@ class LayerwiseEngine:
             batch.position_ids.to(dev),
         )
 
-    def forward_backward(
-        self, batch: Batch, normalizer: float | None = None
-    ) -> StepLoss:
+    def forward_backward(self, batch: Batch, normalizer: float | None = None) -> StepLoss:
         """Forward and backward of one micro-batch; gradients of ``loss_sum / normalizer`` accumulate into ``.grad``.
 
         Args:
@@ -252,9 +229,7 @@ class LayerwiseEngine:
             y = part.get_submodule("model.norm")(x)
         # no graph holds the head chunks: the streamer may reuse their buffers
         with torch.no_grad():
-            loss_sum, grad_y = chunked_cross_entropy(
-                y.detach(), part.head_chunks(), targets[sel], scale
-            )
+            loss_sum, grad_y = chunked_cross_entropy(y.detach(), part.head_chunks(), targets[sel], scale)
         y.backward(grad_y)
         g = torch.zeros_like(h)  # (B, T, H): dLoss/dh_L, zero where there is no target
         assert x.grad is not None
@@ -270,9 +245,7 @@ class LayerwiseEngine:
                 # grad mode off: a lazy part may then reuse the weights' buffer
                 with torch.no_grad(), part.materialized(i) as layer:
                     with torch.enable_grad(), _replayed_rng(rng.pop(i), self.device):
-                        out = layer(
-                            x, step.cos, step.sin, step.start, None, step.key_mask
-                        )
+                        out = layer(x, step.cos, step.sin, step.start, None, step.key_mask)
                         out.backward(g)
                     del out
                 if i > lowest:

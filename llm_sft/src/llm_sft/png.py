@@ -59,9 +59,7 @@ class Canvas:
         if 0 <= x < self.width and 0 <= y < self.height:
             self.pixels[y][3 * x : 3 * x + 3] = bytes(color)
 
-    def line(
-        self, x0: int, y0: int, x1: int, y1: int, color: Color, width: int = 1
-    ) -> None:
+    def line(self, x0: int, y0: int, x1: int, y1: int, color: Color, width: int = 1) -> None:
         """Bresenham's line, thickened by drawing it ``width`` times one pixel apart."""
         for k in range(width):
             ax, ay, bx, by = x0, y0 + k, x1, y1 + k
@@ -78,9 +76,7 @@ class Canvas:
                 if e2 <= dx:
                     err, ay = err + dx, ay + sy
 
-    def text(
-        self, x: int, y: int, s: str, color: Color = BLACK, scale: int = 2
-    ) -> None:
+    def text(self, x: int, y: int, s: str, color: Color = BLACK, scale: int = 2) -> None:
         for i, ch in enumerate(s.lower()):
             for r, row in enumerate(_FONT.get(ch, _FONT[" "])):
                 for c, bit in enumerate(row):
@@ -94,26 +90,14 @@ class Canvas:
                                 )
 
     def save(self, path: str | Path) -> Path:
-        raw = b"".join(
-            b"\x00" + bytes(row) for row in self.pixels
-        )  # filter type 0 per row
+        raw = b"".join(b"\x00" + bytes(row) for row in self.pixels)  # filter type 0 per row
 
         def chunk(kind: bytes, data: bytes) -> bytes:
-            return (
-                struct.pack(">I", len(data))
-                + kind
-                + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-            )
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-        header = struct.pack(
-            ">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0
-        )  # 8-bit RGB
+        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)  # 8-bit RGB
         png = (
-            b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw, 9))
-            + chunk(b"IEND", b"")
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
         )
         path = Path(path)
         path.write_bytes(png)
@@ -164,9 +148,7 @@ def line_chart(
     img.line(left, top, left, bottom, BLACK)
     img.line(left, bottom, right, bottom, BLACK)
     img.text(left, bottom + 10, _fmt(x_lo, steps=True))
-    img.text(
-        right - 8 * len(_fmt(x_hi, steps=True)), bottom + 10, _fmt(x_hi, steps=True)
-    )
+    img.text(right - 8 * len(_fmt(x_hi, steps=True)), bottom + 10, _fmt(x_hi, steps=True))
     img.text((left + right) // 2 - 16, bottom + 20, "step")
     for n, (label, pts, color) in enumerate(series):
         coords = [px(x, y) for x, y in pts]

@@ -16,9 +16,7 @@ from .png import BLUE, ORANGE, line_chart
 from .trainer import StepInfo
 
 
-def plot_losses(
-    history: Sequence[StepInfo], path: str | Path, use_matplotlib: bool | None = None
-) -> Path:
+def plot_losses(history: Sequence[StepInfo], path: str | Path, use_matplotlib: bool | None = None) -> Path:
     """Train loss per step (and eval loss where measured) as a PNG.
 
     Args:

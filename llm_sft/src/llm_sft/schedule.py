@@ -22,9 +22,7 @@ def warmup_cosine(
         sched = warmup_cosine(opt, warmup_steps=10, total_steps=300, min_lr_ratio=0.1)
     """
     if warmup_steps < 0 or total_steps < 1:
-        raise ValueError(
-            f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}"
-        )
+        raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
 

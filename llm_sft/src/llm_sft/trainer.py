@@ -61,9 +61,7 @@ class StepInfo:
     eval_loss: float | None = None
 
 
-def steps_per_epoch(
-    n_examples: int, batch_size: int, grad_accum_steps: int = 1, world_size: int = 1
-) -> int:
+def steps_per_epoch(n_examples: int, batch_size: int, grad_accum_steps: int = 1, world_size: int = 1) -> int:
     """Optimizer steps in one epoch (the last batch and the last accumulation group may be partial).
 
     Example::
@@ -80,9 +78,7 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def _check_optimizer(
-    optimizer: torch.optim.Optimizer, trainable: dict[str, torch.nn.Parameter]
-) -> None:
+def _check_optimizer(optimizer: torch.optim.Optimizer, trainable: dict[str, torch.nn.Parameter]) -> None:
     names = {id(p): n for n, p in trainable.items()}
     held = [p for g in optimizer.param_groups for p in g["params"]]
     foreign = [p for p in held if id(p) not in names]
@@ -93,9 +89,7 @@ def _check_optimizer(
         )
     missing = sorted(set(names.values()) - {names[id(p)] for p in held})
     if missing:
-        raise ValueError(
-            f"{len(missing)} trainable parameters are not in the optimizer, e.g. {missing[0]}"
-        )
+        raise ValueError(f"{len(missing)} trainable parameters are not in the optimizer, e.g. {missing[0]}")
 
 
 def _shard(indices: list[int], batch_size: int, rank: int) -> list[int]:
@@ -103,9 +97,7 @@ def _shard(indices: list[int], batch_size: int, rank: int) -> list[int]:
     return indices[rank * batch_size : (rank + 1) * batch_size]
 
 
-def evaluate(
-    model: QwenPart | LayerwiseEngine, dataset: Sequence[Example], batch_size: int = 8
-) -> float:
+def evaluate(model: QwenPart | LayerwiseEngine, dataset: Sequence[Example], batch_size: int = 8) -> float:
     """Mean loss over the target tokens of ``dataset`` (token-weighted; split over ranks when distributed).
 
     Example::
@@ -119,9 +111,7 @@ def evaluate(
     engine.part.eval()
     loss_sum = targets = 0.0
     try:
-        for b in batch_indices(
-            [len(e) for e in dataset], batch_size * world, shuffle=False
-        ):
+        for b in batch_indices([len(e) for e in dataset], batch_size * world, shuffle=False):
             rows = _shard(b, batch_size, rank)
             if rows:
                 out = engine.loss(collate([dataset[j] for j in rows], pad_id))
@@ -136,9 +126,7 @@ def _rng_states(device: torch.device) -> dict[str, Any]:
     cuda = device.type == "cuda"
     return {
         "cpu": all_gather_tensor(torch.get_rng_state()),
-        "cuda": all_gather_tensor(torch.cuda.get_rng_state(device).to(device))
-        if cuda
-        else None,
+        "cuda": all_gather_tensor(torch.cuda.get_rng_state(device).to(device)) if cuda else None,
     }
 
 
@@ -212,9 +200,7 @@ def sft(
     broadcast_parameters(params)
     n = len(dataset)
     if n < world:
-        raise ValueError(
-            f"the dataset has {n} examples, fewer than the {world} ranks: every rank needs at least one"
-        )
+        raise ValueError(f"the dataset has {n} examples, fewer than the {world} ranks: every rank needs at least one")
     if n < batch_size * world:
         warnings.warn(
             f"the dataset has {n} examples, fewer than one batch (batch_size={batch_size} x {world} rank(s)): "
@@ -238,20 +224,14 @@ def sft(
     ckpt = None
     if checkpoint_dir is not None and resume:
         ckpt = latest_checkpoint(checkpoint_dir)
-    elif (
-        checkpoint_dir is not None
-        and rank == 0
-        and (n_old := remove_checkpoints(checkpoint_dir))
-    ):
+    elif checkpoint_dir is not None and rank == 0 and (n_old := remove_checkpoints(checkpoint_dir)):
         warnings.warn(
             f"resume=False: removed {n_old} checkpoint(s) of an earlier run in {checkpoint_dir}",
             stacklevel=2,
         )
     barrier()
     if ckpt is not None:
-        prog = restore_checkpoint(
-            ckpt, settings, trainable, optimizer, lr_scheduler, rank, part.device
-        )
+        prog = restore_checkpoint(ckpt, settings, trainable, optimizer, lr_scheduler, rank, part.device)
         step, first_epoch, groups_done = (
             prog["step"],
             prog["epoch"],
@@ -264,13 +244,9 @@ def sft(
         rng = _rng_states(part.device)  # collective: every rank takes part
         if rank == 0:
             state = {
-                "trainable": {
-                    k: p.detach().to("cpu", copy=True) for k, p in trainable.items()
-                },
+                "trainable": {k: p.detach().to("cpu", copy=True) for k, p in trainable.items()},
                 "optimizer": optimizer.state_dict(),
-                "scheduler": lr_scheduler.state_dict()
-                if lr_scheduler is not None
-                else None,
+                "scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
                 "rng": rng,
             }
             prog = {
@@ -280,14 +256,8 @@ def sft(
                 "settings": settings,
                 "history": [asdict(h) for h in history],
             }
-            adapter = (
-                (lambda folder: save_adapter(part, folder))
-                if lora_layers(part)
-                else None
-            )
-            save_checkpoint(
-                checkpoint_dir, step, state, prog, adapter, keep=keep_checkpoints
-            )
+            adapter = (lambda folder: save_adapter(part, folder)) if lora_layers(part) else None
+            save_checkpoint(checkpoint_dir, step, state, prog, adapter, keep=keep_checkpoints)
         barrier()
 
     bar = tqdm(
@@ -304,18 +274,11 @@ def sft(
     try:
         for epoch in range(first_epoch, epochs):
             batches = batch_indices(lengths, batch_size * world, seed=seed, epoch=epoch)
-            groups = [
-                batches[k : k + grad_accum_steps]
-                for k in range(0, len(batches), grad_accum_steps)
-            ]
+            groups = [batches[k : k + grad_accum_steps] for k in range(0, len(batches), grad_accum_steps)]
             for g in range(groups_done if epoch == first_epoch else 0, len(groups)):
                 t0 = time.perf_counter()
                 shards = [_shard(b, batch_size, rank) for b in groups[g]]
-                micro = [
-                    collate([dataset[j] for j in rows], pad_id)
-                    for rows in shards
-                    if rows
-                ]
+                micro = [collate([dataset[j] for j in rows], pad_id) for rows in shards if rows]
                 n_targets, n_tokens = all_reduce_sum(
                     [
                         sum(mb.n_targets for mb in micro),
@@ -326,10 +289,7 @@ def sft(
                     raise ValueError(
                         f"step {step + 1} has no target tokens (every label is -100); use prepare_dataset's examples"
                     )
-                loss_sum = sum(
-                    engine.forward_backward(mb, normalizer=n_targets).loss_sum
-                    for mb in micro
-                )
+                loss_sum = sum(engine.forward_backward(mb, normalizer=n_targets).loss_sum for mb in micro)
                 all_reduce_gradients(params)
                 (loss_sum,) = all_reduce_sum([loss_sum])
                 if max_grad_norm is not None:
@@ -351,19 +311,11 @@ def sft(
                     n_tokens / (now - t0),
                     now - start,
                 )
-                due = (
-                    (step % eval_every == 0 or step == total)
-                    if eval_every
-                    else g == len(groups) - 1
-                )
+                due = (step % eval_every == 0 or step == total) if eval_every else g == len(groups) - 1
                 if eval_dataset is not None and due:
-                    info.eval_loss = evaluate(
-                        engine, eval_dataset, eval_batch_size or batch_size
-                    )
+                    info.eval_loss = evaluate(engine, eval_dataset, eval_batch_size or batch_size)
                 history.append(info)
-                if checkpoint_dir is not None and (
-                    step % save_every == 0 or step == total
-                ):
+                if checkpoint_dir is not None and (step % save_every == 0 or step == total):
                     save(epoch, g + 1)
                 bar.update(1)
                 bar.set_postfix(
