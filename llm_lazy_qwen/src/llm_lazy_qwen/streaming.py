@@ -34,6 +34,7 @@ Tensors = dict[str, torch.Tensor]
 Item = int | tuple[int, int]  # a layer index, or a head chunk (first row, last row + 1)
 Mode = Literal["auto", "copy", "mmap"]
 _HUGE_MIN_BYTES = 4 << 20  # smaller items cannot gain much from 2 MiB pages
+_RECHECK_EVERY = 512  # mappings of an item between checks: a check reads /proc/self/smaps (~3-5 ms)
 _HUGE_ENOUGH = 0.99  # re-cache an item unless all its whole 2 MiB blocks are huge pages (the header
 # block is read with read() first and comes in 4 KiB pages; re-cached, it joins the rest)
 
@@ -63,7 +64,8 @@ class LayerStreamer:
         self.source, self.order, self.device, self.dtype = source, order, device, dtype
         self.prefetch, self.mode = prefetch, mode
         self.hugepages = hugepages and mode == "mmap" and hugepages_available()
-        self._checked: set[Item] = set()  # items whose page-cache page size was checked (hugepages)
+        # hugepages: item -> mappings since its page-cache page size was last checked
+        self._checked: dict[Item, int] = {}
         self._index = {item: i for i, item in enumerate(order)}
         self.pinned: set[Item] = set()
         budget = resident_bytes
@@ -116,11 +118,15 @@ class LayerStreamer:
         return self.source.layer(item, prefault=True)
 
     def _map_huge(self, item: Item) -> Tensors:
-        """:meth:`_map`; the first time, re-cache the item as 2 MiB pages if it sits in 4 KiB ones."""
+        """:meth:`_map`; the first time (and every ``_RECHECK_EVERY`` times after, since reclaim may
+        evict pages that then come back small), re-cache the item as 2 MiB pages if it is not."""
         tensors = self._map(item)
-        if item in self._checked or self._stored_nbytes(item) < _HUGE_MIN_BYTES:
+        since = self._checked.get(item)
+        if (since is not None and since < _RECHECK_EVERY) or self._stored_nbytes(item) < _HUGE_MIN_BYTES:
+            if since is not None:
+                self._checked[item] = since + 1
             return tensors
-        self._checked.add(item)
+        self._checked[item] = 1
         largest = max(tensors.values(), key=lambda t: t.numel() * t.element_size())
         coverage = hugepage_coverage(largest)  # of the whole 2 MiB blocks inside the mapping
         if coverage is None or coverage >= _HUGE_ENOUGH:
