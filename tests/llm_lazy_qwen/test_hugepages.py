@@ -22,30 +22,64 @@ def test_auto_mode_is_mmap_on_cpu(sep):
     part.close()
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.95, 1.0, None])
-def test_small_page_items_are_recached_once_and_results_stay_exact(sep, monkeypatch, fraction):
-    """Every item (the tiny test layers and head chunks) is checked once; only 4 KiB-backed ones are dropped."""
-    path, ckpt = sep("qwen2_tied")
-    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
-    monkeypatch.setattr(streaming, "hugepages_available", lambda: True)
-    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: fraction)
+def _watch_drops(part, monkeypatch) -> list[object]:
     dropped: list[object] = []
-    part = load_part(path, lazy=True, head_chunk_size=100, prefetch=1)
     real_drop = part._streamer.source.drop_cached
     monkeypatch.setattr(part._streamer.source, "drop_cached", lambda *a: dropped.append(a) or real_drop(*a))
+    return dropped
+
+
+def _run_and_check(part, ckpt) -> None:
     ids = _ids()
     with torch.no_grad():
         want = ckpt.model(ids).logits
         for _ in range(3):
             torch.testing.assert_close(part(ids), want, **FP32)
+
+
+@pytest.mark.parametrize("coverage", [1.0, None])
+def test_items_already_huge_or_unknown_are_left_alone(sep, monkeypatch, coverage):
+    """Every item (the tiny test layers and head chunks) is checked once; none is dropped."""
+    path, ckpt = sep("qwen2_tied")
+    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
+    monkeypatch.setattr(streaming, "hugepages_available", lambda: True)
+    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: coverage)
+    part = load_part(path, lazy=True, head_chunk_size=100, prefetch=0)  # one thread: a fixed order
+    dropped = _watch_drops(part, monkeypatch)
+    _run_and_check(part, ckpt)
+    assert set(part._streamer._checked) == set(part._streamer.order)
+    assert dropped == []
+    part.close()
+
+
+def test_small_page_items_are_recached_once_and_results_stay_exact(sep, monkeypatch):
+    """Coverage 0 before a drop and 1 after: every item is re-cached exactly once."""
+    path, ckpt = sep("qwen2_tied")
+    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
+    monkeypatch.setattr(streaming, "hugepages_available", lambda: True)
+    calls = iter([0.0, 1.0] * 100)  # each re-cache asks twice: before the drop, after the re-read
+    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: next(calls))
+    part = load_part(path, lazy=True, head_chunk_size=100, prefetch=0)  # one thread: a fixed order
+    dropped = _watch_drops(part, monkeypatch)
+    _run_and_check(part, ckpt)
     order = part._streamer.order
-    assert set(part._streamer._checked) == set(order)
-    if fraction is not None and fraction < 0.99:  # once per item, whatever the number of forwards
-        assert sorted(map(str, dropped)) == sorted(
-            str(("end", ("lm_head.weight", *i)) if isinstance(i, tuple) else (i,)) for i in order
-        )
-    else:
-        assert dropped == []
+    assert sorted(map(str, dropped)) == sorted(
+        str(("end", ("lm_head.weight", *i)) if isinstance(i, tuple) else (i,)) for i in order
+    )
+    assert part._streamer.hugepages
+    part.close()
+
+
+def test_recaching_that_gains_nothing_stops(sep, monkeypatch):
+    """A file system without large folios: the first re-read does not help, so no file is re-read again."""
+    path, ckpt = sep("qwen2_tied")
+    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
+    monkeypatch.setattr(streaming, "hugepages_available", lambda: True)
+    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: 0.0)
+    part = load_part(path, lazy=True, head_chunk_size=100, prefetch=0)  # one thread: a fixed order
+    dropped = _watch_drops(part, monkeypatch)
+    _run_and_check(part, ckpt)
+    assert len(dropped) == 1 and not part._streamer.hugepages
     part.close()
 
 

@@ -137,7 +137,14 @@ class LayerStreamer:
             self.source.drop_cached("end", self._rows(item))
         else:
             self.source.drop_cached(item)
-        return self._map(item)  # read back through a MADV_HUGEPAGE mapping: 2 MiB folios
+        tensors = self._map(item)  # read back through a MADV_HUGEPAGE mapping: 2 MiB folios
+        largest = max(tensors.values(), key=lambda t: t.numel() * t.element_size())
+        after = hugepage_coverage(largest)
+        if after is None or after <= coverage:
+            # no gain (a file system without large folios, pages mapped elsewhere, memory too
+            # fragmented): stop re-reading files for nothing and stream the pages as they are
+            self.hugepages = False
+        return tensors
 
     def _read(self, item: Item) -> tuple[Tensors, torch.Tensor | None]:
         if item in self.pinned:

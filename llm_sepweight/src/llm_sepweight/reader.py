@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .errors import SepweightError
-from .hugepages import drop_cached
+from .hugepages import HUGE, drop_cached
 from .manifest import Manifest, Part, part_filename
 from .safetensors_io import (
     DTYPES,
@@ -191,7 +191,7 @@ class SepWeights:
         return self.root / part_filename(part)
 
     def drop_cached(self, part: Part, rows: tuple[str, int, int] | None = None) -> None:
-        """Evict a part's file (or the bytes of ``rows=(key, start, stop)``) from the page cache.
+        """Evict a part's file (or the 2 MiB blocks holding ``rows=(key, start, stop)``) from the page cache.
 
         The next ``prefault=True`` mapping reads it back as 2 MiB pages where the kernel allows,
         which makes mapping it per token ~10x cheaper (see :mod:`llm_sepweight.hugepages`). Only
@@ -204,7 +204,12 @@ class SepWeights:
         header = self._header(name)
         t = header.tensors[key]
         row = t.nbytes // t.shape[0] if t.shape and t.shape[0] else 0
-        drop_cached(self.root / name, header.data_start + t.begin + rows[1] * row, (rows[2] - rows[1]) * row)
+        begin = header.data_start + t.begin + rows[1] * row
+        end = begin + (rows[2] - rows[1]) * row
+        # widened to whole 2 MiB blocks: a large folio that straddles the range is not dropped,
+        # and the blocks at the edges would stay in small pages for good
+        begin, end = begin // HUGE * HUGE, -(-end // HUGE) * HUGE
+        drop_cached(self.root / name, begin, end - begin)
 
     def _read(
         self, part: Part, device: str | torch.device, dtype: torch.dtype | None, mmap: bool, prefault: bool = False
