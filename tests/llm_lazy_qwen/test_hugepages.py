@@ -64,7 +64,7 @@ def test_small_page_items_are_recached_once_and_results_stay_exact(sep, monkeypa
     _run_and_check(part, ckpt)
     order = part._streamer.order
     assert sorted(map(str, dropped)) == sorted(
-        str(("end", ("lm_head.weight", *i)) if isinstance(i, tuple) else (i,)) for i in order
+        str(("end", ("lm_head.weight", *i)) if isinstance(i, tuple) else (i, None)) for i in order
     )
     assert part._streamer.hugepages
     part.close()

@@ -39,6 +39,12 @@ _HUGE_ENOUGH = 0.99  # re-cache an item unless all its whole 2 MiB blocks are hu
 # block is read with read() first and comes in 4 KiB pages; re-cached, it joins the rest)
 
 
+def _coverage(tensors: Tensors) -> float | None:
+    """2 MiB-page coverage of the mapping behind a layer / head chunk (all its tensors share one)."""
+    largest = max(tensors.values(), key=lambda t: t.numel() * t.element_size())
+    return hugepage_coverage(largest)
+
+
 class LayerStreamer:
     """Hands out weights in a fixed cyclic order, keeping `prefetch` upcoming items in flight."""
 
@@ -86,11 +92,15 @@ class LayerStreamer:
         self._last: Item | None = None  # the previous request: tells the direction of traversal
 
     # ------------------------------------------------------------------------------- sizes
-    def _rows(self, item: tuple[int, int]) -> tuple[str, int, int]:
-        return ("lm_head.weight", item[0], item[1])
+    @staticmethod
+    def _where(item: Item) -> tuple[int | str, tuple[str, int, int] | None]:
+        """Where llm_sepweight keeps an item: (part, rows of the head or None for the whole layer)."""
+        if isinstance(item, tuple):
+            return "end", ("lm_head.weight", item[0], item[1])
+        return item, None
 
     def _stored_nbytes(self, item: Item) -> int:
-        return self.source.nbytes("end", self._rows(item)) if isinstance(item, tuple) else self.source.nbytes(item)
+        return self.source.nbytes(*self._where(item))
 
     def _nbytes(self, item: Item) -> int:
         """Bytes the item occupies in the compute dtype."""
@@ -113,33 +123,30 @@ class LayerStreamer:
 
     def _map(self, item: Item) -> Tensors:
         """Zero-copy read-only views of a fresh mapping whose pages are all mapped up front."""
-        if isinstance(item, tuple):
-            return {"lm_head.weight": self.source.rows("end", "lm_head.weight", *item, prefault=True)}
-        return self.source.layer(item, prefault=True)
+        part, rows = self._where(item)
+        if rows is None:
+            return self.source.layer(item, prefault=True)
+        key, first, stop = rows
+        return {key: self.source.rows(part, key, first, stop, prefault=True)}
 
     def _map_huge(self, item: Item) -> Tensors:
         """:meth:`_map`; the first time (and every ``_RECHECK_EVERY`` times after, since reclaim may
         evict pages that then come back small), re-cache the item as 2 MiB pages if it is not."""
         tensors = self._map(item)
-        since = self._checked.get(item)
-        if (since is not None and since < _RECHECK_EVERY) or self._stored_nbytes(item) < _HUGE_MIN_BYTES:
-            if since is not None:
-                self._checked[item] = since + 1
+        since = self._checked.get(item, _RECHECK_EVERY)
+        if since < _RECHECK_EVERY:
+            self._checked[item] = since + 1
             return tensors
         self._checked[item] = 1
-        largest = max(tensors.values(), key=lambda t: t.numel() * t.element_size())
-        coverage = hugepage_coverage(largest)  # of the whole 2 MiB blocks inside the mapping
+        if self._stored_nbytes(item) < _HUGE_MIN_BYTES:
+            return tensors
+        coverage = _coverage(tensors)
         if coverage is None or coverage >= _HUGE_ENOUGH:
             return tensors
-        del largest
         tensors.clear()  # unmapped now: nothing of ours pins the pages
-        if isinstance(item, tuple):
-            self.source.drop_cached("end", self._rows(item))
-        else:
-            self.source.drop_cached(item)
+        self.source.drop_cached(*self._where(item))
         tensors = self._map(item)  # read back through a MADV_HUGEPAGE mapping: 2 MiB folios
-        largest = max(tensors.values(), key=lambda t: t.numel() * t.element_size())
-        after = hugepage_coverage(largest)
+        after = _coverage(tensors)
         if after is None or after <= coverage:
             # no gain (a file system without large folios, pages mapped elsewhere, memory too
             # fragmented): stop re-reading files for nothing and stream the pages as they are
@@ -152,8 +159,8 @@ class LayerStreamer:
         if self.mode == "mmap":
             return (self._map_huge(item) if self.hugepages else self._map(item)), None
         buf = self._buffer()
-        rows = self._rows(item) if isinstance(item, tuple) else None
-        return self.source.read_into("end" if rows else item, buf, rows), buf  # type: ignore[arg-type]
+        part, rows = self._where(item)
+        return self.source.read_into(part, buf, rows), buf
 
     def _load(self, item: Item) -> Tensors:
         tensors, buf = self._read(item)
