@@ -20,6 +20,7 @@ from .safetensors_io import (
     open_tensors,
     read_header,
     read_into,
+    row_span,
 )
 from .spec import PartSpec
 from .writer import check_file_matches
@@ -201,11 +202,8 @@ class SepWeights:
             drop_cached(self.root / self._name(part))
             return
         name, key = self._resolve(part, rows[0])
-        header = self._header(name)
-        t = header.tensors[key]
-        row = t.nbytes // t.shape[0] if t.shape and t.shape[0] else 0
-        begin = header.data_start + t.begin + rows[1] * row
-        end = begin + (rows[2] - rows[1]) * row
+        begin, nbytes = row_span(self.root / name, self._header(name), key, rows[1], rows[2])
+        end = begin + nbytes
         # widened to whole 2 MiB blocks: a large folio that straddles the range is not dropped,
         # and the blocks at the edges would stay in small pages for good
         begin, end = begin // HUGE * HUGE, -(-end // HUGE) * HUGE

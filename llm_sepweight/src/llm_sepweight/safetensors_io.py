@@ -193,19 +193,24 @@ def open_rows(
     most its own pages to RSS, and they leave when the tensor is dropped.
     """
     t = header.tensors[name]
+    begin, nbytes = row_span(path, header, name, start, stop)
+    shape = (stop - start, *t.shape[1:])
+    if nbytes == 0:
+        return torch.empty(shape, dtype=t.torch_dtype)
+    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mm = _map(f, nbytes + (begin - aligned), aligned, prefault)
+    sub = TensorInfo(t.dtype, shape, begin - aligned, begin - aligned + nbytes)
+    return _view(_base(mm), 0, sub)
+
+
+def row_span(path: str | os.PathLike[str], header: Header, name: str, start: int, stop: int) -> tuple[int, int]:
+    """(offset in the file, byte count) of rows ``start:stop`` of a tensor along dim 0; checks the range."""
+    t = header.tensors[name]
     if not t.shape or not 0 <= start <= stop <= t.shape[0]:
         raise SepweightError(f"{path}: rows {start}:{stop} are outside tensor {name!r} of shape {list(t.shape)}")
     row = t.nbytes // t.shape[0] if t.shape[0] else 0
-    shape = (stop - start, *t.shape[1:])
-    if stop == start or row == 0:
-        return torch.empty(shape, dtype=t.torch_dtype)
-    begin = header.data_start + t.begin + start * row
-    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-    length = (stop - start) * row + (begin - aligned)
-    with open(path, "rb") as f:
-        mm = _map(f, length, aligned, prefault)
-    sub = TensorInfo(t.dtype, shape, begin - aligned, begin - aligned + (stop - start) * row)
-    return _view(_base(mm), 0, sub)
+    return header.data_start + t.begin + start * row, (stop - start) * row
 
 
 def gather_rows(path: str | os.PathLike[str], header: Header, name: str, index: torch.Tensor) -> torch.Tensor:
@@ -259,10 +264,7 @@ def read_into(
     else:
         name, start, stop = rows
         t = header.tensors[name]
-        if not t.shape or not 0 <= start <= stop <= t.shape[0]:
-            raise SepweightError(f"{path}: rows {start}:{stop} are outside tensor {name!r} of shape {list(t.shape)}")
-        row = t.nbytes // t.shape[0] if t.shape[0] else 0
-        first, length = header.data_start + t.begin + start * row, (stop - start) * row
+        first, length = row_span(path, header, name, start, stop)
         items = [(name, first, length, t.torch_dtype, (stop - start, *t.shape[1:]))]
     if length > buffer.numel():
         raise SepweightError(f"{path}: needs a buffer of {length} bytes, got {buffer.numel()}")
