@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lazy_helpers import FP32, token_ids
 
 from llm_lazy_qwen import bsm_path, load_part
 
@@ -26,7 +27,6 @@ def _count_bundles(monkeypatch) -> list[int]:
     return calls
 
 
-FP32 = {"atol": 1e-4, "rtol": 1e-4}
 VARIANTS = [
     "qwen2",
     "qwen2_tied",
@@ -38,15 +38,11 @@ VARIANTS = [
 ]
 
 
-def _ids(batch=2, seq=13, seed=0):
-    return torch.randint(0, 384, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("lazy", [False, True], ids=["ram", "lazy"])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_logits_equal_transformers(sep, name, lazy):
     path, ckpt = sep(name)
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         model = load_part(path, "f", lazy=lazy, matmul="bsm")
         got = model(ids)
@@ -57,7 +53,7 @@ def test_logits_equal_transformers(sep, name, lazy):
 
 def test_left_padded_batch(sep):
     path, ckpt = sep("qwen2_swa")
-    ids = _ids(batch=3, seq=10, seed=4)
+    ids = token_ids(batch=3, seq=10, seed=4)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     mask[2, :7] = 0
@@ -71,7 +67,7 @@ def test_left_padded_batch(sep):
 @pytest.mark.parametrize("chunk", [1, 3, 4, 7])
 def test_sliding_window_chunked_prefill(sep, chunk):
     path, ckpt = sep("qwen2_swa")
-    ids = _ids(batch=2, seq=17, seed=9)
+    ids = token_ids(batch=2, seq=17, seed=9)
     model = load_part(path, matmul="bsm")
     cache = model.new_cache()
     with torch.no_grad():
@@ -99,7 +95,7 @@ def _greedy(model, ids, steps, mask=None):
 @pytest.mark.parametrize("name", ["qwen2", "qwen2_swa", "qwen3"])
 def test_kv_cache_decode_equals_generate(sep, name):
     path, ckpt = sep(name)
-    ids = _ids(batch=1, seq=9, seed=7)
+    ids = token_ids(batch=1, seq=9, seed=7)
     with torch.no_grad():
         want = ckpt.model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False,
@@ -112,7 +108,7 @@ def test_kv_cache_decode_equals_generate(sep, name):
 def test_padded_decode_logits_equal_torch_path(sep):
     """Left-padded batch, cached decode: every step's logits equal the torch path's."""
     path, _ = sep("qwen2_swa")
-    ids = _ids(batch=3, seq=8, seed=8)
+    ids = token_ids(batch=3, seq=8, seed=8)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     mask[1, :6] = 0
@@ -149,7 +145,7 @@ def test_each_layer_runs_four_bundles(sep, monkeypatch):
     path, _ = sep("qwen2")
     calls = _count_bundles(monkeypatch)
     with torch.no_grad():
-        load_part(path, matmul="bsm")(_ids(batch=2))
+        load_part(path, matmul="bsm")(token_ids(batch=2))
     assert calls == [3, 4, 4, 2] * 3  # 3 layers, batch 2 x 2 KV heads
 
 
@@ -161,15 +157,15 @@ def test_small_calls_take_the_torch_path(sep, monkeypatch):
     model = load_part(path, matmul="bsm")
     cache = model.new_cache()
     with torch.no_grad():
-        model(_ids(batch=2, seq=32), cache=cache)  # 64 tokens: bundles
+        model(token_ids(batch=2, seq=32), cache=cache)  # 64 tokens: bundles
         n = len(calls)
-        model(_ids(batch=2, seq=1), cache=cache)  # 2 tokens: torch
+        model(token_ids(batch=2, seq=1), cache=cache)  # 2 tokens: torch
     assert n == 12 and len(calls) == n
 
 
 def test_bf16_close_to_torch_path(sep):
     path, _ = sep("qwen2")
-    ids = _ids(seed=5)
+    ids = token_ids(seed=5)
     with torch.no_grad():
         ref = load_part(path, dtype="bf16")(ids)
         got = load_part(path, dtype="bf16", matmul="bsm")(ids)
@@ -181,7 +177,7 @@ def test_lora_wrapped_projections_fall_back_to_their_modules(sep):
     """A LoRA-wrapped q/k/v or gate/up computes itself; the result equals the torch path's."""
     lora = pytest.importorskip("llm_lora_mmap")
     path, _ = sep("qwen2")
-    ids = _ids(seed=6)
+    ids = token_ids(seed=6)
     outs = []
     for matmul in ("torch", "bsm"):
         part = load_part(path, matmul=matmul)

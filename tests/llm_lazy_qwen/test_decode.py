@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from lazy_helpers import FP32
 
 from llm_lazy_qwen import load_part
-
-FP32 = dict(atol=1e-4, rtol=1e-4)
 
 
 def greedy(model, ids, steps, chunk=None, attention_mask=None):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from lazy_helpers import FP32, token_ids
 
 from llm_lazy_qwen import QwenConfig, load_part
 
-FP32 = dict(atol=1e-4, rtol=1e-4)
 VARIANTS = [
     "qwen2",
     "qwen2_tied",
@@ -18,15 +18,11 @@ VARIANTS = [
 ]
 
 
-def _ids(batch=2, seq=13, seed=0):
-    return torch.randint(0, 384, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("lazy", [False, True], ids=["ram", "lazy"])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_full_model_logits(sep, name, lazy):
     path, ckpt = sep(name)
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         want = ckpt.model(ids).logits
         model = load_part(path, "f", lazy=lazy)
@@ -40,7 +36,7 @@ def test_full_model_logits(sep, name, lazy):
 def test_chained_parts(sep, name, lazy):
     path, ckpt = sep(name)
     n = ckpt.variant.num_layers
-    ids = _ids(seed=1)
+    ids = token_ids(seed=1)
     specs = ["b 0", f"1-{n - 1}", f"{n - 1} e"]
     parts = [load_part(path, s, lazy=lazy) for s in specs]
     with torch.no_grad():
@@ -57,7 +53,7 @@ def test_chained_parts(sep, name, lazy):
 
 def test_begin_only_and_end_only(sep):
     path, ckpt = sep("qwen2_tied")
-    ids = _ids(seed=2)
+    ids = token_ids(seed=2)
     begin, rest, end = load_part(path, "b"), load_part(path, "0-3"), load_part(path, "e")
     with torch.no_grad():
         got = end(rest(begin(ids)))
@@ -68,7 +64,7 @@ def test_begin_only_and_end_only(sep):
 @pytest.mark.parametrize("lazy", [False, True], ids=["ram", "lazy"])
 def test_logits_to_keep(sep, lazy):
     path, ckpt = sep("qwen2")
-    ids = _ids(seed=3)
+    ids = token_ids(seed=3)
     model = load_part(path, lazy=lazy, head_chunk_size=100)  # several vocabulary chunks (vocab 384)
     with torch.no_grad():
         full = ckpt.model(ids).logits
@@ -80,7 +76,7 @@ def test_logits_to_keep(sep, lazy):
 
 def test_left_padded_batch(sep):
     path, ckpt = sep("qwen2_swa")
-    ids = _ids(batch=3, seq=10, seed=4)
+    ids = token_ids(batch=3, seq=10, seed=4)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     mask[2, :7] = 0
@@ -94,7 +90,7 @@ def test_left_padded_batch(sep):
 
 def test_bf16_close_to_fp32(sep):
     path, ckpt = sep("qwen2")
-    ids = _ids(seed=5)
+    ids = token_ids(seed=5)
     with torch.no_grad():
         ref = load_part(path, dtype=torch.float32)(ids)
         got = load_part(path, dtype="bf16", lazy=True)(ids)
@@ -106,7 +102,7 @@ def test_lazy_layers_are_released_after_use(sep):
     path, _ = sep("qwen2")
     model = load_part(path, lazy=True)
     with torch.no_grad():
-        model(_ids(seed=6))
+        model(token_ids(seed=6))
     for layer in model.model.layers.values():
         assert all(p.device.type == "meta" for p in layer.parameters())
     model.close()
@@ -126,7 +122,7 @@ def test_config_styles_agree(qwen_checkpoints):
 @pytest.mark.parametrize(("prefetch", "resident_mb"), [(0, 0.0), (1, 0.0), (5, 0.0), (2, 0.05), (2, 100.0)])
 def test_lazy_knobs_do_not_change_results(sep, prefetch, resident_mb, mode):
     path, ckpt = sep("qwen2_tied")
-    ids = _ids(seed=7)
+    ids = token_ids(seed=7)
     model = load_part(
         path, lazy=True, prefetch=prefetch, resident_mb=resident_mb, head_chunk_size=100, stream_mode=mode
     )
@@ -160,7 +156,7 @@ def test_autograd_through_a_lazy_part(sep, mode):
 def test_step_api_equals_forward(sep):
     path, ckpt = sep("qwen3")
     part = load_part(path, lazy=True)
-    ids = _ids(seed=9)
+    ids = token_ids(seed=9)
     with torch.no_grad():
         h, step = part.prepare(ids)
         for i in part.layer_ids:

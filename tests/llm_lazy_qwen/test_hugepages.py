@@ -2,14 +2,9 @@
 
 import pytest
 import torch
+from lazy_helpers import FP32, token_ids
 
 from llm_lazy_qwen import load_part, streaming
-
-FP32 = {"atol": 1e-4, "rtol": 1e-4}
-
-
-def _ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(seed))
 
 
 def test_auto_mode_is_mmap_on_cpu(sep):
@@ -30,7 +25,7 @@ def _watch_drops(part, monkeypatch) -> list[object]:
 
 
 def _run_and_check(part, ckpt) -> None:
-    ids = _ids()
+    ids = token_ids(seq=9)
     with torch.no_grad():
         want = ckpt.model(ids).logits
         for _ in range(3):
@@ -89,7 +84,7 @@ def test_hugepages_off_never_checks(sep, monkeypatch):
     monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: pytest.fail("checked with hugepages=False"))
     part = load_part(path, lazy=True, hugepages=False)
     with torch.no_grad():
-        part(_ids(1))
+        part(token_ids(seq=9, seed=1))
     assert part._streamer._checked == {}
     part.close()
 
@@ -106,6 +101,6 @@ def test_items_are_checked_again_after_many_mappings(sep, monkeypatch):
     n_items = len(part._streamer.order)
     with torch.no_grad():
         for seed in range(4):  # 4 mappings of every item: checked on the 1st and the 3rd
-            part(_ids(seed))
+            part(token_ids(seq=9, seed=seed))
     assert len(checks) == 2 * n_items
     part.close()

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from lazy_helpers import FP32
 
 from llm_lazy_qwen import IncrementalPart, load_part
 
 llm_sampler = pytest.importorskip("llm_sampler")
-
-FP32 = dict(atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["ram", "lazy"])
