@@ -89,6 +89,10 @@ class LayerStreamer:
         self._allocated = 0
         self._lock = threading.Lock()
         self._buffer_of: dict[int, torch.Tensor] = {}  # id(returned dict) -> its buffer
+        # CUDA: id(returned dict) -> event after its copies (the consumer's stream waits on it);
+        # id(pinned buffer) -> event after the copy out of it (the buffer is refilled only after it)
+        self._ready: dict[int, torch.cuda.Event] = {}
+        self._copied: dict[int, torch.cuda.Event] = {}
         self._last: Item | None = None  # the previous request: tells the direction of traversal
 
     # ------------------------------------------------------------------------------- sizes
@@ -114,7 +118,11 @@ class LayerStreamer:
         """A free buffer, or a new one: never blocks, so no access pattern can deadlock the worker.
         For the access pattern the window expects, ``prefetch + 2`` buffers are all that exist."""
         try:
-            return self._free.get_nowait()
+            buf = self._free.get_nowait()
+            copied = self._copied.pop(id(buf), None)
+            if copied is not None:
+                copied.synchronize()  # the device copy out of it may still be in flight
+            return buf
         except queue.Empty:
             with self._lock:
                 self._allocated += 1
@@ -166,10 +174,15 @@ class LayerStreamer:
         tensors, buf = self._read(item)
         convert = any(t.is_floating_point() and t.dtype != self.dtype for t in tensors.values())
         if self._stream is not None:
+            # no host sync: the consumer's stream waits on `ready` (see _handoff), so the copies
+            # overlap the kernels queued there; the blocks are allocated on the side stream
             with torch.cuda.stream(self._stream):
                 out = {k: t.to(self.device, non_blocking=True) for k, t in tensors.items()}
                 out = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in out.items()}
-            self._stream.synchronize()
+                ready = self._stream.record_event()
+            self._ready[id(out)] = ready
+            if buf is not None:
+                self._copied[id(buf)] = ready
         elif convert:
             out = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         else:
@@ -182,6 +195,23 @@ class LayerStreamer:
         return out
 
     # ------------------------------------------------------------------------------- compute thread
+    def _handoff(self, tensors: Tensors, keep: bool = False) -> Tensors:
+        """CUDA: order the side stream's copies before their use on the caller's current stream,
+        and tell the allocator the tensors are used there: when they are freed (on the worker, or
+        when autograd lets go), their blocks are not handed to the next prefetch before the
+        kernels queued on this stream so far have run. ``keep`` (items kept for good, which any
+        stream may use later): also wait on the host, once."""
+        ready = self._ready.pop(id(tensors), None)
+        if ready is None:
+            return tensors
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_event(ready)
+        if keep:
+            ready.synchronize()
+        for t in tensors.values():
+            t.record_stream(consumer)
+        return tensors
+
     def _window(self, item: Item, step: int) -> list[Item]:
         """The next `prefetch` streamed (not pinned) items after `item`, cyclically, in direction `step`."""
         n, pos, out = len(self.order), self._index[item], []
@@ -214,10 +244,10 @@ class LayerStreamer:
                 self._pending[nxt] = self._pool.submit(self._load, nxt)
         if item in self.pinned:
             if item not in self._kept:
-                self._kept[item] = self._load(item)
+                self._kept[item] = self._handoff(self._load(item), keep=True)
             return self._kept[item]
         fut = self._pending.pop(item, None)
-        return fut.result() if fut is not None else self._load(item)
+        return self._handoff(fut.result() if fut is not None else self._load(item))
 
     def retire(self, tensors: Tensors, reuse: bool = True) -> None:
         """Give used weights back. Copy mode: the buffer is reused (``reuse=False`` when autograd may
@@ -225,6 +255,7 @@ class LayerStreamer:
         views, so unmapping happens off the compute thread. Pinned items are kept."""
         if any(tensors is kept for kept in self._kept.values()):
             return
+        self._ready.pop(id(tensors), None)  # a prefetch dropped unused: never used off the side stream
         buf = self._buffer_of.pop(id(tensors), None)
         if buf is not None:
             if reuse:
