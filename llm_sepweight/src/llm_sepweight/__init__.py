@@ -13,6 +13,8 @@ from .convert import convert
 from .errors import SepweightError
 from .hugepages import hugepage_coverage, hugepages_available
 from .manifest import FORMAT_VERSION, Manifest, part_filename
+from .quant import QuantSpec, dequantize, quantize_int4, quantize_int8
+from .quant_pack import int4_layout, pack_int4, unpack_int4
 from .reader import PartWeights, SepWeights, load
 from .spec import PartSpec
 from .verify import VerifyReport, verify
@@ -25,15 +27,22 @@ __all__ = [
     "Manifest",
     "PartSpec",
     "PartWeights",
+    "QuantSpec",
     "SepWeights",
     "SepweightError",
     "SepweightWriter",
     "VerifyReport",
     "convert",
+    "dequantize",
     "hugepage_coverage",
     "hugepages_available",
+    "int4_layout",
     "load",
+    "pack_int4",
     "part_filename",
+    "quantize_int4",
+    "quantize_int8",
     "save_part",
+    "unpack_int4",
     "verify",
 ]

@@ -1,0 +1,105 @@
+"""Quantize -> dequantize error bounds, the clipping search against plain RTN, and rejected input."""
+
+import pytest
+import torch
+
+import llm_sepweight as sw
+
+
+def _int4_error(w: torch.Tensor, g: int, method: str, layout: str | None = None) -> torch.Tensor:
+    qweight, sz = sw.quantize_int4(w, g, layout=layout, method=method)
+    spec = sw.QuantSpec("int4", tuple(w.shape), g, layout or sw.int4_layout())
+    return sw.dequantize({"qweight": qweight, "scales_and_zeros": sz}, spec) - w.float()
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("method", ["rtn", "clip"])
+def test_int4_error_is_within_half_a_step_of_the_group_range(g, method):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    err = _int4_error(w, g, method).abs().view(64, -1, g)
+    step = (w.view(64, -1, g).amax(-1) - w.view(64, -1, g).amin(-1)) / 15  # RTN's step
+    if method == "rtn":
+        assert (err <= step.unsqueeze(-1) / 2 * 1.0001 + 1e-6).all()
+    else:  # clipping may cut an outlier by up to 12% of the range
+        assert (err <= step.unsqueeze(-1) * (0.5 + 0.13 * 15) + 1e-6).all()
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: torch.randn(128, 512), lambda: torch.distributions.StudentT(3.0).sample((128, 512))]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_has_less_weight_error_than_rtn_in_every_group(make, dtype):
+    torch.manual_seed(0)
+    w = make().to(dtype)
+    rtn = _int4_error(w, 64, "rtn").pow(2).view(128, -1, 64).sum(-1)
+    clip = _int4_error(w, 64, "clip").pow(2).view(128, -1, 64).sum(-1)
+    assert (clip <= rtn * (1 + 1e-6)).all()  # RTN is one of the candidates, scored with the stored scales
+    assert clip.sum() < 0.9 * rtn.sum()
+
+
+def test_int8_round_trip_error_is_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    q, s = sw.quantize_int8(w)
+    err = (sw.dequantize({"qweight": q, "scales": s}, sw.QuantSpec("int8", (64, 128))) - w).abs()
+    assert (err <= s[:, None] / 2 * 1.0001).all()
+
+
+def test_zero_and_constant_groups_are_exact():
+    w = torch.zeros(64, 64)
+    w[1] = 0.5
+    assert _int4_error(w, 32, "clip").abs().max() == 0
+    q, s = sw.quantize_int8(w)
+    assert torch.equal(sw.dequantize({"qweight": q, "scales": s}, sw.QuantSpec("int8", (64, 64))), w)
+
+
+def test_dequantize_takes_prefixed_keys_and_row_chunks():
+    torch.manual_seed(0)
+    w = torch.randn(192, 64)
+    qweight, sz = sw.quantize_int4(w, 32)
+    spec = sw.QuantSpec("int4", (192, 64), 32, sw.int4_layout())
+    full = sw.dequantize({"lm_head.qweight": qweight, "lm_head.scales_and_zeros": sz}, spec)
+    chunk = sw.dequantize({"qweight": qweight[64:128], "scales_and_zeros": sz[64:128]}, spec)
+    assert torch.equal(chunk, full[64:128])
+    assert sw.dequantize({"qweight": qweight, "scales_and_zeros": sz}, spec, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda: sw.quantize_int4(torch.randn(64, 96), 64, name="mlp.down_proj.weight"),
+            r"mlp.down_proj.weight: .*K=96 .*group size 64.*\[32\]",
+        ),
+        (lambda: sw.quantize_int4(torch.randn(64, 64), 48), r"group size 48 is not one of"),
+        (lambda: sw.quantize_int4(torch.randn(64, 64), method="gptq"), r"method 'gptq' is not one of"),
+        (lambda: sw.quantize_int4(torch.randn(96, 64), 32, layout="aten_cpu_avx512"), r"96 rows .* multiple of 64"),
+        (lambda: sw.quantize_int4(torch.randn(64, 64), 32, layout="nibbles"), r"unknown int4 layout 'nibbles'"),
+        (lambda: sw.quantize_int8(torch.randn(4, 4, 4)), r"2-D floating weight"),
+        (lambda: sw.quantize_int8(torch.ones(4, 4, dtype=torch.int32)), r"2-D floating weight"),
+        (
+            lambda: sw.quantize_int8(torch.tensor([[1.0, float("nan")]]), name="q_proj.weight"),
+            r"q_proj.weight: .*NaN or inf",
+        ),
+        (lambda: sw.pack_int4(torch.full((64, 4), 16, dtype=torch.uint8), "rows"), r"values must be in 0..15"),
+        (lambda: sw.pack_int4(torch.zeros(64, 3, dtype=torch.uint8), "rows"), r"K=3 is odd"),
+        (lambda: sw.unpack_int4(torch.zeros(64, 4, dtype=torch.int8), "rows"), r"2-D uint8"),
+        (lambda: sw.QuantSpec("int3", (4, 4)), r"scheme 'int3' is not one of"),
+        (lambda: sw.QuantSpec("int4", (64, 96), 64, "rows"), r"K=96 is not even and a multiple of group_size 64"),
+        (lambda: sw.QuantSpec("int4", (32, 64), 32, "aten_cpu_avx512"), r"N=32 is not a multiple"),
+        (lambda: sw.QuantSpec("int8", (4, 4), 32), r"int8 has no group_size"),
+    ],
+)
+def test_bad_input_is_rejected_clearly(call, match):
+    with pytest.raises(sw.SepweightError, match=match):
+        call()
+
+
+def test_dequantize_rejects_mismatched_tensors():
+    qweight, sz = sw.quantize_int4(torch.randn(64, 64), 32)
+    spec = sw.QuantSpec("int4", (64, 64), 64, sw.int4_layout())
+    with pytest.raises(sw.SepweightError, match=r"scales_and_zeros has shape \[64, 2, 2\]"):
+        sw.dequantize({"qweight": qweight, "scales_and_zeros": sz}, spec)
+    with pytest.raises(sw.SepweightError, match=r"need exactly one 'scales_and_zeros'"):
+        sw.dequantize({"qweight": qweight}, spec)
