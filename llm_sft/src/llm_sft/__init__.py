@@ -28,7 +28,7 @@ from .data import (
     prepare_dataset,
     read_records,
 )
-from .distributed import init_distributed
+from .distributed import init_distributed, local_device
 from .engine import LayerwiseEngine, StepLoss, chunked_cross_entropy
 from .report import plot_losses, write_loss_log
 from .schedule import warmup_cosine
@@ -53,6 +53,7 @@ __all__ = [
     "init_distributed",
     "latest_checkpoint",
     "load_tokenizer",
+    "local_device",
     "plot_losses",
     "prepare_dataset",
     "read_records",
