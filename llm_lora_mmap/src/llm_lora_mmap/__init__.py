@@ -10,12 +10,14 @@ drop); only the small A and B matrices live in RAM and get gradients::
     opt = torch.optim.AdamW(mark_only_lora_trainable(part), lr=2e-4)
     ...                                                     # forward, loss.backward(), opt.step()
     save_adapter(part, "my-adapter")                        # loads in peft.PeftModel.from_pretrained
+
+QLoRA: the same calls on a part loaded from a quantized (int8/int4) folder wrap its QuantLinears.
 """
 
 from .apply import apply_lora, find_targets, lora_layers, mark_only_lora_trainable
 from .config import LoraConfig
 from .errors import LoraError
-from .layer import LoraLinear, frozen_linear
+from .layer import LoraLinear, frozen_linear, is_linear_like
 from .merge import merge_adapter, merged_weight
 from .peft_io import load_adapter, read_adapter, save_adapter
 
@@ -28,6 +30,7 @@ __all__ = [
     "apply_lora",
     "find_targets",
     "frozen_linear",
+    "is_linear_like",
     "load_adapter",
     "lora_layers",
     "mark_only_lora_trainable",

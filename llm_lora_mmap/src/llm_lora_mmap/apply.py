@@ -11,7 +11,7 @@ from torch import nn
 from .bsm_lora import Matmul
 from .config import InitLoraWeights, LoraConfig
 from .errors import LoraError
-from .layer import LoraLinear
+from .layer import LoraLinear, is_linear_like
 
 ALL_LINEAR = "all-linear"
 QWEN2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -35,6 +35,11 @@ def _matches(name: str, target: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith(f".{t}") for t in target)
 
 
+def _adaptable(module: nn.Module) -> bool:
+    """A linear layer LoRA can wrap (plain or quantized), or one it already wraps."""
+    return is_linear_like(module) or isinstance(module, LoraLinear)
+
+
 def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
     """Full names of the modules ``target_modules`` selects; every listed name must select something.
 
@@ -43,11 +48,14 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
         find_targets(part, ["q_proj", "v_proj"])   # ['model.layers.0.self_attn.q_proj', ...]
     """
     modules = _candidates(model)
-    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, (nn.Linear, LoraLinear))})
+    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules if _adaptable(m)})
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        found = [n for n, m in modules if isinstance(m, (nn.Linear, LoraLinear)) and n.rsplit(".", 1)[-1] != "lm_head"]
+        found = [n for n, m in modules if _adaptable(m) and n.rsplit(".", 1)[-1] != "lm_head"]
         if not found:
-            raise LoraError("target_modules='all-linear' found no nn.Linear in the model (lm_head is never targeted)")
+            raise LoraError(
+                "target_modules='all-linear' found no linear layer (nn.Linear or quantized) in the model "
+                "(lm_head is never targeted)"
+            )
         return found
     if isinstance(target_modules, str):
         found = [n for n, _ in modules if _matches(n, target_modules)]
@@ -81,11 +89,13 @@ def apply_lora(
     device: torch.device | str | None = None,
     matmul: Matmul = "torch",
 ) -> list[str]:
-    """Replace the selected ``nn.Linear`` modules of ``model`` by :class:`LoraLinear` (in place).
+    """Replace the selected linear modules of ``model`` by :class:`LoraLinear` (in place).
 
     Works on any nn.Module: a llm_lazy_qwen part (lazy ones too: the frozen weight keeps arriving in
-    ``base_layer`` per forward while A and B stay in RAM) or a transformers model. The wrapped layers'
-    own weights are frozen; call :func:`mark_only_lora_trainable` to freeze everything else.
+    ``base_layer`` per forward while A and B stay in RAM; quantized ones too: QLoRA over int8/int4
+    ``QuantLinear`` bases) or a transformers model. The wrapped layers' own weights are frozen; call
+    :func:`mark_only_lora_trainable` to freeze everything else. Each new LoraLinear takes the
+    train/eval mode of the module it wraps (no LoRA dropout in an eval model).
     Returns the full names of the wrapped modules.
 
     Args:
@@ -115,13 +125,17 @@ def apply_lora(
         module = model.get_submodule(name)
         if isinstance(module, LoraLinear):
             raise LoraError(f"{name} already has a LoRA adapter; apply_lora once per model (or load_adapter into it)")
-        if not isinstance(module, nn.Linear):
-            raise LoraError(f"target {name} is a {type(module).__name__}; LoRA is supported on nn.Linear only")
+        if not is_linear_like(module):
+            raise LoraError(
+                f"target {name} is a {type(module).__name__}; LoRA is supported on nn.Linear only, and on frozen "
+                "linears that declare is_frozen_linear = True (a quantized QuantLinear)"
+            )
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        module = model.get_submodule(name)
         wrapped = LoraLinear(
-            model.get_submodule(name),  # type: ignore[arg-type]
+            module,
             r,
             lora_alpha,
             lora_dropout,
@@ -130,7 +144,7 @@ def apply_lora(
             dtype=dtype,
             device=device,
             matmul=matmul,
-        )
+        ).train(module.training)  # an eval model stays in eval: no dropout in the LoRA branch
         setattr(parent, leaf, wrapped)  # works for ModuleDict/ModuleList parents too (keys are strings)
     return names
 

@@ -7,6 +7,11 @@ zero-copy, memory-mapped view of a safetensors file), so the only new memory is 
 activations. A frozen weight stored in another dtype than the activations (bf16 on disk, fp32
 compute) is cast for one matmul at a time and autograd keeps only the stored tensor, never the
 cast copy, so a training step does not hold an upcast copy of every layer until backward.
+
+The base may also be any frozen *linear-like* module (:func:`is_linear_like`), e.g. llm_lazy_qwen's
+``QuantLinear`` over int8/int4 weights (QLoRA): LoraLinear then calls ``base_layer(x)``, which
+computes the frozen product and its backward w.r.t. ``x`` itself, and adds the LoRA branch. Only a
+plain ``nn.Linear`` takes the cast and bsm fast paths above.
 """
 
 from __future__ import annotations
@@ -60,15 +65,53 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-class LoraLinear(nn.Module):
-    """An ``nn.Linear`` wrapped with a LoRA adapter, laid out as PEFT (``base_layer``, ``lora_A``, ``lora_B``).
+def is_linear_like(module: object) -> bool:
+    """Whether LoRA can wrap ``module``: an ``nn.Linear``, or a frozen linear that declares itself.
 
-    Parameter names are ``base_layer.weight`` (frozen), ``lora_A.weight`` (r, in) and
+    A module declares itself with the class attribute ``is_frozen_linear = True`` and int
+    ``in_features`` / ``out_features``; its ``forward(x)`` maps ``(..., in_features)`` to
+    ``(..., out_features)`` in ``x.dtype``, differentiable w.r.t. ``x``, and its tensors are frozen
+    (llm_sepweight's QUANT_FORMAT.md; llm_lazy_qwen's ``QuantLinear`` does so). llm_lora_mmap never
+    imports the class: any module keeping this contract can be adapted.
+
+    Example::
+
+        is_linear_like(nn.Linear(4, 8))       # True
+        is_linear_like(nn.LayerNorm(4))       # False
+    """
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Module)
+        and getattr(type(module), "is_frozen_linear", False) is True
+        and isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int)
+    )
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose ``weight`` is the frozen product (the cast and bsm paths apply)."""
+    return isinstance(module, nn.Linear) and getattr(type(module), "is_frozen_linear", False) is not True
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where a module's tensors live (its first parameter or buffer); CPU for a module without any."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class LoraLinear(nn.Module):
+    """An ``nn.Linear`` (or a frozen linear-like module) wrapped with a LoRA adapter, laid out as PEFT (``base_layer``, ``lora_A``, ``lora_B``).
+
+    Parameter names are ``base_layer.weight`` (frozen; a quantized base has its own, e.g.
+    ``base_layer.qweight`` / ``base_layer.scales``), ``lora_A.weight`` (r, in) and
     ``lora_B.weight`` (out, r), so a model's LoRA state dict has PEFT's keys and loaders that assign
     frozen weights into ``base_layer`` (llm_lazy_qwen's lazy mode) keep working.
 
     Args:
-        base_layer: the linear layer to adapt; its parameters are frozen (requires_grad=False).
+        base_layer: the linear layer to adapt: an ``nn.Linear`` or any :func:`is_linear_like`
+            module (a quantized ``QuantLinear``: QLoRA); its parameters are frozen.
         r, lora_alpha, lora_dropout, use_rslora: as PEFT; scaling = lora_alpha / r
             (lora_alpha / sqrt(r) with use_rslora). Dropout applies to the LoRA branch's input only.
         init_lora_weights: True (kaiming-uniform A, zero B: the adapter starts as a no-op),
@@ -77,7 +120,8 @@ class LoraLinear(nn.Module):
         device: where A and B live; default the base weight's device (CPU if it is ``meta``).
         matmul: "torch" (default) or "bsm": the base product and the LoRA-A product as one
             llm_bsm_kernel bundle (CPU only; ``pip install llm_lora_mmap[bsm]``; bsm_lora.py);
-            inputs of fewer than ``bsm_lora.MIN_ROWS`` rows (decode steps) take the torch path.
+            inputs of fewer than ``bsm_lora.MIN_ROWS`` rows (decode steps) and bases that are
+            not a plain ``nn.Linear`` (quantized ones) take the torch path.
 
     Example::
 
@@ -87,7 +131,7 @@ class LoraLinear(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         r: int = 8,
         lora_alpha: float = 8,
         lora_dropout: float = 0.0,
@@ -98,18 +142,24 @@ class LoraLinear(nn.Module):
         matmul: Matmul = "torch",
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoraLinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        if not is_linear_like(base_layer):
+            message = (
+                f"LoraLinear wraps an nn.Linear, got {type(base_layer).__name__}; a quantized or other frozen linear "
+                "must declare the class attribute is_frozen_linear = True and have int in_features / out_features"
+            )
+            raise TypeError(message)
         check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
         check_matmul(matmul)
         self.matmul = matmul
+        self.plain = _plain_linear(base_layer)  # False: the base computes itself (quantized), no fast paths
         if device is None:
-            device = base_layer.weight.device
+            device = _device_of(base_layer)
             if device.type == "meta":  # a lazy part: the base weight arrives per forward, adapters stay in RAM
                 device = torch.device("cpu")
         self.base_layer = base_layer.requires_grad_(False)
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=dtype)  # (r, in)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=dtype)  # (out, r)
+        fan_in, fan_out = int(base_layer.in_features), int(base_layer.out_features)  # type: ignore[arg-type]
+        self.lora_A = nn.Linear(fan_in, r, bias=False, device=device, dtype=dtype)  # (r, in)
+        self.lora_B = nn.Linear(r, fan_out, bias=False, device=device, dtype=dtype)  # (out, r)
         self.lora_dropout: nn.Module = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = scaling(r, lora_alpha, use_rslora)
@@ -117,11 +167,11 @@ class LoraLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return int(self.base_layer.in_features)  # type: ignore[arg-type]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return int(self.base_layer.out_features)  # type: ignore[arg-type]
 
     @property
     def lora_dropout_p(self) -> float:
@@ -139,9 +189,12 @@ class LoraLinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matmul == "bsm" and worth_it(x, self.in_features):
+        if not self.plain:
+            result: torch.Tensor = self.base_layer(x)  # (..., out): a quantized base computes (and backprops) itself
+        elif self.matmul == "bsm" and worth_it(x, self.in_features):
             return self._forward_bsm(x)
-        result = frozen_linear(x, self.base_layer.weight, self.base_layer.bias)  # (..., out) in x.dtype
+        else:
+            result = frozen_linear(x, self.base_layer.weight, self.base_layer.bias)  # (..., out) in x.dtype
         h: torch.Tensor = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r): x in adapter dtype
         # the same operations in the same order as PEFT, so bf16 results round the same way
         lora: torch.Tensor = self.lora_B(h) * self.scaling  # (..., out)

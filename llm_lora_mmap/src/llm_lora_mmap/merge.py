@@ -4,6 +4,12 @@ Streams part by part: one layer's tensors are resident at a time, the delta is c
 and rounded once to the stored dtype, and a non-finite result stops the merge. The source folder
 is never written (merging in place would turn its copy-on-write mapped pages into anonymous memory
 and still leave the files unchanged).
+
+A quantized folder (int8/int4, llm_sepweight's QUANT_FORMAT.md) is refused: rounding ``W + B@A`` back
+to 4 or 8 bits would lose most of the adapter (its delta is far below one quantization step), and
+writing it unquantized would silently bring back the size the folder was quantized to avoid. Merge
+into the unquantized folder the quantized one was made from (a QLoRA adapter has the same keys), or
+serve the adapter unmerged over the quantized base (``load_part`` + ``load_adapter``).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def _hf_name(part: Part, key: str) -> str:
     """Transformers' name of a stored tensor (llm_sepweight's fixed mapping)."""
     if isinstance(part, int):
         return f"model.layers.{part}.{key}"
-    return key if key == "lm_head.weight" else f"model.{key}"
+    return key if key.startswith("lm_head.") else f"model.{key}"
 
 
 def _plan(source: sw.SepWeights, weights: AdapterWeights, adapter: Path, strict: bool) -> dict[Part, dict[str, str]]:
@@ -64,6 +70,13 @@ def _plan(source: sw.SepWeights, weights: AdapterWeights, adapter: Path, strict:
         layer = re.match(r"model\.layers\.(\d+)\.", name)
         if name not in where and not strict and layer is not None and int(layer[1]) < source.num_layers:
             continue  # a layer of the model that this part-folder does not hold
+        if name not in where and f"{module}.qweight" in where:
+            raise LoraError(
+                f"{source.root} is a quantized folder ({module} is stored as packed integers + scales): merge_adapter "
+                "refuses it, since rounding the merged weight back to int8/int4 would lose the adapter; merge into the "
+                "unquantized folder it was converted from (the adapter's keys are the same), or use the adapter "
+                "unmerged: load_part(quantized folder) + load_adapter"
+            )
         if name not in where:
             tied = (
                 " (the head is tied to the embedding in this model)" if name == "lm_head.weight" and source.tied else ""

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .apply import _matches, apply_lora, find_targets, lora_layers
+from .apply import _adaptable, _matches, apply_lora, find_targets, lora_layers
 from .atomic import atomic_write_bytes
 from .config import LoraConfig
 from .errors import LoraError
-from .layer import LoraLinear
+from .layer import LoraLinear, is_linear_like
 from .safetensors_file import read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -47,7 +47,7 @@ def _config_of(model: nn.Module, layers: dict[str, LoraLinear], base_model_name_
         )
     r, alpha, rslora, dropout = hyper.pop()
     leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
-    selected = {n for n, m in model.named_modules() if _matches(n, leaves) and isinstance(m, (nn.Linear, LoraLinear))}
+    selected = {n for n, m in model.named_modules() if _matches(n, leaves) and _adaptable(m)}
     # short names when they select exactly the wrapped modules (as PEFT writes), full names otherwise
     targets = leaves if selected == set(layers) else sorted(layers)
     return LoraConfig(targets, r, alpha, dropout, rslora, base_model_name_or_path=base_model_name_or_path)
@@ -161,11 +161,12 @@ def load_adapter(
         shapes = {}
         for n in targets:
             target = model.get_submodule(n)
-            if not isinstance(target, nn.Linear):
+            if not is_linear_like(target):
                 raise LoraError(
-                    f"{Path(path) / CONFIG_NAME}: target {n} is a {type(target).__name__}, not an nn.Linear"
+                    f"{Path(path) / CONFIG_NAME}: target {n} is a {type(target).__name__}, not a linear layer "
+                    "(nn.Linear or a quantized QuantLinear)"
                 )
-            shapes[n] = (target.in_features, target.out_features)
+            shapes[n] = (int(target.in_features), int(target.out_features))  # type: ignore[arg-type]
     missing = sorted(set(shapes) - set(weights))
     if missing:
         raise LoraError(
