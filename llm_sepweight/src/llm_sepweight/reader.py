@@ -131,11 +131,21 @@ class SepWeights:
         name, key = self._resolve(part, key)
         return gather_rows(self.root / name, self._header(name), key, index)
 
-    def read_into(self, part: Part, buffer: torch.Tensor, rows: tuple[str, int, int] | None = None) -> Tensors:
+    def read_into(
+        self,
+        part: Part,
+        buffer: torch.Tensor,
+        rows: tuple[str, int, int] | None = None,
+        *,
+        threads: int = 1,
+        drop_cache: bool = False,
+    ) -> Tensors:
         """Read a part's tensors (or ``rows=(key, start, stop)`` of one) into a reusable uint8 buffer.
 
         For streaming without mapping churn: a lazy runner keeps a few (pinned, for CUDA) buffers and
-        reads each layer into a free one; the returned tensors are views of the buffer.
+        reads each layer into a free one; the returned tensors are views of the buffer. ``threads``
+        concurrent readers (faster from most disks); ``drop_cache`` evicts the bytes read from the
+        page cache as the read goes (for models bigger than RAM: the page cache never grows).
 
         Example::
 
@@ -145,9 +155,10 @@ class SepWeights:
         """
         if rows is None:
             name = self._name(part)
-            return read_into(self.root / name, self._header(name), buffer)
+            return read_into(self.root / name, self._header(name), buffer, threads=threads, drop_cache=drop_cache)
         name, key = self._resolve(part, rows[0])
-        (tensor,) = read_into(self.root / name, self._header(name), buffer, (key, rows[1], rows[2])).values()
+        how = {"threads": threads, "drop_cache": drop_cache}
+        (tensor,) = read_into(self.root / name, self._header(name), buffer, (key, rows[1], rows[2]), **how).values()
         return {rows[0]: tensor}  # under the requested key, also for the tied head
 
     def nbytes(self, part: Part, rows: tuple[str, int, int] | None = None) -> int:

@@ -248,12 +248,21 @@ def gather_rows(path: str | os.PathLike[str], header: Header, name: str, index: 
 
 
 def read_into(
-    path: str | os.PathLike[str], header: Header, buffer: torch.Tensor, rows: tuple[str, int, int] | None = None
+    path: str | os.PathLike[str],
+    header: Header,
+    buffer: torch.Tensor,
+    rows: tuple[str, int, int] | None = None,
+    *,
+    threads: int = 1,
+    drop_cache: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read a file's tensors (or rows ``(name, start, stop)`` of one tensor) into `buffer`; return views of it.
 
     `buffer` is a contiguous CPU uint8 tensor (e.g. pinned, reused across calls) of at least the
-    bytes read. No mapping is created, so nothing is unmapped later either.
+    bytes read. No mapping is created, so nothing is unmapped later either. ``threads`` readers
+    ``pread`` slices of the range concurrently (a disk serves several readers faster than one);
+    ``drop_cache`` evicts each piece from the page cache right after it is read (and turns off
+    readahead), so streaming a model bigger than RAM never grows the page cache.
     """
     if buffer.dtype != torch.uint8 or not buffer.is_contiguous() or buffer.device.type != "cpu":
         raise SepweightError("read_into needs a contiguous CPU uint8 buffer")
@@ -268,19 +277,50 @@ def read_into(
         items = [(name, first, length, t.torch_dtype, (stop - start, *t.shape[1:]))]
     if length > buffer.numel():
         raise SepweightError(f"{path}: needs a buffer of {length} bytes, got {buffer.numel()}")
-    with open(path, "rb", buffering=0) as f:
-        f.seek(first)
-        view = _bytes_view(buffer[:length]) if length else memoryview(b"")
-        got = 0
-        while got < length:
-            n = f.readinto(view[got:])
-            if not n:
-                raise _fail(Path(path), "short read")
-            got += n
+    if length:
+        _pread(Path(path), _bytes_view(buffer[:length]), first, threads, drop_cache)
     out = {}
     for k, offset, nbytes, dtype, shape in items:
         out[k] = buffer[offset - first : offset - first + nbytes].view(dtype).reshape(shape)
     return out
+
+
+_PAGE = 4096
+_PIECE = 16 << 20  # bytes a reader reads (and, with drop_cache, evicts) at a time
+
+
+def _pread(path: Path, view: memoryview, offset: int, threads: int, drop_cache: bool) -> None:
+    """Fill `view` with the file's bytes from `offset`: `threads` readers over page-aligned slices."""
+    length = len(view)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        advise = drop_cache and hasattr(os, "posix_fadvise")
+        if advise:  # read exactly what is asked: readahead would bring in pages nobody drops
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_RANDOM)
+
+        def work(lo: int, hi: int) -> None:  # view[lo:hi], in pieces
+            while lo < hi:
+                stop = min(hi, (offset + lo) // _PIECE * _PIECE + _PIECE - offset)
+                n = os.preadv(fd, [view[lo:stop]], offset + lo)
+                if n <= 0:
+                    raise _fail(path, "short read")
+                if advise:  # whole pages touched by this piece (pieces meet at page boundaries)
+                    a = (offset + lo) // _PAGE * _PAGE
+                    os.posix_fadvise(fd, a, -(-(offset + lo + n) // _PAGE) * _PAGE - a, os.POSIX_FADV_DONTNEED)
+                lo += n
+
+        n = max(1, min(threads, -(-length // _PIECE)))
+        # slice boundaries at absolute page multiples, so no page is shared by two readers
+        cuts = [0] + [min(length, -(-(offset + length * k // n) // _PAGE) * _PAGE - offset) for k in range(1, n)]
+        cuts.append(length)
+        if n == 1:
+            work(0, length)
+        else:
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="llm_sepweight-read") as pool:
+                for fut in [pool.submit(work, lo, hi) for lo, hi in zip(cuts, cuts[1:])]:
+                    fut.result()
+    finally:
+        os.close(fd)
 
 
 def _base(mm: mmap.mmap) -> torch.Tensor:
