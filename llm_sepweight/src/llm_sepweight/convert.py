@@ -49,8 +49,9 @@ def convert(
     """Convert a checkpoint into a sepweight folder; re-running resumes where a killed run stopped.
 
     Args:
-        src: local HF checkpoint folder (safetensors single/sharded, or legacy pytorch_model*.bin) or
-            a hub repo id such as ``"Qwen/Qwen2.5-0.5B"`` (only the needed shards are downloaded).
+        src: local HF checkpoint folder (safetensors single/sharded, or legacy pytorch_model*.bin),
+            a hub repo id such as ``"Qwen/Qwen2.5-0.5B"`` (only the needed shards are downloaded), or a
+            ``.gguf`` file (see :func:`llm_sepweight.gguf_import.convert_gguf`; dtype default bf16).
         dst: output folder.
         dtype: convert floating tensors to bf16 / fp16 / fp32; None keeps the stored dtype.
         parts: which parts to write, as a spec (``"f"`` full, ``"b 0-12"``, ...).
@@ -60,6 +61,10 @@ def convert(
         manifest = convert("path/to/Qwen2.5-0.5B", "qwen-sep", dtype="bf16")
         print(manifest.num_layers, list(manifest.files))
     """
+    if str(src).lower().endswith(".gguf"):  # llama.cpp / ollama files: their own converter
+        from .gguf_import import convert_gguf
+
+        return convert_gguf(src, dst, dtype=dtype, progress=progress, parts=parts, fsync=fsync)
     spec = PartSpec.parse(parts)
     target = parse_dtype(dtype)
     src_str = str(src)
