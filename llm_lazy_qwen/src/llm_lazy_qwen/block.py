@@ -10,14 +10,15 @@ from . import bsm_path
 from .bsm_path import Matmul
 from .config import QwenConfig
 from .kv_cache import LayerCache, attention_mask
-from .layers import MLP, RMSNorm
+from .layers import MLP, RMSNorm, linear
 from .rope import apply_rope
 
 
 class Attention(nn.Module):
     """GQA self-attention; Qwen3 adds per-head RMSNorm on q and k before RoPE.
 
-    ``matmul="bsm"`` computes q/k/v and the attention products as llm_bsm_kernel bundles (bsm_path.py).
+    ``matmul="bsm"`` computes q/k/v and the attention products as llm_bsm_kernel bundles (bsm_path.py);
+    quantized q/k/v (``QuantLinear``) are not plain ``nn.Linear`` and keep their own path.
     """
 
     def __init__(
@@ -29,10 +30,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.window(layer)
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(h, self.n_heads * d, bias=cfg.qkv_bias, device=device)
-        self.k_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias, device=device)
-        self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias, device=device)
-        self.o_proj = nn.Linear(self.n_heads * d, h, bias=cfg.o_bias, device=device)
+        self.q_proj = linear(h, self.n_heads * d, cfg.qkv_bias, device)
+        self.k_proj = linear(h, self.n_kv * d, cfg.qkv_bias, device)
+        self.v_proj = linear(h, self.n_kv * d, cfg.qkv_bias, device)
+        self.o_proj = linear(self.n_heads * d, h, cfg.o_bias, device)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, device) if cfg.is_qwen3 else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, device) if cfg.is_qwen3 else None
 

@@ -1,0 +1,279 @@
+"""QuantLinear: a frozen int8 / int4 linear layer stored as llm_sepweight's QUANT_FORMAT.md; equals dequantize + F.linear.
+
+``y = x @ W.T + b`` with ``W`` held as packed integers plus scales, computed one of two ways (the same
+result within rounding; tests compare both with ``llm_sepweight.dequantize`` + ``F.linear``):
+
+- **kernel** (CPU, at most :func:`kernel_max_rows` rows: decode): torch's weight-only kernels
+  ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``, which read the integers as
+  stored (int4: only in this CPU's layout, :func:`llm_sepweight.int4_layout`).
+- **dequantize** (more rows: prefill; and wherever no kernel fits: the ``rows`` layout, another CPU's
+  layout, CUDA, a torch without the ops): W into a per-thread reused buffer, then the ordinary GEMM,
+  in fp32 on CPUs without native bf16 matmul (AVX2 / AVX512 without BF16: there bf16 GEMM ran 4x
+  slower than fp32 at 256 rows; benchmarks/bench_quant_kernels.py).
+
+Backward (LoRA training on top): ``grad_x = grad @ W``, W dequantized again; the integers are frozen.
+Kernels take scales in the activation dtype and int4's as ``[K/g, N, 2]``: that prepared copy is
+made once per scales tensor and cached while the tensor lives (resident weights: once; streamed
+ones: once per forward, dying with the tensor).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from llm_sepweight import QuantSpec, int4_layout, pack_int4, unpack_int4
+
+Scheme = Literal["int8", "int4"]
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Rows up to which the int kernels beat dequantize + GEMM (benchmarks/bench_quant_kernels.py).
+# AMD EPYC AVX2, 2 cores: measured. CPUs with AMX-BF16: from the notes' Intel box (kernels 5-7x slower
+# than AMX bf16 GEMM at 64 rows, 2.4x faster at 1 row): kept to decode-sized calls.
+_MAX_ROWS_NATIVE_BF16 = 8
+_MAX_ROWS_OTHER = 128
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16); else bf16 GEMM is emulated."""
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+def kernel_max_rows() -> int:
+    """Rows (batch x tokens) up to which a quantized linear takes the int kernel on this CPU."""
+    return _MAX_ROWS_NATIVE_BF16 if native_bf16() else _MAX_ROWS_OTHER
+
+
+# ----------------------------------------------------------------------------------- dequantize
+_local = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least `numel` elements, reused by every call of this thread."""
+    bufs: dict[tuple[torch.dtype, torch.device], torch.Tensor] = _local.__dict__.setdefault("bufs", {})
+    buf = bufs.get((dtype, device))
+    if buf is None or buf.numel() < numel:
+        buf = bufs[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def dequantize_into(
+    qweight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W ``[N, K]`` in `dtype` from the stored integers and scales (QUANT_FORMAT.md), written into `out` if given."""
+    N = qweight.shape[0]
+    K = qweight.shape[1] * (2 if spec.scheme == "int4" else 1)
+    w = torch.empty(N, K, dtype=dtype, device=qweight.device) if out is None else out.view(N, K)
+    if spec.scheme == "int8":
+        return torch.mul(qweight, scales.to(dtype)[:, None], out=w)  # (N, K) * (N, 1)
+    assert spec.group_size is not None and spec.layout is not None
+    g = spec.group_size
+    q = unpack_int4(qweight, spec.layout)  # (N, K) uint8 0..15
+    sz = scales.to(dtype)  # (N, K/g, 2)
+    wg = w.view(N, K // g, g)
+    wg.copy_(q.view(N, K // g, g)).sub_(8)
+    return wg.mul_(sz[..., :1]).add_(sz[..., 1:]).view(N, K)  # (q - 8) * scale + zero
+
+
+def repack_int4(qweight: torch.Tensor, layout: str, to: str) -> torch.Tensor:
+    """int4 ``qweight`` ``[N, K/2]`` packed in `layout` (e.g. another CPU's) re-packed in layout `to`."""
+    return pack_int4(unpack_int4(qweight, layout), to)
+
+
+# ----------------------------------------------------------------------------------- kernels
+_prepared: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_prepared_lock = threading.Lock()
+
+
+def _kernel_scales(scales: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
+    """Scales as the kernel takes them (x's dtype; int4 transposed to ``[K/g, N, 2]``), cached per tensor."""
+    with _prepared_lock:
+        per_dtype = _prepared.get(scales)
+        if per_dtype is not None and dtype in per_dtype:
+            return per_dtype[dtype]
+    if spec.scheme == "int8":
+        out = scales.to(dtype).contiguous()  # (N,)
+    else:
+        out = scales.to(dtype).transpose(0, 1).contiguous()  # (N, K/g, 2) -> (K/g, N, 2)
+    with _prepared_lock:
+        _prepared.setdefault(scales, {})[dtype] = out
+    return out
+
+
+def _has_kernel(scheme: str) -> bool:
+    name = "_weight_int8pack_mm" if scheme == "int8" else "_weight_int4pack_mm_for_cpu"
+    return hasattr(torch.ops.aten, name)
+
+
+def kernel_fits(x: torch.Tensor, qweight: torch.Tensor, spec: QuantSpec) -> bool:
+    """Whether torch's CPU kernel can compute this product (not: whether it is the faster one)."""
+    if x.device.type != "cpu" or qweight.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+        return False
+    if not _has_kernel(spec.scheme):
+        return False
+    return spec.scheme == "int8" or spec.layout == int4_layout()
+
+
+def _kernel(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    s = _kernel_scales(scales, spec, x2.dtype)
+    if spec.scheme == "int8":
+        return torch.ops.aten._weight_int8pack_mm(x2, qweight, s)  # (M, K) x (N, K) -> (M, N)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight, spec.group_size, s)
+
+
+def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """fp32 for half-precision GEMMs on CPUs that only emulate them."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not native_bf16():
+        return torch.float32
+    return dtype
+
+
+def _dequant_matmul(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """(M, K) @ W.T through W dequantized into this thread's buffer; (M, N) in x's dtype."""
+    dt = _gemm_dtype(x2.dtype, x2.device)
+    N = qweight.shape[0]
+    K = x2.shape[1]
+    w = dequantize_into(qweight, scales, spec, dt, _scratch(N * K, dt, x2.device))  # (N, K)
+    return F.linear(x2.to(dt), w).to(x2.dtype)
+
+
+def _forward(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K).contiguous()  # (M, K)
+    if x2.shape[0] <= kernel_max_rows() and kernel_fits(x2, qweight, spec):
+        y = _kernel(x2, qweight, scales, spec)
+    else:
+        y = _dequant_matmul(x2, qweight, scales, spec)
+    if bias is not None:
+        y = y.add_(bias.to(y.dtype))
+    return y.view(*x.shape[:-1], qweight.shape[0])  # (..., N)
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    """Autograd through a frozen quantized weight: grad_x = grad @ W, grad_b = sum of grad."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        spec: QuantSpec,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(qweight, scales)
+        ctx.spec = spec
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return _forward(x, qweight, scales, bias, spec)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        qweight, scales = ctx.saved_tensors
+        N = qweight.shape[0]
+        g2 = grad.reshape(-1, N)  # (M, N)
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            dt = _gemm_dtype(grad.dtype, grad.device)
+            K = qweight.shape[1] * (2 if ctx.spec.scheme == "int4" else 1)
+            w = dequantize_into(qweight, scales, ctx.spec, dt, _scratch(N * K, dt, grad.device))  # (N, K)
+            gx = (g2.to(dt) @ w).to(grad.dtype).view(*grad.shape[:-1], K)  # (..., K)
+        if ctx.needs_input_grad[1]:
+            gb = g2.sum(0).to(ctx.bias_dtype)
+        return gx, gb, None, None, None
+
+
+def quant_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for the quantized W (``qweight`` + ``scales`` / ``scales_and_zeros``); x (..., K)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        out: torch.Tensor = _QuantLinearFn.apply(x, bias, qweight, scales, spec)  # type: ignore[no-untyped-call]
+        return out
+    return _forward(x, qweight, scales, bias, spec)
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantized: ``qweight`` + ``scales`` (int8) or
+    ``qweight`` + ``scales_and_zeros`` (int4), plus an optional ``bias``, as in a quantized sepweight folder.
+
+    Built on the meta device (placeholders) and given its tensors by ``llm_lazy_qwen.weights.assign``;
+    ``dtype`` is the scales' and bias' dtype. The input's dtype is the compute dtype.
+
+    Example::
+
+        lin = QuantLinear(128, 64, bias=False, scheme="int8")
+        lin.qweight, lin.scales = ...                     # from llm_sepweight.quantize_int8(w)
+        y = lin(torch.randn(3, 128))                      # == F.linear(x, dequantized w)
+    """
+
+    is_frozen_linear = True  # QUANT_FORMAT.md: LoRA (llm_lora_mmap) may wrap it and calls forward(x)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        scheme: Scheme,
+        group_size: int | None = None,
+        layout: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        int4 = scheme == "int4"
+        self.spec = QuantSpec(
+            scheme, (out_features, in_features), group_size if int4 else None, layout if int4 else None
+        )
+        N, K = out_features, in_features
+
+        def frozen(*shape: int, dt: torch.dtype) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dt, device=device), requires_grad=False)
+
+        if scheme == "int8":
+            self.qweight = frozen(N, K, dt=torch.int8)
+            self.scales = frozen(N, dt=dtype)
+        else:
+            assert group_size is not None
+            self.qweight = frozen(N, K // 2, dt=torch.uint8)
+            self.scales_and_zeros = frozen(N, K // group_size, 2, dt=dtype)
+        self.bias = frozen(N, dt=dtype) if bias else None
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.spec.scheme
+
+    def scale_tensor(self) -> torch.Tensor:
+        return self.scales if self.spec.scheme == "int8" else self.scales_and_zeros
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        return quant_linear(x, self.qweight, self.scale_tensor(), self.bias, self.spec)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight ``[out, in]`` as a new dense tensor (default dtype: the scales')."""
+        s = self.scale_tensor()
+        return dequantize_into(self.qweight, s, self.spec, dtype or s.dtype)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.spec.group_size}, layout={self.spec.layout}" if self.spec.scheme == "int4" else ""
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, {self.spec.scheme}{g}"
