@@ -56,48 +56,47 @@ def _t(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.addcmul((8 - z * inv).unsqueeze(-1), w, inv.unsqueeze(-1))
 
 
-def _error(t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, squared error per group) for levels t."""
-    q = t.round().clamp_(0, 15)
-    d = t.sub_(q)  # t is not needed after this
-    return q, torch.linalg.vecdot(d, d) * s * s
+def _levels(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """q = round(t) in 0..15, as floats."""  # (R, G, g)
+    return _t(w, s, z).round_().clamp_(0, 15)
+
+
+def _error(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Squared reconstruction error per group: s^2 * sum((t - q)^2)."""  # (R, G)
+    t = _t(w, s, z)
+    d = t.sub_(t.round().clamp_(0, 15))
+    return torch.linalg.vector_norm(d, dim=-1).square_().mul_(s * s)
 
 
 def _rtn(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s, z = _range_params(w.amin(-1), w.amax(-1), dtype)
-    q = _t(w, s, z).round_().clamp_(0, 15)
-    return q.to(torch.uint8), s, z
+    return _levels(w, s, z).to(torch.uint8), s, z
 
 
 def _clip(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lo, hi = w.amin(-1), w.amax(-1)  # (R, G)
     r = hi - lo
     best_s, best_z = _range_params(lo, hi, dtype)
-    best_q, best_err = _error(_t(w, best_s, best_z), best_s)
+    best_err = _error(w, best_s, best_z)
     for a, b in TRIMS:
         s, z = _range_params(lo + a * r, hi - b * r, dtype)
-        q, err = _error(_t(w, s, z), s)
-        best_q = _keep(err < best_err, q, best_q, (best_s, s), (best_z, z), (best_err, err))
-    g = w.shape[-1]
+        _keep(_error(w, s, z), best_err, (best_s, s), (best_z, z))
+    g, mw = w.shape[-1], w.mean(-1)
     for _ in range(LS_STEPS):
-        # least squares w ~ s * (q - 8) + z over each group, q fixed
-        c = best_q - 8
-        mc, mw = c.mean(-1), w.mean(-1)
-        var = torch.linalg.vecdot(c, c) / g - mc * mc
-        cov = torch.linalg.vecdot(c, w) / g - mc * mw
-        s = torch.where(var > 0, cov / var.clamp_min(1e-12), best_s)
-        s = torch.where(s > 0, s, best_s)
+        # least squares w ~ s * (q - 8) + z over each group, q fixed (var and cov of q, not q - 8)
+        q = _levels(w, best_s, best_z)
+        mq = q.mean(-1)
+        var = torch.linalg.vector_norm(q, dim=-1).square_() / g - mq * mq
+        cov = torch.linalg.vecdot(q, w) / g - mq * mw
+        s = torch.where((var > 0) & (cov > 0), cov / var.clamp_min(1e-12), best_s)
         s, _ = _round(s, s, dtype)
-        z = (mw - s * mc).to(dtype).float()
-        q, err = _error(_t(w, s, z), s)
-        best_q = _keep(err < best_err, q, best_q, (best_s, s), (best_z, z), (best_err, err))
-    return best_q.to(torch.uint8), best_s, best_z
+        z = (mw - s * (mq - 8)).to(dtype).float()
+        _keep(_error(w, s, z), best_err, (best_s, s), (best_z, z))
+    return _levels(w, best_s, best_z).to(torch.uint8), best_s, best_z
 
 
-def _keep(
-    mask: torch.Tensor, q: torch.Tensor, best_q: torch.Tensor, *pairs: tuple[torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    """Where mask (per group): best = new for each (best, new) pair, in place; returns the new best q."""
-    for best, new in pairs:
-        torch.where(mask, new, best, out=best)
-    return torch.where(mask.unsqueeze(-1), q, best_q)
+def _keep(err: torch.Tensor, best_err: torch.Tensor, *pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Per group where err < best_err: best_err = err and best = new for each (best, new) pair, in place."""
+    better = err < best_err
+    for best, new in ((best_err, err), *pairs):
+        torch.where(better, new, best, out=best)
