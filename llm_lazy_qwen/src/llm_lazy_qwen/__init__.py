@@ -7,6 +7,7 @@ cache_a, cache_b = first.new_cache(), last.new_cache()
 logits = last(first(ids, cache=cache_a), cache=cache_b, logits_to_keep=1)
 """
 
+from .budget import ItemSize, MemoryPlan, Runtime, parse_size, plan_memory
 from .config import ConfigError, QwenConfig
 from .incremental import IncrementalPart
 from .kv_cache import KVCache
@@ -18,10 +19,15 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "IncrementalPart",
+    "ItemSize",
     "KVCache",
+    "MemoryPlan",
     "QwenConfig",
     "QwenPart",
+    "Runtime",
     "Step",
     "from_pretrained",
     "load_part",
+    "parse_size",
+    "plan_memory",
 ]

@@ -47,6 +47,9 @@ def load_part(
     stream_mode: Mode = "auto",
     hugepages: bool = True,
     matmul: Matmul = "torch",
+    memory_budget: int | str | None = None,
+    max_context: int = 4096,
+    max_batch: int = 1,
 ) -> QwenPart:
     """Build the part `spec` of the model stored in a sepweight folder.
 
@@ -68,11 +71,20 @@ def load_part(
             them every token ~10x cheaper. Costs one re-read of those files; False keeps the cache as is.
         matmul: "torch" (default) or "bsm": q/k/v, GQA attention and gate/up as llm_bsm_kernel
             bundles (CPU only; ``pip install llm_lazy_qwen[bsm]``). Same results within rounding.
+        memory_budget: bytes or a size string ("6GiB", "800MB", "7.5GiB"); implies ``lazy=True``
+            (CPU). The layers / head chunks that fit stay resident (read once into anonymous memory),
+            the rest streams through reused buffers with the page cache dropped as it is read, so the
+            process stays within the budget above its baseline and reads only the streamed bytes per
+            token. The plan is ``part.memory_plan``; a budget too small to run at all is a ValueError
+            naming the minimum. Not together with ``resident_mb`` or ``stream_mode="mmap"``.
+        max_context, max_batch: the KV cache the budget makes room for (tokens x rows); forwards of
+            more than 512 tokens per row may exceed it (prefill long prompts in chunks).
 
     Example::
 
         model = load_part("qwen-sep", "f", lazy=True)
         logits = model(torch.tensor([[1, 2, 3]]))     # (1, 3, vocab)
+        small = load_part("qwen7b-sep", "f", memory_budget="7GiB", dtype="bf16")  # a 15 GB model in 7 GiB
     """
     source = SepWeights(sepweight_dir)
     config = QwenConfig.from_dict(source.config, source=str(Path(sepweight_dir) / "config.json"))
@@ -80,7 +92,15 @@ def load_part(
         config, spec, device=device, dtype=_dtype(dtype, source.dtype), head_chunk_size=head_chunk_size, matmul=matmul
     )
     part.load_weights(
-        source, lazy=lazy, prefetch=prefetch, resident_mb=resident_mb, stream_mode=stream_mode, hugepages=hugepages
+        source,
+        lazy=lazy,
+        prefetch=prefetch,
+        resident_mb=resident_mb,
+        stream_mode=stream_mode,
+        hugepages=hugepages,
+        memory_budget=memory_budget,
+        max_context=max_context,
+        max_batch=max_batch,
     )
     return part.eval()  # like transformers' from_pretrained: trainers call .train() themselves
 

@@ -6,6 +6,7 @@ Parameter names mirror transformers (``model.embed_tokens``, ``model.layers.{i}`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,14 +19,16 @@ from llm_sepweight import PartSpec, SepWeights
 
 from .block import DecoderLayer
 from .bsm_path import Matmul, check_matmul
+from .budget import MemoryPlan, parse_size, plan_memory, runtime_bytes
 from .config import QwenConfig
 from .kv_cache import KVCache
 from .layers import RMSNorm
 from .rope import cos_sin, inv_freq
-from .streaming import LayerStreamer, Mode
+from .streaming import READ_PIECE, READERS, LayerStreamer, Mode, item_size
 from .weights import assign, meta_placeholders, release
 
 LogitsToKeep = int | slice | torch.Tensor | None
+logger = logging.getLogger("llm_lazy_qwen")
 
 
 @dataclass
@@ -117,8 +120,16 @@ class QwenPart(nn.Module):
         resident_mb: float = 0.0,
         stream_mode: Mode = "auto",
         hugepages: bool = True,
+        memory_budget: int | str | None = None,
+        max_context: int = 4096,
+        max_batch: int = 1,
     ) -> QwenPart:
         """Take weights from a sepweight folder: all now (``lazy=False``) or streamed per forward.
+
+        ``memory_budget`` (bytes, or a string such as ``"6GiB"``; implies lazy): keep resident what
+        fits so that the part's memory (weights, KV cache of ``max_context`` x ``max_batch`` tokens,
+        activations, the page cache of its reads) stays within it, stream the rest (``budget.py``).
+        Too small a budget is a ValueError before anything is loaded.
 
         In lazy mode, ``resident_mb`` keeps that many MB of layers / head chunks mapped for good
         (the rest is streamed): a knob between lowest memory (0) and in-RAM speed. ``stream_mode``
@@ -126,6 +137,10 @@ class QwenPart(nn.Module):
         reusable buffers; the CUDA default) or "auto". ``hugepages`` (mmap mode): re-cache items held
         in 4 KiB page-cache pages as 2 MiB pages on first use, making per-token mapping ~10x cheaper.
         """
+        plan = None
+        if memory_budget is not None:
+            plan = self._plan(source, memory_budget, prefetch, resident_mb, stream_mode, max_context, max_batch)
+            lazy = True
         self._source = source
         cpu_same = self.device.type == "cpu"
 
@@ -149,18 +164,73 @@ class QwenPart(nn.Module):
                     self.lm_head.weight = nn.Parameter(prep(end["lm_head.weight"]), requires_grad=False)
             del end
         if lazy:
-            order: list[int | tuple[int, int]] = list(self.layer_ids)
-            if self.spec.end:
-                V, c = self.config.vocab_size, self.head_chunk_size
-                order += [(v0, min(V, v0 + c)) for v0 in range(0, V, c)]
             self._streamer = LayerStreamer(
-                source, order, self.device, self.dtype, prefetch, int(resident_mb * 2**20), stream_mode, hugepages
+                source,
+                self._stream_order(),
+                self.device,
+                self.dtype,
+                prefetch,
+                int(resident_mb * 2**20),
+                stream_mode,
+                hugepages,
+                plan,
             )
         else:
             for i in self.layer_ids:
                 layer = source.layer(i)
                 assign(self.model.layers[str(i)], {k: prep(v) for k, v in layer.items()}, f"layer {i}")
         return self
+
+    def _stream_order(self) -> list[int | tuple[int, int]]:
+        """What a lazy part streams, in forward order: its layers, then the head's vocabulary chunks."""
+        order: list[int | tuple[int, int]] = list(self.layer_ids)
+        if self.spec.end:
+            V, c = self.config.vocab_size, self.head_chunk_size
+            order += [(v0, min(V, v0 + c)) for v0 in range(0, V, c)]
+        return order
+
+    def _plan(
+        self,
+        source: SepWeights,
+        budget: int | str,
+        prefetch: int,
+        resident_mb: float,
+        stream_mode: Mode,
+        max_context: int,
+        max_batch: int,
+    ) -> MemoryPlan:
+        """The memory plan for `budget`, checked before anything is loaded (the policy: budget.py)."""
+        if resident_mb:
+            raise ValueError(
+                "memory_budget and resident_mb both decide what stays resident; give one (memory_budget plans it)"
+            )
+        if stream_mode == "mmap":
+            raise ValueError("memory_budget streams in copy mode (pread into reused buffers); drop stream_mode='mmap'")
+        if self.device.type != "cpu":
+            raise ValueError(f"memory_budget plans host memory for CPU parts; on {self.device} use resident_mb")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        budget = parse_size(budget)
+        sizes = [item_size(source, item, self.dtype) for item in self._stream_order()]
+        largest = max((s.stored for s in sizes), default=0)
+        runtime = runtime_bytes(
+            self.config,
+            len(self.layer_ids),
+            self.spec.end,
+            self.dtype.itemsize,
+            max_context=max_context,
+            max_batch=max_batch,
+            head_chunk_size=self.head_chunk_size,
+            page_cache=min(largest, READERS * READ_PIECE),
+        )
+        plan = plan_memory(budget, sizes, runtime, slots=prefetch + 2)
+        logger.info("%s", plan)
+        return plan
+
+    @property
+    def memory_plan(self) -> MemoryPlan | None:
+        """What a ``memory_budget`` keeps resident and streams (None without a budget)."""
+        return self._streamer.plan if self._streamer is not None else None
 
     def _layer(self, i: int) -> nn.Module:
         return self.model.layers[str(i)]

@@ -1,0 +1,250 @@
+"""The memory budget: which layers / head chunks stay resident and which stream, as a pure function of sizes.
+
+Under ``load_part(..., memory_budget=...)`` a lazy part adds to its process, above the baseline:
+
+- the resident items, held for good in the compute dtype (read once; their page cache dropped);
+- ``slots = prefetch + 2`` streaming buffers of the largest streamed item (+ its converted copy when
+  the stored dtype is not the compute dtype);
+- the page cache of the read in progress: streamed reads evict each piece right after reading it;
+- the KV cache for ``max_context`` tokens x ``max_batch`` rows, counted twice (it grows by doubling);
+- the activations and logits of one forward of ``prefill_chunk`` tokens per row.
+
+:func:`plan_memory` keeps as much resident as fits, so the bytes read per token (the stored bytes of
+the streamed items) are the least the budget allows. Without a budget the page cache decides instead,
+and in a box smaller than the model its LRU evicts exactly the layer needed next: every token then
+re-reads the whole model (notes: 14.1 GB per token for a 15.2 GB model in an 8 GiB box).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from .config import QwenConfig
+
+Item = int | tuple[int, int]  # a layer index, or a head chunk (first row, last row + 1)
+PREFILL_CHUNK = 512  # tokens per row of the largest forward the plan makes room for
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({u: 1024**p for p, u in enumerate(("", "k", "m", "g", "t")) if u})
+_UNITS.update({f"{u}ib": 1024**p for p, u in enumerate(("", "k", "m", "g", "t")) if u})
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string with a unit: KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB and
+    K/M/G/T (as ``memlimit 8G``, docker, ``free -g``) powers of 1024.
+
+    Example::
+
+        parse_size("7.5GiB")  # 8053063680
+        parse_size("800MB")   # 800000000
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"memory_budget must be an int (bytes) or a string like '6GiB', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE.fullmatch(value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(
+                f"memory_budget {value!r} is not a size; use bytes (an int) or a number with a unit: '800MB', "
+                "'7.5GiB', '6G' (KB/MB/GB = powers of 1000, KiB/MiB/GiB or K/M/G = powers of 1024)"
+            )
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"memory_budget must be positive, got {value!r}")
+    return n
+
+
+def format_size(n: int) -> str:
+    """``1.50 GiB``, ``12.0 MiB``, ``512 B``: for messages."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class ItemSize:
+    """What one streamable item costs: bytes read from disk, and bytes held in the compute dtype."""
+
+    item: Item
+    stored: int  # bytes on disk: read once per token when streamed
+    resident: int  # bytes when held in the compute dtype (ints keep their stored size)
+    converted: bool = False  # stored floats differ from the compute dtype: a copy is made after the read
+
+    @property
+    def slot(self) -> int:
+        """Memory of one streamed copy in flight: its read buffer, plus the converted copy."""
+        return self.stored + self.resident if self.converted else self.stored
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Memory a forward needs besides the weights (bytes)."""
+
+    kv_cache: int = 0
+    activations: int = 0
+    logits: int = 0
+    page_cache: int = 0  # of the read in progress: readers x the piece each evicts at a time
+
+    @property
+    def total(self) -> int:
+        return self.kv_cache + self.activations + self.logits + self.page_cache
+
+    def describe(self) -> str:
+        parts = [
+            ("KV cache", self.kv_cache),
+            ("activations", self.activations),
+            ("logits", self.logits),
+            ("page cache of a read", self.page_cache),
+        ]
+        return ", ".join(f"{name} {format_size(n)}" for name, n in parts if n)
+
+
+def runtime_bytes(
+    config: QwenConfig,
+    layers: int,
+    head: bool,
+    itemsize: int,
+    *,
+    max_context: int = 4096,
+    max_batch: int = 1,
+    prefill_chunk: int = PREFILL_CHUNK,
+    head_chunk_size: int = 16384,
+    page_cache: int = 0,
+) -> Runtime:
+    """KV cache, activations and logits of a part with `layers` decoder layers (and the head if `head`).
+
+    Example::
+
+        runtime_bytes(QwenConfig.from_dict(cfg), layers=28, head=True, itemsize=2, max_context=4096)
+    """
+    if max_context < 1 or max_batch < 1 or prefill_chunk < 1:
+        raise ValueError(
+            f"max_context, max_batch and prefill_chunk must be >= 1, got {max_context}, {max_batch}, {prefill_chunk}"
+        )
+    d, n_heads, n_kv = config.head_dim or 0, config.num_attention_heads, config.num_key_value_heads or 1
+    H, inter = config.hidden_size, config.intermediate_size
+    # k and v of every layer; a growing cache doubles its capacity, so up to twice the tokens it holds
+    kv = 2 * layers * max_batch * n_kv * d * itemsize * 2 * max_context
+    T = max_batch * min(prefill_chunk, max_context)
+    # residual stream, norms (fp32 inside), q/k/v with RoPE temporaries, gate/up/product
+    act = itemsize * T * (10 * H + 4 * inter + 3 * (n_heads + 2 * n_kv) * d) + 4 * T * H * 2
+    if n_heads != n_kv:  # GQA: keys and values of the whole context repeated over the query heads
+        act += 2 * max_batch * n_heads * d * itemsize * max_context
+    logits = itemsize * T * (config.vocab_size + min(head_chunk_size, config.vocab_size)) if head else 0
+    return Runtime(kv, act if layers or head else 0, logits, page_cache)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Which items stay resident and which stream, and what that costs. ``str(plan)`` is one summary line."""
+
+    budget: int
+    resident: tuple[Item, ...]
+    streamed: tuple[Item, ...]  # in the part's order
+    resident_bytes: int  # held for good, compute dtype
+    read_per_token: int  # stored bytes of the streamed items: read from disk every forward
+    model_bytes: int  # stored bytes of all items
+    slots: int  # streaming buffers (0 when nothing streams)
+    slot_bytes: int  # each: the largest streamed item's read buffer (+ converted copy)
+    load_bytes: int  # transient while a converted resident item is read
+    runtime: Runtime = field(default_factory=Runtime)
+    minimum: int = 0  # the smallest budget that runs this part at all
+
+    @property
+    def peak(self) -> int:
+        """Estimated peak memory above the process's baseline (<= budget)."""
+        return self.resident_bytes + self.slots * self.slot_bytes + self.load_bytes + self.runtime.total
+
+    def __str__(self) -> str:
+        n = len(self.resident) + len(self.streamed)
+        return (
+            f"memory plan: budget {format_size(self.budget)}; {len(self.resident)} of {n} items resident "
+            f"({format_size(self.resident_bytes)}), {len(self.streamed)} streamed: "
+            f"{format_size(self.read_per_token)} read per token of {format_size(self.model_bytes)}; "
+            f"estimated peak {format_size(self.peak)} = resident + {self.slots} buffers of "
+            f"{format_size(self.slot_bytes)} + {self.runtime.describe() or 'nothing else'}"
+        )
+
+
+def _spread(members: list[ItemSize], keep: int) -> set[Item]:
+    """`keep` of `members` (one size class, in part order) to hold, the streamed rest evenly spaced:
+    a streamed item's read then overlaps the compute of the resident ones before it."""
+    n, m = len(members), len(members) - keep
+    streamed = {int((j + 0.5) * n / m) for j in range(m)} if m else set()
+    return {s.item for k, s in enumerate(members) if k not in streamed}
+
+
+def plan_memory(budget: int, items: Sequence[ItemSize], runtime: Runtime, slots: int) -> MemoryPlan:
+    """The plan that reads the fewest bytes per token within `budget` (ties: the lower peak).
+
+    For each candidate buffer size S (no streaming, or the slot of some item), items whose slot
+    exceeds S must be resident; the others are held largest first while they fit (greedy, so the
+    bytes read never grow with the budget). Raises ValueError when no candidate fits.
+
+    Example::
+
+        items = [ItemSize(i, 100 << 20, 100 << 20) for i in range(24)]
+        plan = plan_memory(1 << 30, items, Runtime(kv_cache=64 << 20), slots=3)
+        plan.read_per_token        # 15 layers of 100 MiB streamed
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    if len({s.item for s in items}) != len(items):
+        raise ValueError("plan_memory: an item is listed twice")
+    stored = sum(s.stored for s in items)
+    load = max((s.stored for s in items if s.converted), default=0)
+    best: MemoryPlan | None = None
+    minimum: int | None = None
+    for S in [0, *sorted({s.slot for s in items})]:
+        forced = [s for s in items if s.slot > S]
+        free = [s for s in items if s.slot <= S]
+        n_slots = slots if free else 0
+        if S == 0 and free:  # (items of slot 0: nothing to read, nothing to hold)
+            n_slots = 0
+        base = runtime.total + n_slots * S + sum(s.resident for s in forced)
+        need = base + (load if any(s.converted for s in forced) else 0)
+        minimum = need if minimum is None else min(minimum, need)
+        if need > budget:
+            continue
+        # the rest largest first, while it fits; a class of equal sizes keeps its streamed members spread
+        cap = budget - base - (load if any(s.converted for s in items) else 0)
+        keep = {s.item for s in forced}
+        classes: dict[int, list[ItemSize]] = {}
+        for s in free:
+            classes.setdefault(s.resident, []).append(s)
+        for size in sorted(classes, reverse=True):
+            k = min(len(classes[size]), max(cap, 0) // size) if size else len(classes[size])
+            keep |= _spread(classes[size], k)
+            cap -= k * size
+        held = [s for s in items if s.item in keep]
+        streamed = tuple(s.item for s in items if s.item not in keep)
+        plan = MemoryPlan(
+            budget=budget,
+            resident=tuple(s.item for s in held),
+            streamed=streamed,
+            resident_bytes=sum(s.resident for s in held),
+            read_per_token=sum(s.stored for s in items if s.item not in keep),
+            model_bytes=stored,
+            slots=slots if streamed else 0,
+            slot_bytes=max((s.slot for s in items if s.item not in keep), default=0),
+            load_bytes=load if any(s.converted for s in held) else 0,
+            runtime=runtime,
+        )
+        if best is None or (plan.read_per_token, plan.peak) < (best.read_per_token, best.peak):
+            best = plan
+    assert minimum is not None
+    if best is None:
+        big = max(items, key=lambda s: s.slot, default=None)
+        buffers = f"{slots} streaming buffers of {format_size(big.slot)} (the largest item), " if big else ""
+        raise ValueError(
+            f"memory_budget {format_size(budget)} is too small to run this part: it needs at least "
+            f"{format_size(minimum)} ({buffers}{runtime.describe()}); raise the budget, lower max_context "
+            "or max_batch, or store the model quantized (llm-sepweight convert SRC DST --quant int8)"
+        )
+    return replace(best, minimum=minimum)
