@@ -141,6 +141,14 @@ def test_frozen_parameters_for_assign_release_and_placeholders():
     assert QuantLinear.is_frozen_linear and "int4" in repr(lin)
 
 
+@pytest.mark.parametrize("layout", ["aten_cpu_avx512", "aten_cpu_avx2", "aten_cpu_default", "rows"])
+def test_unpacking_into_the_buffer_equals_llm_sepweights_unpack(layout):
+    q = torch.randint(0, 16, (128, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    w = torch.empty(128, 96)
+    quant._unpack_into(w, sw.pack_int4(q, layout), layout)
+    assert torch.equal(w, sw.unpack_int4(sw.pack_int4(q, layout), layout).float())
+
+
 def test_another_cpus_layout_repacks_to_the_same_weight():
     q = torch.randint(0, 16, (128, K), dtype=torch.uint8)
     for other in ("aten_cpu_avx512", "aten_cpu_avx2", "aten_cpu_default", "rows"):

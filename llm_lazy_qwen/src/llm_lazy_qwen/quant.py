@@ -86,11 +86,41 @@ def dequantize_into(
         return w.copy_(qweight).mul_(scales.to(dtype)[:, None])  # (N, K) * (N, 1)
     assert spec.group_size is not None and spec.layout is not None
     g = spec.group_size
-    q = unpack_int4(qweight, spec.layout)  # (N, K) uint8 0..15
+    _unpack_into(w, qweight, spec.layout)  # (N, K) values 0..15
     sz = scales.float()  # (N, K/g, 2)
     scale, offset = sz[..., :1].to(dtype), (sz[..., 1:] - 8 * sz[..., :1]).to(dtype)
-    wg = w.view(N, K // g, g).copy_(q.view(N, K // g, g))
+    wg = w.view(N, K // g, g)
     return wg.mul_(scale).add_(offset).view(N, K)  # (q - 8) * scale + zero = q * scale + (zero - 8 scale)
+
+
+# Byte geometry of QUANT_FORMAT.md's int4 layouts: (BN, byte j of a (block, k) holds rows (j, j + BN/2) "half"
+# or (2j, 2j + 1) "pairs"). Unpacking straight into the float buffer is 2-3x faster here than
+# llm_sepweight.unpack_int4 + a copy; the tests check the two agree for every layout.
+_GEOMETRY = {"aten_cpu_avx512": (64, "half"), "aten_cpu_avx2": (32, "half"), "aten_cpu_default": (32, "pairs")}
+
+
+def _unpack_into(w: torch.Tensor, packed: torch.Tensor, layout: str) -> None:
+    """``w[:] = unpack_int4(packed, layout)`` (w float [N, K], packed uint8 [N, K/2]), one pass per nibble."""
+    N, half = packed.shape
+    lo, hi = packed & 15, packed >> 4
+    if layout == "rows":  # low nibble = even k
+        wv = w.view(N, half, 2)
+        wv[..., 0].copy_(lo)
+        wv[..., 1].copy_(hi)
+        return
+    if layout not in _GEOMETRY:
+        w.copy_(unpack_int4(packed, layout))  # raises the clear error for an unknown layout
+        return
+    bn, pairing = _GEOMETRY[layout]
+    lo, hi = (t.view(N // bn, 2 * half, bn // 2).transpose(1, 2) for t in (lo, hi))  # (N/BN, BN/2, K)
+    if pairing == "half":
+        wv = w.view(N // bn, 2, bn // 2, 2 * half)  # rows j and j + BN/2 of each block
+        wv[:, 0].copy_(lo)
+        wv[:, 1].copy_(hi)
+    else:
+        wv = w.view(N // bn, bn // 2, 2, 2 * half)  # rows 2j and 2j + 1
+        wv[:, :, 0].copy_(lo)
+        wv[:, :, 1].copy_(hi)
 
 
 def repack_int4(qweight: torch.Tensor, layout: str, to: str) -> torch.Tensor:
