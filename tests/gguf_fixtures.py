@@ -147,6 +147,7 @@ def write_gguf(
     """
     cfg = model.config
     arch = cfg.model_type
+    path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)

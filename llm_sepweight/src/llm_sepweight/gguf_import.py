@@ -94,7 +94,7 @@ def convert_gguf(
     tokenizer_json, tokenizer_config = gguf_tokenizer(model)
     spec = PartSpec.parse(parts).resolve(config["num_hidden_layers"])
     plan = _plan(model, config, spec)
-    _check_types(model, plan)
+    _check_plan(plan, quant, group_size)
     quant_name = None if quant == "none" else quant
     key = _resume_key(model, spec, target, quant_name, group_size, method)
     source: dict[str, Any] = {
@@ -168,14 +168,20 @@ def _plan(model: GGUFModel, config: dict[str, Any], spec: PartSpec) -> dict[Part
     return plan
 
 
-def _check_types(model: GGUFModel, plan: dict[Part, dict[str, GGUFTensor]]) -> None:
-    """Dequantize one row of each stored type up front, so an unsupported one fails before anything is written."""
+def _check_plan(plan: dict[Part, dict[str, GGUFTensor]], quant: str | None, group_size: int) -> None:
+    """Fail before anything is written: dequantize one row of each stored type; check int4's group size."""
     seen: set[int] = set()
-    for tensors in plan.values():
-        for t in tensors.values():
+    for part, tensors in plan.items():
+        for rel, t in tensors.items():
             if t.ggml_type not in seen:
                 seen.add(t.ggml_type)
                 t.dequantize(slice(0, 1))
+            k = t.shape[-1]
+            if quant == "int4" and is_linear(part, rel) and t.type_name not in LOSSLESS_INT4 and k % group_size:
+                raise SepweightError(
+                    f"{t.path}: tensor {t.name!r} has in_features K={k}, not a multiple of group_size {group_size}; "
+                    f"use a group size that divides every linear's K (e.g. 32) or --quant int8"
+                )
 
 
 def _type_counts(model: GGUFModel) -> dict[str, int]:
@@ -286,7 +292,7 @@ def int4_from_q4(t: GGUFTensor, rows: torch.Tensor | None = None) -> tuple[torch
     """
     n, k = t.shape
     block = LOSSLESS_INT4[t.type_name]
-    raw = torch.from_numpy(np.ascontiguousarray(_raw_rows(t, rows))).view(n, k // GGUF_GROUP_SIZE, block)
+    raw = torch.from_numpy(np.array(_raw_rows(t, rows))).view(n, k // GGUF_GROUP_SIZE, block)  # (N, G, block)
     d = raw[..., 0:2].contiguous().view(torch.float16).float()  # (N, G, 1)
     nibbles = raw[..., block - 16 :]  # (N, G, 16): byte j holds values j (low) and j + 16 (high)
     q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(n, k)  # (N, K) in 0..15
