@@ -5,6 +5,7 @@ first = load_part("qwen-sep", "b 0-12")            # embedding + layers 0..11, i
 last = load_part("qwen-sep", "12-24 e", lazy=True)  # layers 12..23 + head, one layer resident
 cache_a, cache_b = first.new_cache(), last.new_cache()
 logits = last(first(ids, cache=cache_a), cache=cache_b, logits_to_keep=1)
+q4 = load_part("qwen-sep-int4", "f", lazy=True)    # a quantized folder: QuantLinear modules, same API
 """
 
 from .budget import ItemSize, MemoryPlan, Runtime, parse_size, plan_memory
@@ -13,6 +14,7 @@ from .incremental import IncrementalPart
 from .kv_cache import KVCache
 from .loading import from_pretrained, load_part
 from .part import QwenPart, Step
+from .quant import QuantLinear
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,7 @@ __all__ = [
     "ItemSize",
     "KVCache",
     "MemoryPlan",
+    "QuantLinear",
     "QwenConfig",
     "QwenPart",
     "Runtime",

@@ -6,7 +6,9 @@ Parameter names mirror transformers (``model.embed_tokens``, ``model.layers.{i}`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,14 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_sepweight import PartSpec, SepWeights
+from llm_sepweight import PartSpec, QuantSpec, SepWeights, int4_layout
 
 from .block import DecoderLayer
 from .bsm_path import Matmul, check_matmul
 from .budget import MemoryPlan, parse_size, plan_memory, runtime_bytes
 from .config import QwenConfig
 from .kv_cache import KVCache
-from .layers import RMSNorm
+from .layers import RMSNorm, fits, linear, match_linears
+from .quant import dequantize_into, quant_linear, repack_int4
 from .rope import cos_sin, inv_freq
 from .streaming import READ_PIECE, READERS, LayerStreamer, Mode, item_size
 from .weights import assign, meta_placeholders, release
@@ -97,15 +100,16 @@ class QwenPart(nn.Module):
         )
         self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, meta, matmul) for i in layers})
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, meta) if self.spec.end else None
-        self.lm_head = (
-            nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=meta) if self.spec.end else None
-        )
+        self.lm_head = linear(config.hidden_size, config.vocab_size, False, meta) if self.spec.end else None
         self.register_buffer(
             "inv_freq", inv_freq(config.head_dim or 0, float(config.rope_theta or 1e4), self.device), persistent=False
         )
         self._placeholders = {i: meta_placeholders(self.model.layers[str(i)]) for i in layers}
         self._streamer: LayerStreamer | None = None
         self._source: SepWeights | None = None
+        self._head_spec: QuantSpec | None = None  # a quantized head (load_weights)
+        self._head_chunk = head_chunk_size  # multiple of 64 for an int4 head in a kernel layout
+        self._head_views: tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]] | None = None
 
     # ------------------------------------------------------------------------------- weights
     @property
@@ -137,6 +141,7 @@ class QwenPart(nn.Module):
         reusable buffers; the CUDA default) or "auto". ``hugepages`` (mmap mode): re-cache items held
         in 4 KiB page-cache pages as 2 MiB pages on first use, making per-token mapping ~10x cheaper.
         """
+        self._match_storage(source, lazy or memory_budget is not None)
         plan = None
         if memory_budget is not None:
             plan = self._plan(source, memory_budget, prefetch, resident_mb, stream_mode, max_context, max_batch)
@@ -161,7 +166,10 @@ class QwenPart(nn.Module):
                 if self.config.tie_word_embeddings and self.spec.begin:
                     self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, as transformers
                 else:
-                    self.lm_head.weight = nn.Parameter(prep(end["lm_head.weight"]), requires_grad=False)
+                    head = {k.removeprefix("lm_head."): prep(v) for k, v in end.items() if k.startswith("lm_head.")}
+                    q = _linears(source, "end").get("lm_head")
+                    stored = {"": q} if q is not None else {}
+                    assign(self.lm_head, _repacked(head, stored, self.lm_head), "end part")
             del end
         if lazy:
             self._streamer = LayerStreamer(
@@ -177,15 +185,50 @@ class QwenPart(nn.Module):
             )
         else:
             for i in self.layer_ids:
-                layer = source.layer(i)
-                assign(self.model.layers[str(i)], {k: prep(v) for k, v in layer.items()}, f"layer {i}")
+                layer = {k: prep(v) for k, v in source.layer(i).items()}
+                stored = _linears(source, i)
+                assign(self._layer(i), _repacked(layer, stored, self._layer(i)), f"layer {i}")
         return self
+
+    def _match_storage(self, source: SepWeights, lazy: bool) -> None:
+        """Swap the meta skeleton's linears for what the folder stores (``QuantLinear`` for quantized
+        ones); then the lazy placeholders. An int4 layout of another CPU is re-packed once at load in
+        RAM; streamed, it is dequantized per forward (no kernel): both with a warning."""
+        foreign: set[str] = set()
+
+        def effective(spec: QuantSpec) -> QuantSpec:
+            if spec.scheme != "int4" or spec.layout in ("rows", int4_layout()) or self.device.type != "cpu":
+                return spec
+            foreign.add(str(spec.layout))
+            return spec if lazy else dataclasses.replace(spec, layout=int4_layout())
+
+        for i in self.layer_ids:
+            specs = {k: effective(q) for k, q in _linears(source, i).items()}
+            match_linears(self._layer(i), specs, self.dtype, f"{source.root}: layer {i}")
+        self._placeholders = {i: meta_placeholders(self._layer(i)) for i in self.layer_ids}
+        if self.spec.end:
+            head = _linears(source, "end").get("lm_head")
+            head = effective(head) if head is not None else None
+            if not fits(self.lm_head, head):
+                H, V = self.config.hidden_size, self.config.vocab_size
+                self.lm_head = linear(H, V, False, "meta", head, self.dtype)
+            self._head_spec, self._head_views = head, None
+            self._head_chunk = self.head_chunk_size
+            if head is not None and head.scheme == "int4" and head.layout != "rows":
+                self._head_chunk = max(64, self.head_chunk_size // 64 * 64)  # rows a:b of a kernel layout
+        if foreign:
+            how = "streamed layers are dequantized per forward" if lazy else "re-packing them once at load"
+            warnings.warn(
+                f"{source.root}: int4 weights packed for {sorted(foreign)}, but this CPU's kernel takes "
+                f"{int4_layout()!r}: {how}; convert the folder on this machine to skip this",
+                stacklevel=3,
+            )
 
     def _stream_order(self) -> list[int | tuple[int, int]]:
         """What a lazy part streams, in forward order: its layers, then the head's vocabulary chunks."""
         order: list[int | tuple[int, int]] = list(self.layer_ids)
         if self.spec.end:
-            V, c = self.config.vocab_size, self.head_chunk_size
+            V, c = self.config.vocab_size, self._head_chunk
             order += [(v0, min(V, v0 + c)) for v0 in range(0, V, c)]
         return order
 
@@ -324,20 +367,49 @@ class QwenPart(nn.Module):
         with self.materialized(i) as layer:
             return layer(h, step.cos, step.sin, step.start, layer_cache, step.key_mask)
 
-    def head_chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(v0, v1, lm_head.weight[v0:v1])`` for each vocabulary chunk (streamed when lazy)."""
-        V, chunk = self.config.vocab_size, self.head_chunk_size
+    def _head_items(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """``(v0, v1, {"weight": W[v0:v1]})`` per vocabulary chunk, or rows v0:v1 of ``qweight`` and its
+        scales for a quantized head (streamed when lazy; in RAM the same views each call, so the
+        kernels' prepared scales are cached)."""
+        V, chunk = self.config.vocab_size, self._head_chunk
+        if self._streamer is None and self._head_spec is not None:
+            q = self.lm_head.qweight
+            if self._head_views is None or self._head_views[0] is not q:
+                s = self.lm_head.scale_tensor()
+                views = {v0: {"qweight": q[v0 : v0 + chunk], "scales": s[v0 : v0 + chunk]} for v0 in range(0, V, chunk)}
+                self._head_views = (q, views)
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
             if self._streamer is None:
-                yield v0, v1, self.lm_head.weight[v0:v1]
+                yield (
+                    v0,
+                    v1,
+                    self._head_views[1][v0] if self._head_spec is not None else {"weight": self.lm_head.weight[v0:v1]},
+                )
                 continue
             weights = self._streamer.get((v0, v1))
             try:
-                yield v0, v1, weights["lm_head.weight"]
+                spec = self._head_spec
+                if spec is None:
+                    yield v0, v1, {"weight": weights["lm_head.weight"]}
+                else:
+                    yield (
+                        v0,
+                        v1,
+                        {"qweight": weights["lm_head.qweight"], "scales": weights[f"lm_head.{spec.scales_key}"]},
+                    )
             finally:
                 self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
                 del weights
+
+    def head_chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(v0, v1, lm_head.weight[v0:v1])`` for each vocabulary chunk (streamed when lazy); a quantized
+        head's chunks are dequantized (a new tensor in the compute dtype each)."""
+        for v0, v1, t in self._head_items():
+            if self._head_spec is None:
+                yield v0, v1, t["weight"]
+            else:
+                yield v0, v1, dequantize_into(t["qweight"], t["scales"], self._head_spec, self.dtype)
 
     def finish(self, h: torch.Tensor, step: Step, logits_to_keep: LogitsToKeep = None) -> torch.Tensor:
         """Close the step: advance the cache; with the end part, final norm + head on the kept positions."""
@@ -347,8 +419,11 @@ class QwenPart(nn.Module):
             return h
         h = self.model.norm(_select(h, logits_to_keep))
         out = h.new_empty(*h.shape[:-1], self.config.vocab_size)  # (B, T_keep, V) in the compute dtype
-        for v0, v1, w in self.head_chunks():
-            out[..., v0:v1] = F.linear(h, w)
+        for v0, v1, t in self._head_items():
+            if self._head_spec is None:
+                out[..., v0:v1] = F.linear(h, t["weight"])
+            else:  # the int kernel for decode rows, dequantize + GEMM for more
+                out[..., v0:v1] = quant_linear(h, t["qweight"], t["scales"], None, self._head_spec)
         return out
 
     # ------------------------------------------------------------------------------- inputs
@@ -451,6 +526,25 @@ class QwenPart(nn.Module):
         """Stop the prefetch thread (lazy parts)."""
         if self._streamer is not None:
             self._streamer.close()
+
+
+def _linears(source: SepWeights, part: int | str) -> dict[str, QuantSpec]:
+    """The quantized linears of a stored part (none for folders written before quantization existed)."""
+    linears = getattr(source, "linears", None)
+    return dict(linears(part)) if linears is not None else {}
+
+
+def _repacked(
+    tensors: dict[str, torch.Tensor], stored: dict[str, QuantSpec], root: nn.Module
+) -> dict[str, torch.Tensor]:
+    """`tensors` with each int4 ``qweight`` re-packed into the layout its module (in `root`) computes with."""
+    for name, spec in stored.items():
+        mod = root.get_submodule(name)
+        want = getattr(getattr(mod, "base_layer", mod), "spec", None)
+        key = f"{name}.qweight" if name else "qweight"
+        if spec.scheme == "int4" and want is not None and want.layout != spec.layout and key in tensors:
+            tensors[key] = repack_int4(tensors[key], str(spec.layout), str(want.layout))
+    return tensors
 
 
 def _select(h: torch.Tensor, keep: LogitsToKeep) -> torch.Tensor:
