@@ -1,19 +1,28 @@
-"""convert(): an HF checkpoint (local folder or hub id) -> a sepweight folder, streamed tensor by tensor."""
+"""convert(): an HF checkpoint (local folder or hub id), a GGUF file or a sepweight folder -> a sepweight folder.
+
+Streamed part by part: at most one part's source tensors are mapped, and a quantized linear is
+quantized while its part is written (QUANT_FORMAT.md), so memory stays about one part.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import open_checkpoint
 from .errors import SepweightError
 from .hub import fetch, looks_like_repo_id
 from .manifest import FORMAT_VERSION, Manifest, Part
+from .quant import GROUP_SIZES, METHODS, SCHEMES, QuantSpec, default_scale_dtype, is_linear, quantize_linear
+from .quant_pack import int4_layout
 from .safetensors_io import TensorSpec
+from .sources import HFSource, SepweightSource, Source, is_sepweight_folder
 from .spec import PartSpec
 from .writer import SepweightWriter
 
@@ -37,6 +46,40 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise SepweightError(f"dtype {dtype!r} is not supported; use one of bf16, fp16, fp32 (or None to keep)")
 
 
+@dataclass(frozen=True)
+class QuantSettings:
+    """How convert() quantizes linears; validated before anything is written."""
+
+    scheme: str
+    group_size: int | None
+    method: str
+    quantize_head: bool
+
+    @classmethod
+    def make(cls, quant: str | None, group_size: int, method: str, quantize_head: bool) -> QuantSettings | None:
+        if quant is None:
+            return None
+        if quant not in SCHEMES:
+            raise SepweightError(f"quant {quant!r} is not one of {list(SCHEMES)} (or None for no quantization)")
+        if quant == "int8":
+            return cls("int8", None, "rtn", quantize_head)  # symmetric absmax per output channel
+        if group_size not in GROUP_SIZES:
+            raise SepweightError(f"group size {group_size!r} is not one of {list(GROUP_SIZES)}")
+        if method not in METHODS:
+            raise SepweightError(f"quantization method {method!r} is not one of {list(METHODS)}")
+        return cls("int4", group_size, method, quantize_head)
+
+    def manifest_entry(self, scale_dtype: torch.dtype) -> dict[str, Any]:
+        """The manifest's top-level ``quant``."""
+        return {
+            "scheme": self.scheme,
+            "group_size": self.group_size,
+            "scale_dtype": str(scale_dtype).removeprefix("torch."),
+            "method": self.method,
+            "quantize_head": self.quantize_head,
+        }
+
+
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -45,28 +88,43 @@ def convert(
     parts: str | PartSpec = "f",
     revision: str | None = None,
     fsync: bool = True,
+    quant: str | None = None,
+    group_size: int = 64,
+    quant_method: str = "clip",
+    quantize_head: bool = True,
 ) -> Manifest:
     """Convert a checkpoint into a sepweight folder; re-running resumes where a killed run stopped.
 
     Args:
         src: local HF checkpoint folder (safetensors single/sharded, or legacy pytorch_model*.bin),
             a hub repo id such as ``"Qwen/Qwen2.5-0.5B"`` (only the needed shards are downloaded), or a
-            ``.gguf`` file (see :func:`llm_sepweight.gguf_import.convert_gguf`; dtype default bf16).
+            ``.gguf`` file (see :func:`llm_sepweight.gguf_import.convert_gguf`; dtype default bf16), or a
+            sepweight folder (re-quantized, de-quantized or cast without the original checkpoint).
         dst: output folder.
         dtype: convert floating tensors to bf16 / fp16 / fp32; None keeps the stored dtype.
         parts: which parts to write, as a spec (``"f"`` full, ``"b 0-12"``, ...).
+        quant: ``"int8"`` or ``"int4"`` stores every linear (``*_proj`` of a layer, an untied
+            ``lm_head``) as packed integers + scales (QUANT_FORMAT.md); None stores weights unquantized
+            (a quantized sepweight source is then dequantized). Embedding, norms and biases keep ``dtype``.
+        group_size: int4 inputs per scale/zero (32, 64, 128 or 256).
+        quant_method: int4 scales: ``"clip"`` (a per-group range search for the least weight error) or
+            ``"rtn"`` (plain min/max round-to-nearest).
+        quantize_head: False keeps an untied ``lm_head`` unquantized.
 
     Example::
 
         manifest = convert("path/to/Qwen2.5-0.5B", "qwen-sep", dtype="bf16")
         print(manifest.num_layers, list(manifest.files))
+        convert("qwen-sep", "qwen-int4", quant="int4", group_size=64)   # re-quantize a sepweight folder
     """
     if str(src).lower().endswith(".gguf"):  # llama.cpp / ollama files: their own converter
         from .gguf_import import convert_gguf
 
-        return convert_gguf(src, dst, dtype=dtype, progress=progress, parts=parts, fsync=fsync)
+        gguf_quant = {"quant": quant, "group_size": group_size, "method": quant_method} if quant else {}
+        return convert_gguf(src, dst, dtype=dtype, progress=progress, parts=parts, fsync=fsync, **gguf_quant)
     spec = PartSpec.parse(parts)
     target = parse_dtype(dtype)
+    settings = QuantSettings.make(quant, group_size, quant_method, quantize_head)
     src_str = str(src)
     if Path(src).exists():
         root = Path(src)
@@ -74,84 +132,122 @@ def convert(
         root = fetch(src_str, spec, revision)
     else:
         raise SepweightError(f"{src}: no such folder, and not a hub repo id of the form 'owner/name'")
-    ckpt = open_checkpoint(root, spec)
-    spec = spec.resolve(ckpt.num_layers)
-    plan = ckpt.plan(spec)
+    if Path(dst).resolve() == root.resolve():
+        raise SepweightError(f"{dst}: the output folder is the source folder; convert into a new folder")
+    source: Source
+    if is_sepweight_folder(root):
+        source = SepweightSource(root, spec)
+    else:
+        ckpt = open_checkpoint(root, spec)
+        source = HFSource(ckpt, spec)
+    spec = spec.resolve(int(source.config["num_hidden_layers"]))
+    order: list[Part] = (["begin"] if spec.begin else []) + list(spec.layers or ()) + (["end"] if spec.end else [])
+    scale_dtype = _preflight(source, order, settings, target)
     writer = SepweightWriter(
         dst,
-        ckpt.config,
-        resume_key=_resume_key(ckpt, spec, target),
-        source={"src": src_str, "revision": revision, "parts": str(spec), "dtype": str(target) if target else None},
+        source.config,
+        resume_key=_resume_key(source, spec, target, settings),
+        source={
+            "src": src_str,
+            "revision": revision,
+            "parts": str(spec),
+            "dtype": str(target) if target else None,
+            "quant": settings.manifest_entry(scale_dtype) if settings and scale_dtype else None,
+        },
         fsync=fsync,
+        quant=settings.manifest_entry(scale_dtype) if settings and scale_dtype else None,
     )
-    for extra in ckpt.extra_files():
+    for extra in source.extra_files():
         writer.copy_extra(extra)
-    order: list[Part] = (["begin"] if spec.begin else []) + list(spec.layers or ()) + (["end"] if spec.end else [])
-    total = sum(_out_bytes(ckpt, plan[p], target) for p in order)
-    shards = _ShardCache(ckpt)
+    total = sum(_out_bytes(source, p, target) for p in order)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {dst}", disable=not progress) as bar:
         for part in order:
             if not writer.done(part):
-                shards.keep({fname for fname, _ in plan[part].values()})
-                specs = []
-                for rel, (fname, name) in sorted(plan[part].items()):
-                    t = shards.get(fname)[name]
-                    specs.append(TensorSpec(rel, t, _target(t.dtype, target)))
-                writer.write(part, specs)
+                specs, entries = _part_specs(source, part, target, settings, scale_dtype)
+                writer.write(part, specs, quant=entries)
                 del specs
-            bar.update(_out_bytes(ckpt, plan[part], target))
-    shards.keep(set())
+            bar.update(_out_bytes(source, part, target))
+    source.release()
     return writer.finish()
+
+
+def _part_specs(
+    source: Source,
+    part: Part,
+    target: torch.dtype | None,
+    settings: QuantSettings | None,
+    scale_dtype: torch.dtype | None,
+) -> tuple[list[TensorSpec], dict[str, QuantSpec]]:
+    """What to write for one part: tensors converted to the target dtype as they stream, linears quantized."""
+    sizes = source.sizes(part)
+    specs: list[TensorSpec] = []
+    entries: dict[str, QuantSpec] = {}
+    tensors = source.tensors(part)
+    for rel in sorted(tensors):
+        stored = sizes[rel][0]
+        if settings is None or not is_linear(part, rel, settings.quantize_head):
+            specs.append(TensorSpec(rel, tensors[rel], _target(stored, target)))
+            continue
+        prefix = rel.removesuffix(".weight")
+        name = f"{_describe(part)} {rel}"
+        group = settings.group_size or 0
+        q, entry = quantize_linear(tensors[rel], settings.scheme, group, settings.method, scale_dtype, name=name)
+        specs += [TensorSpec(f"{prefix}.{suffix}", t, t.dtype) for suffix, t in q.items()]
+        entries[f"{prefix}.qweight"] = entry
+    return specs, entries
+
+
+def _preflight(
+    source: Source, order: list[Part], settings: QuantSettings | None, target: torch.dtype | None
+) -> torch.dtype | None:
+    """Reject a group size that does not divide a linear's in_features before anything is written.
+
+    Checks the first layer's linears and the head (every layer has the same keys); a later layer
+    of another shape is still checked when it is quantized. Returns the scale dtype (None: nothing
+    to quantize).
+    """
+    if settings is None:
+        return None
+    first = [p for p in order if isinstance(p, int)][:1] + [p for p in order if p == "end"]
+    scale_dtype = None
+    for part in first:
+        for rel, (stored, _) in sorted(source.sizes(part).items()):
+            if not is_linear(part, rel, settings.quantize_head):
+                continue
+            scale_dtype = scale_dtype or default_scale_dtype(target or stored)
+            shape = source.shape(part, rel)
+            if settings.group_size and len(shape) == 2 and shape[1] % settings.group_size:
+                divisors = [g for g in GROUP_SIZES if shape[1] % g == 0]
+                raise SepweightError(
+                    f"{_describe(part)} {rel}: in_features {shape[1]} is not a multiple of the group size "
+                    f"{settings.group_size}; use --group-size {divisors[-1] if divisors else '?'} or int8"
+                )
+    source.release()
+    if scale_dtype is None and order:
+        scale_dtype = default_scale_dtype(target or torch.float32)  # parts without linears (begin only)
+    return scale_dtype
+
+
+def _describe(part: Part) -> str:
+    return f"layer {part}" if isinstance(part, int) else f"{part} part"
 
 
 def _target(src: torch.dtype, target: torch.dtype | None) -> torch.dtype:
     return target if target is not None and src.is_floating_point else src
 
 
-def _out_bytes(ckpt: Checkpoint, entries: dict[str, tuple[str, str]], target: torch.dtype | None) -> int:
-    total = 0
-    for _, name in entries.values():
-        dtype, numel = ckpt.sizes[name]
-        total += numel * _target(dtype, target).itemsize
-    return total
+def _out_bytes(source: Source, part: Part, target: torch.dtype | None) -> int:
+    """Bytes the part would take unquantized: the progress bar's unit."""
+    return sum(numel * _target(dtype, target).itemsize for dtype, numel in source.sizes(part).values())
 
 
-def _resume_key(ckpt: Checkpoint, spec: PartSpec, target: torch.dtype | None) -> str:
-    """Identifies 'the same conversion': same source files (name, size, mtime), parts and dtype."""
-    stats = {}
-    for name in sorted(ckpt.files):
-        st = (ckpt.root / name).stat()
-        stats[name] = [st.st_size, st.st_mtime_ns]
+def _resume_key(source: Source, spec: PartSpec, target: torch.dtype | None, settings: QuantSettings | None) -> str:
+    """Identifies 'the same conversion': same source files (name, size, mtime), parts, dtype and quantization."""
     key = {
         "v": FORMAT_VERSION,
-        "src": str(ckpt.root.resolve()),
-        "files": stats,
+        **source.identity(),
         "parts": str(spec),
         "dtype": str(target),
+        "quant": None if settings is None else [*settings.__dict__.values(), int4_layout()],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-class _ShardCache:
-    """Opens the weight files a part reads from.
-
-    safetensors files are re-mapped for every part and unmapped right after it, so the conversion's
-    file-backed RSS is one part's source bytes, not the whole checkpoint (re-parsing a header is
-    cheap). Legacy .bin files are expensive to open, so the current one stays open until a part
-    needs another.
-    """
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        self.ckpt = ckpt
-        self.open: dict[str, dict[str, torch.Tensor]] = {}
-
-    def keep(self, names: set[str]) -> None:
-        for name in list(self.open):
-            if name not in names or self.ckpt.kind == "safetensors":
-                del self.open[name]  # drops the mmap once no tensor refers to it
-
-    def get(self, name: str) -> dict[str, torch.Tensor]:
-        if name not in self.open:
-            with self.ckpt.tensors(name) as tensors:
-                self.open[name] = tensors
-        return self.open[name]

@@ -1,6 +1,6 @@
 """manifest.json: what a sepweight folder holds, written last so its presence means "complete".
 
-Layout of a folder (format version 1)::
+Layout of a folder (format version 1; version 2 adds quantized linears, see QUANT_FORMAT.md)::
 
     manifest.json          this file
     config.json, tokenizer files ... copied unchanged
@@ -8,6 +8,11 @@ Layout of a folder (format version 1)::
     mid.00000.safetensors  layer 0, keys relative to the layer (self_attn.q_proj.weight, ...)
     ...
     end.safetensors        norm.weight (+ lm_head.weight unless the head is tied)
+
+A quantized folder (version 2) stores a linear ``P`` as ``P.qweight`` + ``P.scales`` (int8) or
+``P.scales_and_zeros`` (int4) instead of ``P.weight``; the top-level ``quant`` says how the folder
+was quantized and the ``P.qweight`` entry of ``files[...].tensors`` carries a per-tensor ``quant``
+entry (:class:`llm_sepweight.QuantSpec`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any
 from .errors import SepweightError
 
 FORMAT_NAME = "llm_sepweight"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this llm_sepweight reads; unquantized folders are written as 1
+PLAIN_VERSION = 1
 MANIFEST = "manifest.json"
 
 Part = str | int  # "begin", "end" or a layer index
@@ -41,7 +47,7 @@ class FileEntry:
     part: Part
     size: int
     sha256: str
-    tensors: dict[str, dict[str, Any]]  # name -> {"dtype": "BF16", "shape": [..]}
+    tensors: dict[str, dict[str, Any]]  # name -> {"dtype": "BF16", "shape": [..]} (+ "quant" on a P.qweight)
 
 
 @dataclass
@@ -54,8 +60,9 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     extra_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"size", "sha256"}
     source: dict[str, Any] = field(default_factory=dict)
+    quant: dict[str, Any] | None = None  # {"scheme", "group_size", "scale_dtype", "method", "quantize_head"}
     format: str = FORMAT_NAME
-    format_version: int = FORMAT_VERSION
+    format_version: int = PLAIN_VERSION
 
     def to_json(self) -> str:
         raw = asdict(self)
@@ -77,7 +84,7 @@ class Manifest:
             if raw.get("format") != FORMAT_NAME:
                 raise SepweightError(f"{path}: 'format' is {raw.get('format')!r}, expected {FORMAT_NAME!r}")
             version = raw.get("format_version")
-            if not isinstance(version, int) or version > FORMAT_VERSION:
+            if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
                 raise SepweightError(
                     f"{path}: format_version {version!r} is newer than this llm_sepweight understands "
                     f"({FORMAT_VERSION}); upgrade llm_sepweight"

@@ -162,6 +162,47 @@ def quantize_int4(
     return _pack(q, layout), sz
 
 
+def quantize_linear(
+    w: torch.Tensor,
+    scheme: str,
+    group_size: int = 64,
+    method: str = "clip",
+    scale_dtype: torch.dtype | None = None,
+    *,
+    name: str = "weight",
+) -> tuple[dict[str, torch.Tensor], QuantSpec]:
+    """One linear's stored tensors ``{"qweight": ..., "scales" | "scales_and_zeros": ...}`` and its QuantSpec.
+
+    Example::
+
+        tensors, spec = quantize_linear(torch.randn(128, 64), "int4", group_size=32)
+        w = dequantize(tensors, spec)   # (128, 64)
+    """
+    if scheme == "int8":
+        qweight, scales = quantize_int8(w, scale_dtype, name=name)
+        return {"qweight": qweight, "scales": scales}, QuantSpec("int8", tuple(w.shape))
+    if scheme == "int4":
+        layout = default_layout(w.shape[0]) if w.dim() == 2 else "rows"
+        qweight, sz = quantize_int4(w, group_size, layout, method, scale_dtype, name=name)
+        return {"qweight": qweight, "scales_and_zeros": sz}, QuantSpec("int4", tuple(w.shape), group_size, layout)
+    raise SepweightError(f"{name}: quantization scheme {scheme!r} is not one of {SCHEMES}")
+
+
+def is_linear(part: int | str, key: str, quantize_head: bool = True) -> bool:
+    """Whether a stored ``key`` of ``part`` is a linear weight a quantized folder quantizes (QUANT_FORMAT.md).
+
+    ``P.weight`` with ``P`` ending in ``_proj`` in a layer, and ``lm_head.weight`` in the end part
+    (a tied head is never stored there).
+
+    Example::
+
+        is_linear(3, "mlp.down_proj.weight"), is_linear("end", "lm_head.weight")   # True, True
+    """
+    if isinstance(part, int):
+        return key.endswith("_proj.weight")
+    return part == "end" and key == "lm_head.weight" and quantize_head
+
+
 def default_layout(n: int) -> str:
     """This CPU's kernel layout, or ``rows`` when N is not a multiple of 64 (QUANT_FORMAT.md)."""
     return int4_layout() if n % KERNEL_ROWS == 0 else "rows"

@@ -11,7 +11,8 @@ import torch
 
 from .errors import SepweightError
 from .hugepages import HUGE, drop_cached
-from .manifest import Manifest, Part, part_filename
+from .manifest import MANIFEST, Manifest, Part, part_filename
+from .quant import QuantSpec
 from .safetensors_io import (
     DTYPES,
     Header,
@@ -37,7 +38,11 @@ class PartWeights:
     end: Tensors | None = None
 
     def hf_state_dict(self) -> Tensors:
-        """The same tensors under transformers' names (``model.layers.3.mlp.up_proj.weight``, ...)."""
+        """The same tensors under transformers' names (``model.layers.3.mlp.up_proj.weight``, ...).
+
+        A quantized folder keeps its stored keys: ``model.layers.3.mlp.up_proj.qweight`` and
+        ``...up_proj.scales_and_zeros`` (or ``...scales``); see :func:`llm_sepweight.dequantize`.
+        """
         out: Tensors = {}
         if self.begin is not None:
             out.update({f"model.{k}": v for k, v in self.begin.items()})
@@ -77,6 +82,7 @@ class SepWeights:
                 )
         self._by_part: dict[Part, str] = {e.part: n for n, e in self.manifest.files.items()}
         self._headers: dict[str, Header] = {}  # parsed once: lazy consumers re-open files every step
+        self._linears: dict[Part, dict[str, QuantSpec]] = {}
 
     def _header(self, name: str) -> Header:
         if name not in self._headers:
@@ -176,6 +182,31 @@ class SepWeights:
         """Shape of a stored tensor without mapping it (the tied head reports the embedding's)."""
         name, key = self._resolve(part, key)
         return tuple(self.manifest.files[name].tensors[key]["shape"])
+
+    @property
+    def quant(self) -> dict[str, Any] | None:
+        """The manifest's top-level ``quant`` (``{"scheme": "int4", "group_size": 64, ...}``), None if unquantized."""
+        return self.manifest.quant
+
+    def linears(self, part: Part) -> dict[str, QuantSpec]:
+        """The quantized linears of a part: ``{"self_attn.q_proj": QuantSpec(...), ...}`` ({} if none).
+
+        Each ``P`` is stored as ``P.qweight`` + ``P.scales`` (int8) or ``P.scales_and_zeros`` (int4),
+        keys relative to the part, as :meth:`layer` returns them (QUANT_FORMAT.md).
+
+        Example::
+
+            spec = SepWeights("qwen-int4").linears(0)["mlp.down_proj"]
+            spec.scheme, spec.shape, spec.group_size, spec.layout   # "int4", (896, 4864), 64, "aten_cpu_avx2"
+        """
+        if part not in self._linears:
+            name = self._name(part)
+            self._linears[part] = {
+                key.removesuffix(".qweight"): QuantSpec.from_json(t["quant"], f"{self.root / MANIFEST} ({name}: {key})")
+                for key, t in self.manifest.files[name].tensors.items()
+                if "quant" in t
+            }
+        return self._linears[part]
 
     @property
     def config(self) -> dict[str, Any]:

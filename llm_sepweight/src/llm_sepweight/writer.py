@@ -17,7 +17,8 @@ except ImportError:  # Windows: no advisory locking, single writer assumed
 
 from .atomic import atomic_write, atomic_write_bytes
 from .errors import SepweightError
-from .manifest import MANIFEST, FileEntry, Manifest, Part, part_filename
+from .manifest import FORMAT_VERSION, MANIFEST, PLAIN_VERSION, FileEntry, Manifest, Part, part_filename
+from .quant import QuantSpec
 from .safetensors_io import TensorSpec, read_header, sha256_file, write_file
 
 JOURNAL = ".sepweight-journal.json"
@@ -48,11 +49,13 @@ class SepweightWriter:
         resume_key: str | None = None,
         source: Mapping[str, Any] | None = None,
         fsync: bool = True,
+        quant: Mapping[str, Any] | None = None,
     ) -> None:
         self.root = Path(root)
         self.config = dict(config)
         self.resume_key = resume_key
         self.source = dict(source or {})
+        self.quant = dict(quant) if quant is not None else None  # the manifest's top-level "quant"
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_folder(self.root)
@@ -117,9 +120,15 @@ class SepweightWriter:
         part: Part,
         tensors: Mapping[str, torch.Tensor] | Iterable[TensorSpec],
         dtype: torch.dtype | None = None,
+        quant: Mapping[str, QuantSpec] | None = None,
     ) -> FileEntry:
-        """Write one part file. `dtype` converts floating tensors (integers are kept as they are)."""
+        """Write one part file. `dtype` converts floating tensors (integers are kept as they are).
+
+        ``quant`` maps each ``P.qweight`` key of a quantized linear to its :class:`QuantSpec`, recorded
+        in the manifest (QUANT_FORMAT.md).
+        """
         entry = write_part_file(self.root, part, tensors, dtype, fsync=self.fsync)
+        set_quant_entries(entry, quant or {}, self.root / part_filename(part))
         self.files[part_filename(part)] = entry
         self._save_journal()
         return entry
@@ -154,6 +163,8 @@ class SepweightWriter:
             files=dict(sorted(self.files.items(), key=lambda kv: _order(kv[1].part))),
             extra_files=self.extra_files,
             source={**self.source, "resume_key": self.resume_key},
+            quant=self.quant,
+            format_version=FORMAT_VERSION if self.quant or _any_quantized(self.files.values()) else PLAIN_VERSION,
         )
         atomic_write_bytes(self.root / MANIFEST, manifest.to_json().encode(), fsync=self.fsync)
         (self.root / JOURNAL).unlink(missing_ok=True)
@@ -225,6 +236,7 @@ def save_part(
     if isinstance(part, int) and part >= manifest.num_layers:
         raise SepweightError(f"{root}: layer {part} is outside the model's layers 0..{manifest.num_layers - 1}")
     old = manifest.files.get(name)
+    quant: dict[str, QuantSpec] = {}
     if old is not None:
         got = {k: list(v.shape) for k, v in tensors.items()}
         want = {k: v["shape"] for k, v in old.tensors.items()}
@@ -233,7 +245,11 @@ def save_part(
                 f"{root / name}: new tensors {got} do not match the stored names/shapes {want}; "
                 "a part keeps its layout (write a new folder with SepweightWriter to change it)"
             )
+        quant = {
+            k: QuantSpec.from_json(v["quant"], f"{root / name}: {k}") for k, v in old.tensors.items() if "quant" in v
+        }
     entry = write_part_file(root, part, tensors, dtype, fsync=fsync)
+    set_quant_entries(entry, quant, root / name)
     manifest.files[name] = entry
     manifest.files = dict(sorted(manifest.files.items(), key=lambda kv: _order(kv[1].part)))
     manifest.dtype = _manifest_dtype(manifest.files.values())
@@ -249,15 +265,28 @@ def _order(part: Part) -> tuple[int, int]:
     return (0, 0) if part == "begin" else (2, 0) if part == "end" else (1, int(part))
 
 
+def set_quant_entries(entry: FileEntry, quant: Mapping[str, QuantSpec], path: Path) -> None:
+    """Record each quantized linear's QuantSpec on its ``P.qweight`` tensor entry (QUANT_FORMAT.md)."""
+    for key, spec in quant.items():
+        if not key.endswith(".qweight") or key not in entry.tensors:
+            raise SepweightError(f"{path}: quant entry for {key!r}, which is not a stored '*.qweight' tensor")
+        entry.tensors[key]["quant"] = spec.to_json()
+
+
+def _any_quantized(entries: Iterable[FileEntry]) -> bool:
+    return any("quant" in t for e in entries for t in e.tensors.values())
+
+
 def _manifest_dtype(entries: Iterable[FileEntry]) -> str:
+    """The compute dtype: of every floating tensor except the scales of quantized linears."""
     from .safetensors_io import DTYPES
 
-    found = {
-        str(DTYPES[t["dtype"]]).removeprefix("torch.")
-        for e in entries
-        for t in e.tensors.values()
-        if DTYPES[t["dtype"]].is_floating_point
-    }
+    found = set()
+    for e in entries:
+        quantized = tuple(k.removesuffix("qweight") for k, t in e.tensors.items() if "quant" in t)  # "P."
+        for k, t in e.tensors.items():
+            if DTYPES[t["dtype"]].is_floating_point and not any(k.startswith(p) for p in quantized):
+                found.add(str(DTYPES[t["dtype"]]).removeprefix("torch."))
     return found.pop() if len(found) == 1 else "mixed" if found else "none"
 
 
@@ -265,10 +294,11 @@ def check_file_matches(path: Path, entry: FileEntry) -> None:
     """Cheap structural check of a part file against its manifest entry (no hashing)."""
     header = read_header(path)
     got = {k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in header.tensors.items()}
-    if got != entry.tensors:
+    want = {k: {"dtype": t["dtype"], "shape": t["shape"]} for k, t in entry.tensors.items()}
+    if got != want:
         missing = sorted(set(entry.tensors) - set(got))
         extra = sorted(set(got) - set(entry.tensors))
-        changed = sorted(k for k in set(got) & set(entry.tensors) if got[k] != entry.tensors[k])
+        changed = sorted(k for k in set(got) & set(entry.tensors) if got[k] != want[k])
         raise SepweightError(
             f"{path}: tensors do not match manifest.json (missing {missing}, unexpected {extra}, "
             f"different dtype/shape {changed}); run `llm-sepweight verify {path.parent}` and re-convert"
