@@ -1,0 +1,106 @@
+"""Under a memory budget of half the model, a fresh process's peak RSS above its baseline stays within it.
+
+The peak is VmHWM (anonymous + file-backed pages) from /proc/self/status, reset after imports and a
+warm-up forward of another tiny model (which faults in torch's kernels: their code pages are RSS too).
+The same run in RAM exceeds the budget, so the check can fail. Linux only (/proc).
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import llm_sepweight as sw
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+
+CHILD = textwrap.dedent(
+    """
+    import gc, json, sys
+    import torch
+    from llm_lazy_qwen import load_part
+
+    def status():
+        out = {}
+        for line in open("/proc/self/status"):
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+        return out
+
+    path, warm, budget = sys.argv[1], sys.argv[2], sys.argv[3]
+    kw = {"memory_budget": int(budget), "max_context": 128} if budget != "ram" else {"max_context": 128}
+    ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # warm-up: the same code paths on a tiny model
+        tiny = load_part(warm, **kw) if budget != "ram" else load_part(warm)
+        cache = tiny.new_cache()
+        tiny(ids, cache=cache)
+        tiny(ids[:, :1], cache=cache)
+        tiny.close()
+    del tiny, cache
+    gc.collect()
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS now
+    base = status()
+    part = load_part(path, **kw)
+    with torch.no_grad():
+        cache = part.new_cache()
+        logits = part(ids, cache=cache, logits_to_keep=1)
+        for _ in range(4):
+            logits = part(logits[:, -1:].argmax(-1), cache=cache)
+    after = status()
+    plan = part.memory_plan
+    print(json.dumps({"base": base, "after": after, "streamed": len(plan.streamed) if plan else None,
+                      "resident": len(plan.resident) if plan else None}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def mid_model(tmp_path_factory):
+    """A 16-layer Qwen2 of ~46 MB (fp32), random with randomised biases and norms."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("budget_rss")
+    config = Qwen2Config(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn(p.shape) * 0.5 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(root / "hf")
+    sw.convert(root / "hf", root / "sep", progress=False)
+    return root / "sep"
+
+
+def _run(path: Path, warm: Path, budget: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(warm), budget], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_rss_stays_within_half_the_model(mid_model, sep):
+    warm, _ = sep("qwen2")
+    model_bytes = sum(p.stat().st_size for p in mid_model.glob("*.safetensors"))
+    budget = model_bytes // 2
+    got = _run(mid_model, warm, str(budget))
+    assert got["streamed"] and got["resident"]  # some layers held, some streamed
+    peak = got["after"]["VmHWM"] - got["base"]["VmRSS"]
+    assert 0 < peak <= budget, f"peak {peak / 2**20:.1f} MiB above baseline, budget {budget / 2**20:.1f} MiB"
+    ram = _run(mid_model, warm, "ram")  # the control: holding the model goes over the same budget
+    assert ram["after"]["VmHWM"] - ram["base"]["VmRSS"] > budget
