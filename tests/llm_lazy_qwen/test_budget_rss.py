@@ -33,7 +33,8 @@ CHILD = textwrap.dedent(
         return out
 
     path, warm, budget = sys.argv[1], sys.argv[2], sys.argv[3]
-    kw = {"memory_budget": int(budget), "max_context": 128} if budget != "ram" else {"max_context": 128}
+    kw = {"max_context": 128, "head_chunk_size": 1024}
+    kw = {"memory_budget": int(budget), **kw} if budget != "ram" else kw
     ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # warm-up: the same code paths on a tiny model
         tiny = load_part(warm, **kw) if budget != "ram" else load_part(warm)
@@ -61,7 +62,7 @@ CHILD = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def mid_model(tmp_path_factory):
-    """A 16-layer Qwen2 of ~46 MB (fp32), random with randomised biases and norms."""
+    """A 20-layer Qwen2 of ~55 MB (fp32), random with randomised biases and norms."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     root = tmp_path_factory.mktemp("budget_rss")
@@ -69,7 +70,7 @@ def mid_model(tmp_path_factory):
         vocab_size=4096,
         hidden_size=256,
         intermediate_size=512,
-        num_hidden_layers=16,
+        num_hidden_layers=20,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
