@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llm_lazy_qwen import QwenConfig
+from llm_lazy_qwen import QwenConfig, parse_size
 from llm_sampler import pad_left
 from llm_sepweight import SepWeights
 
@@ -73,6 +73,19 @@ def _parser() -> argparse.ArgumentParser:
         help="stream layers from disk (one resident + --prefetch)",
     )
     g.add_argument("--prefetch", type=int, default=1)
+    g.add_argument(
+        "--memory-budget",
+        type=_size,
+        default=None,
+        help="per rank, e.g. 6GiB or 800MB (implies --lazy): layers that fit stay in RAM, the rest "
+        "streams, and the process stays within it (llm_lazy_qwen's memory_budget)",
+    )
+    g.add_argument(
+        "--max-context",
+        type=int,
+        default=4096,
+        help="with --memory-budget: tokens per prompt the KV cache is planned for",
+    )
     g.add_argument(
         "--dtype",
         default=None,
@@ -140,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _prompt_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]
@@ -179,6 +199,10 @@ def _generate(args: argparse.Namespace) -> None:
     prompts = [_prompt_ids(t) for t in args.prompt_ids]
     if args.threads:
         torch.set_num_threads(args.threads)
+    budget = {}
+    if args.memory_budget is not None:
+        rows = len(args.prompt) + len(args.prompt_ids)
+        budget = {"memory_budget": args.memory_budget, "max_context": args.max_context, "max_batch": rows}
     stage = load_stage(
         model,
         args.parts,
@@ -190,7 +214,10 @@ def _generate(args: argparse.Namespace) -> None:
         timeout=args.timeout,
         join_timeout=args.join_timeout,
         pin_cpus=args.pin_cpus,
+        **budget,
     )
+    if stage.part.memory_plan is not None:
+        print(f"llm-pipeline rank {stage.rank}: {stage.part.memory_plan}", file=sys.stderr)
     try:
         if stage.rank == 0:
             # an error inside the with block stops the other ranks too

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llm_lazy_qwen import ConfigError, QwenPart, from_pretrained, load_part
+from llm_lazy_qwen import ConfigError, QwenPart, from_pretrained, load_part, parse_size
 from llm_lora_mmap import apply_lora, mark_only_lora_trainable, save_adapter
 from llm_sepweight import SepweightError
 
@@ -100,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
         help="lazy: layers read ahead by a background thread (each one more layer in RAM)",
     )
     run.add_argument(
+        "--memory-budget",
+        type=_size,
+        default=None,
+        help="e.g. 6GiB or 800MB (implies --lazy): layers that fit stay in RAM, the rest streams, and the "
+        "process stays within it (llm_lazy_qwen's memory_budget, planned for --batch-size x --max-seq-len)",
+    )
+    run.add_argument(
         "--dtype",
         choices=sorted(_DTYPES),
         default="fp32",
@@ -125,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _load_model(args: argparse.Namespace, rank: int) -> tuple[QwenPart, Path]:
     """The whole model as a QwenPart, and the folder holding its tokenizer."""
     src = Path(args.model)
@@ -135,6 +149,8 @@ def _load_model(args: argparse.Namespace, rank: int) -> tuple[QwenPart, Path]:
         "prefetch": args.prefetch,
         "head_chunk_size": args.head_chunk_size,
     }
+    if args.memory_budget is not None:
+        kwargs.update(memory_budget=args.memory_budget, max_context=args.max_seq_len, max_batch=args.batch_size)
     if (src / "manifest.json").is_file():  # already a sepweight folder
         return load_part(src, "f", **kwargs), src
     if rank != 0:
@@ -156,6 +172,8 @@ def train(args: argparse.Namespace) -> int:
     rank, world = init_distributed(args.device)
     torch.manual_seed(args.seed)  # LoRA init, dropout
     part, tok_dir = _load_model(args, rank)
+    if part.memory_plan is not None and rank == 0:
+        print(f"llm-sft: {part.memory_plan}", file=sys.stderr)
     tokenizer = args.tokenizer or tok_dir
     columns = {
         "instruction_column": args.instruction_column,
