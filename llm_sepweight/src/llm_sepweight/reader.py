@@ -49,7 +49,7 @@ class PartWeights:
         for i, layer in self.layers.items():
             out.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
         if self.end is not None:
-            out.update({k if k == "lm_head.weight" else f"model.{k}": v for k, v in self.end.items()})
+            out.update({k if k.startswith("lm_head.") else f"model.{k}": v for k, v in self.end.items()})
         return out
 
 
