@@ -116,3 +116,46 @@ def test_bad_arguments():
         bsm([(A, B, 1.0)], num_threads=0)
     with pytest.raises(ValueError, match=r"dtype must be one of"):
         backend("float16")
+
+
+def _overlapping_cases() -> list[tuple[list, list, str]]:
+    """(items, out, message) where an out shares elements with an input or another out."""
+    sq = np.random.default_rng(0).standard_normal((6, 6)).astype(np.float32)
+    t = torch.randn(6, 6)
+    bf = torch.randn(6, 6, dtype=torch.bfloat16)
+    buf = np.zeros((6, 12), np.float32)
+    return [
+        ([(sq, sq, 1.0)], [sq], r"out\[0\] overlaps item 0's A"),  # in place: out is A
+        ([(sq, sq.T.copy(), 1.0, "nt")], [sq.T], r"out\[0\] overlaps item 0's A"),  # a view of A
+        ([(t, t[:, :6].clone(), 0.5)], [t], r"out\[0\] overlaps item 0's A"),
+        ([(bf.clone(), bf, 1.0)], [bf], r"out\[0\] overlaps item 0's B"),
+        (
+            [(A, B, 1.0), (buf[:, :6], sq, 1.0)],
+            [np.empty((4, 6), np.float32), buf[:, 3:9]],
+            r"out\[1\] overlaps item 1's A",
+        ),
+        ([(sq, sq, 1.0), (A, B, 1.0)], [np.empty((6, 6), np.float32), sq[:4]], r"out\[1\] overlaps item 0's A"),
+        ([(sq, sq, 1.0), (sq, sq, 1.0)], [buf[:, :6], buf[:, 5:11]], r"out\[1\] overlaps out\[0\]"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_out_overlapping_an_input_is_refused(path, case):
+    """Writing into an input while the GEMM still reads it gives a silently wrong product: refuse it."""
+    items, out, match = _overlapping_cases()[case]
+    before = [x.clone() if isinstance(x, torch.Tensor) else x.copy() for x in out]
+    with pytest.raises(ValueError, match=match + r".*pass separate"):
+        bsm(items, out=out)
+    for x, y in zip(out, before):  # refused before anything was written
+        assert (x == y).all()
+
+
+def test_out_interleaved_with_inputs_is_allowed(path):
+    """Column slices of one buffer share no element: a fused buffer as input and output stays legal."""
+    rng = np.random.default_rng(1)
+    buf = rng.standard_normal((6, 12)).astype(np.float32)
+    w = rng.standard_normal((6, 6)).astype(np.float32)
+    x = buf[:, :6].copy()
+    got = bsm([(buf[:, :6], w, 1.0)], out=[buf[:, 6:]])[0]
+    np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(buf[:, :6], x)

@@ -155,6 +155,53 @@ def _check_out(out: Array, i: int, shape: tuple[int, ...], dtype: str, is_torch:
         raise ValueError(message)
 
 
+def _as_numpy(x: Array, is_torch: bool) -> np.ndarray:
+    """A numpy view of x's memory (same strides), for overlap checks; bfloat16 seen as int16."""
+    if not is_torch:
+        return x
+    torch = _torch_module()
+    x = x.detach()
+    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
+
+
+def _shares_elements(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether x and y have an element in common (exact: column slices of one buffer do not)."""
+    if not np.may_share_memory(x, y):  # bounds only: the cheap common case
+        return False
+    try:
+        return bool(np.shares_memory(x, y, max_work=10**6))
+    except np.exceptions.TooHardError:
+        return True
+
+
+def _check_no_overlap(items: list[Item]) -> None:
+    """Every out must be disjoint from every input and every other out of the bundle.
+
+    The items' tiles run at the same time, so an out that overlaps any operand (of its item or another)
+    is overwritten while still being read: a silently wrong product.
+    """
+    views = [(_as_numpy(it.a, it.is_torch), _as_numpy(it.b, it.is_torch)) for it in items]
+    outs = [_as_numpy(it.out, it.is_torch) for it in items]
+    for i, out in enumerate(outs):
+        clash = next(
+            (
+                f"item {j}'s {name}"
+                for j, ab in enumerate(views)
+                for name, x in zip("AB", ab)
+                if _shares_elements(out, x)
+            ),
+            None,
+        )
+        if clash is None:
+            clash = next((f"out[{j}]" for j in range(i) if _shares_elements(out, outs[j])), None)
+        if clash is not None:
+            message = (
+                f"out[{i}] overlaps {clash}: bsm would overwrite values it is still reading; "
+                "pass separate output arrays (or omit out= and copy the result)"
+            )
+            raise ValueError(message)
+
+
 def prepare(raw_items: Sequence[Any], out: Sequence[Array] | None = None) -> list[Item]:
     """Validate every item (errors name the item and what is wrong) and allocate or check the outputs."""
     if not isinstance(raw_items, (list, tuple)):
@@ -198,6 +245,8 @@ def prepare(raw_items: Sequence[Any], out: Sequence[Array] | None = None) -> lis
             result = out[i]
             _check_out(result, i, shape, dtype, is_torch)
         items.append(Item(a, b, ta, tb, scale, dtype, is_torch, result, ga, gb))
+    if out is not None:
+        _check_no_overlap(items)
     return items
 
 

@@ -78,8 +78,9 @@ def bsm(
         num_threads: OpenMP threads for the bundle; default: OpenMP's default (OMP_NUM_THREADS, or
             torch.set_num_threads, which shares the runtime).
         out: optional outputs, one per item, of the result's shape and dtype, with a unit stride in one
-            of their last two dimensions (column slices of a wider buffer work). They must not
-            overlap the inputs. Not allowed when inputs require grad.
+            of their last two dimensions (column slices of a wider buffer work). An out that shares
+            an element with any input or another out is refused with a ValueError (it would be
+            overwritten while still read). Not allowed when inputs require grad.
 
     Torch inputs that require grad (with grad mode on) run through an autograd Function whose backward
     is one more bundle of all the vector-Jacobian products.

@@ -1,7 +1,9 @@
 """The per-item path: one numpy or torch call per item, used when the extension or a GEMM is missing.
 
-It gives the same answers as the kernel (same products, fp32 accumulation) without the bundle-level
-parallelism: each call uses numpy's or torch's own threads, one item after another. For torch it is
+It computes the same products as the kernel (fp32 accumulation) without the bundle-level parallelism:
+each call uses numpy's or torch's own threads, one item after another. The answers agree only up to
+rounding, not bit for bit: another GEMM (or the same one with other tiles and threads) sums in another
+order, and numpy applies `scale` after the product rather than inside it. For torch it is
 `addmm`/`baddbmm` with `alpha=scale, beta=0`, the very op the kernel's torch route calls per tile.
 """
 
