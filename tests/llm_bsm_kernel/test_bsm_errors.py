@@ -131,10 +131,10 @@ def _overlapping_cases() -> list[tuple[list, list, str]]:
         ([(bf.clone(), bf, 1.0)], [bf], r"out\[0\] overlaps item 0's B"),
         (
             [(A, B, 1.0), (buf[:, :6], sq, 1.0)],
-            [np.empty((4, 6), np.float32), buf[:, 3:9]],
+            [np.zeros((4, 6), np.float32), buf[:, 3:9]],
             r"out\[1\] overlaps item 1's A",
         ),
-        ([(sq, sq, 1.0), (A, B, 1.0)], [np.empty((6, 6), np.float32), sq[:4]], r"out\[1\] overlaps item 0's A"),
+        ([(sq, sq, 1.0), (A, B, 1.0)], [np.zeros((6, 6), np.float32), sq[:4]], r"out\[1\] overlaps item 0's A"),
         ([(sq, sq, 1.0), (sq, sq, 1.0)], [buf[:, :6], buf[:, 5:11]], r"out\[1\] overlaps out\[0\]"),
     ]
 
