@@ -19,7 +19,8 @@ import torch
 from gguf_fixtures import T, linears, tiny_model, write_gguf
 
 import llm_sepweight as sw
-from llm_sepweight.gguf_import import convert_gguf, int4_from_q4
+from llm_sepweight.gguf_import import convert_gguf
+from llm_sepweight.gguf_quant import int4_from_q4
 from llm_sepweight.gguf_reader import open_gguf
 from llm_sepweight.quant import QuantSpec, dequantize
 
@@ -110,6 +111,7 @@ def test_q4_linears_kept_exactly_as_int4(ggufs, tmp_path, arch, kind):
     entry = m.files["mid.00000.safetensors"].tensors
     q = entry["self_attn.q_proj.qweight"]
     assert q["quant"]["scheme"] == "int4" and q["quant"]["group_size"] == 32
+    assert m.format_version == 2 and m.quant["method"] == f"gguf:{kind}" and m.quant["scale_dtype"] == "float32"
     assert entry["self_attn.q_proj.scales_and_zeros"]["dtype"] == "F32"  # GGUF's fp16 block scales, exact
     assert "self_attn.q_proj.weight" not in entry and entry["input_layernorm.weight"]["dtype"] == "F32"
     want = ref.state_dict()
@@ -142,9 +144,9 @@ def test_int4_from_q4_blocks_equal_gguf_dequantize(tmp_path):
         ref = torch.from_numpy(gguf.quants.dequantize(t.data, qtype))
         rows = torch.randperm(40, generator=torch.Generator().manual_seed(1))
         ours = open_gguf(tmp_path / f"{qtype.name}.gguf").tensors["blk.0.attn_q.weight"]
-        qweight, sz, spec = int4_from_q4(ours, rows)
-        assert spec.layout == "rows" and sz.dtype == torch.float32  # 40 rows: no kernel layout
-        torch.testing.assert_close(dequantize({"qweight": qweight, "scales_and_zeros": sz}, spec), ref[rows])
+        tensors, spec = int4_from_q4(ours, rows)
+        assert spec.layout == "rows" and tensors["scales_and_zeros"].dtype == torch.float32  # 40 rows: no kernel
+        torch.testing.assert_close(dequantize(tensors, spec), ref[rows])
 
 
 def test_q8_0_requantized_to_int8_reports_its_error(ggufs, tmp_path, caplog):
@@ -164,6 +166,40 @@ def test_q8_0_requantized_to_int8_reports_its_error(ggufs, tmp_path, caplog):
         assert abs(float(d.pow(2).mean().sqrt() / want[name].pow(2).mean().sqrt()) - err["rel_rms_err"]) < 1e-5
     on_disk = json.loads((tmp_path / "sep" / "manifest.json").read_text())["source"]["requantized"]
     assert on_disk == errors
+    assert m.quant == {
+        "scheme": "int8",
+        "group_size": None,
+        "scale_dtype": "float32",
+        "method": "rtn",
+        "quantize_head": True,
+    }
+    # the logits move by what the re-quantization adds: measured max |d| ~0.02 on logits of ~3
+    with torch.no_grad():
+        want_logits = ref(IDS).logits
+    got = logits(tmp_path / "sep")
+    assert float((got - want_logits).abs().max()) < 0.02 * float(want_logits.abs().max())
+
+
+def test_requantized_errors_survive_a_resume(ggufs, tmp_path, monkeypatch):
+    import llm_sepweight.gguf_import as gi
+
+    path, _ = ggufs("llama", "Q8_0")
+    clean = convert_gguf(path, tmp_path / "clean", quant="int4", group_size=32, progress=False)
+    real, calls = gi._convert_part, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gi, "_convert_part", dying)
+    with pytest.raises(KeyboardInterrupt):
+        convert_gguf(path, tmp_path / "sep", quant="int4", group_size=32, progress=False)
+    monkeypatch.setattr(gi, "_convert_part", real)
+    again = convert_gguf(path, tmp_path / "sep", quant="int4", group_size=32, progress=False)
+    assert again.source["requantized"] == clean.source["requantized"] and len(clean.source["requantized"]) == 15
+    assert {k: e.sha256 for k, e in again.files.items()} == {k: e.sha256 for k, e in clean.files.items()}
 
 
 def test_f32_gguf_quantized_to_int4_is_not_a_requantization(ggufs, tmp_path):

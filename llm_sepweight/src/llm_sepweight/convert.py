@@ -120,8 +120,8 @@ def convert(
     if str(src).lower().endswith(".gguf"):  # llama.cpp / ollama files: their own converter
         from .gguf_import import convert_gguf
 
-        gguf_quant = {"quant": quant, "group_size": group_size, "method": quant_method} if quant else {}
-        return convert_gguf(src, dst, dtype=dtype, progress=progress, parts=parts, fsync=fsync, **gguf_quant)
+        how = {"quant": quant, "group_size": group_size, "method": quant_method, "quantize_head": quantize_head}
+        return convert_gguf(src, dst, dtype=dtype, progress=progress, parts=parts, fsync=fsync, **how)
     spec = PartSpec.parse(parts)
     target = parse_dtype(dtype)
     settings = QuantSettings.make(quant, group_size, quant_method, quantize_head)

