@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import llm_sepweight as sw
-from llm_lazy_qwen import load_part
+from llm_lazy_qwen import QuantLinear, load_part
 from llm_lora_mmap import LoraError, LoraLinear, apply_lora, is_linear_like, load_adapter, lora_layers, save_adapter
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -19,8 +19,6 @@ SHAPES = [("int8", 40, 96, None), ("int4", 64, 96, 32), ("int4", 40, 64, 64)]
 
 def _quant_linear(w: torch.Tensor, bias: torch.Tensor | None, scheme: str, group_size: int | None):
     """(QuantLinear of w, nn.Linear holding its dequantized weight and the same bias)."""
-    from llm_lazy_qwen.quant import QuantLinear
-
     n, k = w.shape
     if scheme == "int8":
         qweight, scales = sw.quantize_int8(w)

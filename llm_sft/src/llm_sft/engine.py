@@ -17,6 +17,12 @@ Dropout masks are the same in the recompute as in the forward (the RNG state is 
 global RNG restored after), so gradients equal one ordinary autograd graph over the whole model,
 dropout included (tests/llm_sft/test_engine.py). The sweep stops below the lowest layer that has
 trainable parameters.
+
+QLoRA: a part loaded from an int8/int4 folder holds llm_lazy_qwen ``QuantLinear`` bases under its
+LoRA layers; they dequantize one linear at a time into a reused buffer (in the forward, the
+recompute and the backward), never holding a dequantized copy of the model (a lazy part: one
+layer's packed integers), and the gradients equal autograd on the dequantized model
+(tests/llm_sft/test_qlora.py).
 """
 
 from __future__ import annotations
