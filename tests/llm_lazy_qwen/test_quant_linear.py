@@ -104,6 +104,9 @@ def test_kernel_scales_are_prepared_once_per_tensor_and_die_with_it():
     n = len(quant._prepared)
     del streamed
     assert len(quant._prepared) == n - 1
+    int8, _, _ = make("int8")
+    assert quant._kernel_scales(int8.scales, int8.spec, torch.float32) is int8.scales  # already as the kernel takes it
+    assert len(quant._prepared) == n - 1  # not cached: the entry would keep its own key alive
 
 
 def test_threads_do_not_share_the_dequantize_buffer():

@@ -93,6 +93,13 @@ def test_quantized_folder_equals_transformers_on_dequantized_weights(quantized, 
         with torch.no_grad():
             for _ in range(2):  # streamed: the second pass maps / reads everything again
                 torch.testing.assert_close(part(ids), want, **FP32)
+            settled = part._streamer._pool.submit(lambda: None).result if lazy else lambda: None  # retired items gone
+            settled()
+            prepared = len(quant_mod._prepared)
+            for _ in range(2):  # streamed weights' prepared scales die with them: nothing accumulates
+                part(ids[:, :1])
+            settled()
+            assert len(quant_mod._prepared) <= prepared
     finally:
         part.close()
 

@@ -143,6 +143,8 @@ def _kernel_scales(scales: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) ->
         out = scales.to(dtype).contiguous()  # (N,)
     else:
         out = scales.to(dtype).transpose(0, 1).contiguous()  # (N, K/g, 2) -> (K/g, N, 2)
+    if out.untyped_storage().data_ptr() == scales.untyped_storage().data_ptr():
+        return out  # nothing was made (and a cached view would keep the key, e.g. a streamed mapping, alive)
     with _prepared_lock:
         _prepared.setdefault(scales, {})[dtype] = out
     return out
