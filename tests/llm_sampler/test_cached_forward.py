@@ -157,3 +157,24 @@ def test_grad_mode_switch_restarts_the_cache(qwen2) -> None:
         again = cached(torch.cat([longer, torch.tensor([[7]])], 1))
     assert cached.tokens_run == 11 + 7
     assert not again.is_inference()  # callers never receive inference tensors
+
+
+def test_transformers_incremental_uses_the_current_cache_argument(qwen2, monkeypatch) -> None:
+    """transformers 5 renamed `past_key_values` to `cache` (argument and output): no deprecation path is hit,
+    and the logits still equal the uncached model's."""
+    import warnings
+
+    from transformers.utils import generic
+
+    def refuse(message: str, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"deprecated transformers API used: {message}")
+
+    monkeypatch.setattr(generic.logger, "warning_once", refuse)  # the output's `past_key_values` alias
+    cached = CachedForward(TransformersIncremental(qwen2))
+    ids = _ids([1, 2, 3, 4, 5, 6, 7])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)  # the `past_key_values=` argument's deprecation
+        got = [cached(ids[:, :5], logits_to_keep=5), cached(ids, logits_to_keep=2)]
+    want = _full(qwen2, ids)
+    torch.testing.assert_close(got[0], want[:, :5], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[:, 5:], atol=1e-4, rtol=1e-4)

@@ -6,6 +6,7 @@ left-padded rows see the same positions as unpadded ones. Put the model in eval 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -46,10 +47,22 @@ def transformers_forward(model: Any) -> ForwardFunc:
     return forward
 
 
+def _cache_argument(model: Any) -> str:
+    """The name `model.forward` takes its KV cache by: `cache` from transformers 5.x (which deprecates
+    `past_key_values`), `past_key_values` before (4.53+); the output field has the same name."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no introspectable signature: the name every version still accepts
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 class TransformersIncremental:
     """`IncrementalModel` for a transformers causal LM, keeping its `DynamicCache` between calls.
 
     Needs a model whose cache supports `crop` (full-attention layers, e.g. Qwen2 without sliding window).
+    The cache goes in and out as `cache` on transformers 5.x and as `past_key_values` on 4.x (4.53+),
+    whichever the model's `forward` declares.
 
     Example:
         >>> cached = CachedForward(TransformersIncremental(model))
@@ -60,6 +73,7 @@ class TransformersIncremental:
         self.model = model
         self._cache: Any = None  # transformers Cache, created by the first forward
         self._length = 0
+        self._cache_name = _cache_argument(model)
 
     def forward_incremental(
         self,
@@ -74,11 +88,11 @@ class TransformersIncremental:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=self._cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            **{self._cache_name: self._cache},
         )
-        self._cache = out.past_key_values
+        self._cache = out[self._cache_name]
         self._length += input_ids.shape[1]
         logits: Tensor = out.logits  # (B, logits_to_keep, V)
         return logits
