@@ -3,7 +3,7 @@
 Tiny qwen2 / qwen3 / llama models are written as GGUF files by tests/gguf_fixtures.py (F32, F16,
 Q8_0, Q4_0, Q4_1 through gguf.quants; hand-packed Q4_K / Q6_K blocks), converted, and compared:
 dequantized folders and int4 folders hold exactly the values transformers dequantizes (1e-4 on logits);
-Q8_0 re-quantized to int8 per channel adds a reported error of ~0.3% of the weight RMS.
+Q8_0 re-quantized to int8 per channel adds a reported error of <= 0.6% of the weight RMS.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def test_q8_0_requantized_to_int8_reports_its_error(ggufs, tmp_path, caplog):
         "method": "rtn",
         "quantize_head": True,
     }
-    # the logits move by what the re-quantization adds: measured max |d| ~0.02 on logits of ~3
+    # the logits move by what the re-quantization adds: measured max |d| 5.3e-3 on logits of max 0.69 (0.8%)
     with torch.no_grad():
         want_logits = ref(IDS).logits
     got = logits(tmp_path / "sep")

@@ -22,6 +22,20 @@ from .writer import SepweightWriter, save_part
 
 __version__ = "0.11.0"
 
+
+def __getattr__(name: str) -> object:
+    """``convert_gguf`` / ``open_gguf``: imported on first use (they need the ``[gguf]`` extra's numpy)."""
+    if name == "convert_gguf":
+        from .gguf_import import convert_gguf
+
+        return convert_gguf
+    if name == "open_gguf":
+        from .gguf_reader import open_gguf
+
+        return open_gguf
+    raise AttributeError(f"module 'llm_sepweight' has no attribute {name!r}")
+
+
 __all__ = [
     "FORMAT_VERSION",
     "Manifest",
@@ -33,11 +47,13 @@ __all__ = [
     "SepweightWriter",
     "VerifyReport",
     "convert",
+    "convert_gguf",
     "dequantize",
     "hugepage_coverage",
     "hugepages_available",
     "int4_layout",
     "load",
+    "open_gguf",
     "pack_int4",
     "part_filename",
     "quantize_int4",
