@@ -16,7 +16,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from qwen_fixtures import _randomise, _tokenizer
+from qwen_fixtures import DATA, _randomise, _tokenizer
 
 T = gguf.GGMLQuantizationType
 CHAT_TEMPLATE = (
@@ -114,8 +114,30 @@ def k_quant_blocks(qtype: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-def tokenizer_metadata(vocab_size: int) -> dict[str, Any]:
-    """tokens / types / merges of the tests' tiny byte-level BPE, padded to the model's vocabulary as llama.cpp pads."""
+def tokenizer_metadata(vocab_size: int, kind: str = "gpt2") -> dict[str, Any]:
+    """tokens / types / merges (gpt2) or scores (llama: sentencepiece, as Llama 2 files) of a tiny vocabulary
+    trained on tests/data/corpus.txt, padded to the model's vocabulary as llama.cpp pads."""
+    if kind == "llama":
+        from tokenizers import SentencePieceBPETokenizer
+
+        spm = SentencePieceBPETokenizer()
+        spm.train([str(DATA / "corpus.txt")], vocab_size=100, min_frequency=1, special_tokens=["<unk>", "<s>", "</s>"])
+        vocab = json.loads(spm.to_str())["model"]["vocab"]
+        pieces = [t for t in sorted(vocab, key=vocab.get) if t not in ("<unk>", "<s>", "</s>")]
+        tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+        types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+        types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(pieces)
+        scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+        pad = [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+        return {
+            "tokens": tokens + pad,
+            "types": types + [gguf.TokenType.UNUSED] * len(pad),
+            "scores": scores + [0.0] * len(pad),
+            "bos": 1,
+            "eos": 2,
+            "pad": None,
+            "unk": 0,
+        }
     tok = json.loads(_tokenizer(300).to_str())
     vocab = tok["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
@@ -127,8 +149,10 @@ def tokenizer_metadata(vocab_size: int) -> dict[str, Any]:
         "tokens": tokens + pad,
         "types": types + [gguf.TokenType.UNUSED] * len(pad),
         "merges": merges,
+        "bos": tokens.index("<|im_end|>"),
         "eos": tokens.index("<|im_end|>"),
         "pad": tokens.index("<|endoftext|>"),
+        "unk": None,
     }
 
 
@@ -137,13 +161,16 @@ def write_gguf(
     path: Path,
     types: Callable[[str, np.ndarray], T] | None = None,
     pre: str = "qwen2",
-    add_bos: bool = False,
+    add_bos: bool | None = False,
+    vocab: str = "gpt2",
     split_max_tensors: int = 0,
     k_quants: dict[str, T] | None = None,
 ) -> Path:
     """Write `model` as a GGUF file (or split files); returns the (first) file's path.
 
-    `k_quants` replaces named tensors by random hand-packed K-quant blocks (transformers then loads those).
+    `k_quants` replaces named tensors by random hand-packed K-quant blocks (transformers then loads those);
+    `vocab` "llama" writes a sentencepiece vocabulary (scores, byte tokens) instead of byte-level BPE;
+    `add_bos` None leaves ``tokenizer.ggml.add_bos_token`` out (as older files do).
     """
     cfg = model.config
     arch = cfg.model_type
@@ -163,16 +190,23 @@ def write_gguf(
     if arch == "qwen3":
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
-    tok = tokenizer_metadata(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
+    tok = tokenizer_metadata(cfg.vocab_size, vocab)
+    w.add_tokenizer_model(vocab)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tok["tokens"])
     w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    w.add_bos_token_id(tok["eos"])
+    if "merges" in tok:
+        w.add_token_merges(tok["merges"])
+    if "scores" in tok:
+        w.add_token_scores(tok["scores"])
+    w.add_bos_token_id(tok["bos"])
     w.add_eos_token_id(tok["eos"])
-    w.add_pad_token_id(tok["pad"])
-    w.add_add_bos_token(add_bos)
+    if tok["pad"] is not None:
+        w.add_pad_token_id(tok["pad"])
+    if tok["unk"] is not None:
+        w.add_unk_token_id(tok["unk"])
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
     w.add_chat_template(CHAT_TEMPLATE)
     for hf, t in model.state_dict().items():
         if hf == "lm_head.weight" and cfg.tie_word_embeddings:

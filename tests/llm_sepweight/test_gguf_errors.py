@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 from gguf_fixtures import T, linears, tiny_model, write_gguf
 
@@ -71,38 +72,39 @@ def test_missing_split_file(tmp_path):
     _refused(first, tmp_path / "out", r"m-00001-of-00003.gguf: split GGUF model is missing file\(s\) \['m-00002")
 
 
-def test_unsupported_tensors_and_tokenizers(tmp_path):
-    model = tiny_model("llama", seed=6)
-    path = write_gguf(model, tmp_path / "rope.gguf", linears(T.F32))
-    # Llama 3.1's rope scaling comes as a rope_freqs tensor: refused rather than computed wrongly
-    extra = tmp_path / "rope_freqs.gguf"
-    w = gguf.GGUFWriter(extra, "llama")
-    r = gguf.GGUFReader(path)
+def _rewrite(src: Path, dst: Path, fields: dict | None = None, extra: dict | None = None) -> Path:
+    """A copy of a GGUF file with some metadata values replaced or added and extra F32 tensors."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, str(r.fields["general.architecture"].contents()))
+    fields = dict(fields or {})
     for k, f in r.fields.items():
         if not k.startswith(("GGUF.", "general.architecture")):
-            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, t.data)
-    w.add_tensor("rope_freqs.weight", t.data[:8].copy())
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
-    w.close()
-    _refused(extra, tmp_path / "out", r"rope_freqs.gguf: tensor 'rope_freqs.weight' means RoPE frequency scaling")
-
-
-def test_sentencepiece_tokenizer_is_refused(good, tmp_path):
-    r = gguf.GGUFReader(good)
-    bad = tmp_path / "spm.gguf"
-    w = gguf.GGUFWriter(bad, "llama")
-    for k, f in r.fields.items():
-        if k.startswith(("GGUF.", "general.architecture")):
-            continue
-        value = "llama" if k == "tokenizer.ggml.model" else f.contents()
-        w.add_key_value(k, value, f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+            value = fields.pop(k, f.contents())
+            w.add_key_value(k, value, f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for k, value in fields.items():
+        w.add_string(k, value)
     for t in r.tensors:
         w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    for name, data in (extra or {}).items():
+        w.add_tensor(name, data)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
     w.close()
-    _refused(bad, tmp_path / "out", r"spm.gguf: tokenizer.ggml.model is 'llama'; only byte-level BPE")
+    return dst
+
+
+def test_rope_scaling_is_refused(good, tmp_path):
+    # Llama 3.1's rope scaling comes as a rope_freqs tensor, older scaling as metadata: refused, not computed wrongly
+    bad = _rewrite(good, tmp_path / "rope_freqs.gguf", extra={"rope_freqs.weight": np.ones(12, np.float32)})
+    _refused(bad, tmp_path / "out", r"rope_freqs.gguf: tensor 'rope_freqs.weight' means RoPE frequency scaling")
+    bad = _rewrite(good, tmp_path / "yarn.gguf", fields={"llama.rope.scaling.type": "yarn"})
+    _refused(bad, tmp_path / "out", r"yarn.gguf: llama.rope.scaling.type is 'yarn'; RoPE scaling is not supported")
+
+
+def test_unknown_tensor_and_unigram_tokenizer_are_refused(good, tmp_path):
+    bad = _rewrite(good, tmp_path / "extra.gguf", extra={"blk.0.ffn_gate_exps.weight": np.ones(12, np.float32)})
+    _refused(bad, tmp_path / "out", r"extra.gguf: tensor 'blk.0.ffn_gate_exps.weight' is not part of the supported")
+    bad = _rewrite(good, tmp_path / "t5.gguf", fields={"tokenizer.ggml.model": "t5"})
+    _refused(bad, tmp_path / "out", r"t5.gguf: tokenizer.ggml.model is 't5'; only byte-level BPE")
 
 
 def test_bad_arguments(good, tmp_path):

@@ -25,21 +25,24 @@ TEXTS = [
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("qwen2", seed=11)
+# the real combinations: Qwen files say "qwen2", Llama 3 "llama-bpe", SmolLM (llama arch) "smollm"; Llama 2 style
+# files carry a sentencepiece vocabulary ("llama") and often no add_bos_token (then BOS is added).
+# The architecture matters to transformers when it loads our folder (Qwen2Tokenizer brings its own split).
+CASES = [
+    ("qwen2", "gpt2", "qwen2", False),
+    ("llama", "gpt2", "llama-bpe", True),
+    ("llama", "gpt2", "smollm", False),
+    ("llama", "llama", "default", None),
+]
 
 
-# the real combinations: Qwen files say "qwen2", Llama 3 "llama-bpe", SmolLM (llama arch) "smollm";
-# the architecture matters to transformers when it loads our folder (Qwen2Tokenizer brings its own split)
-@pytest.mark.parametrize(
-    ("arch", "pre", "add_bos"), [("qwen2", "qwen2", False), ("llama", "llama-bpe", True), ("llama", "smollm", False)]
-)
-def test_tokenizer_equals_transformers(tmp_path, arch, pre, add_bos):
+@pytest.mark.parametrize(("arch", "vocab", "pre", "add_bos"), CASES, ids=[c[2] for c in CASES])
+def test_tokenizer_equals_transformers(tmp_path, arch, vocab, pre, add_bos):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    path = write_gguf(tiny_model(arch), tmp_path / "m.gguf", linears(T.F16), pre=pre, add_bos=add_bos)
+    model = tiny_model(arch)
+    path = write_gguf(model, tmp_path / "m.gguf", linears(T.F16), pre=pre, add_bos=add_bos, vocab=vocab)
     sw.convert(path, tmp_path / "sep", progress=False)
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     ours = Tokenizer.from_file(str(tmp_path / "sep" / "tokenizer.json"))
@@ -48,21 +51,22 @@ def test_tokenizer_equals_transformers(tmp_path, arch, pre, add_bos):
     for text in [*TEXTS, rendered]:
         assert ours.encode(text).ids == ref(text)["input_ids"], text
         assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == ref.decode(ref(text)["input_ids"])
-    if add_bos:
-        assert ours.encode("hi").ids[0] == ref.bos_token_id
     config = json.loads((tmp_path / "sep" / "tokenizer_config.json").read_text())
-    assert config["chat_template"] == CHAT_TEMPLATE and config["eos_token"] == "<|im_end|>"
-    assert config["add_bos_token"] is add_bos
+    assert config["add_bos_token"] is (add_bos is not False)
+    if config["add_bos_token"]:
+        assert ours.encode("hi").ids[0] == ref.bos_token_id
+    assert config["chat_template"] == CHAT_TEMPLATE
+    assert config["eos_token"] == ("</s>" if vocab == "llama" else "<|im_end|>")
     # the folder alone is a working transformers tokenizer with the chat template
     folder = AutoTokenizer.from_pretrained(tmp_path / "sep")
     assert folder.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == rendered
     assert folder(TEXTS[2])["input_ids"] == ref(TEXTS[2])["input_ids"]
 
 
-def test_config_json_equals_transformers(model, tmp_path):
+def test_config_json_equals_transformers(tmp_path):
     from transformers import AutoConfig
 
-    path = write_gguf(model, tmp_path / "m.gguf", linears(T.F32))
+    path = write_gguf(tiny_model("qwen2", seed=11), tmp_path / "m.gguf", linears(T.F32))
     sw.convert(path, tmp_path / "sep", progress=False)
     ref = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name).to_dict()
     ours = json.loads((tmp_path / "sep" / "config.json").read_text())

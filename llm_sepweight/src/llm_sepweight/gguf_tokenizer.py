@@ -3,15 +3,15 @@
 Equals transformers' ``integrations/gguf/gguf_tokenizer_mapping.py`` for byte-level BPE vocabularies
 (``tokenizer.ggml.model == "gpt2"``: Qwen2/Qwen3, Llama 3, SmolLM): the BPE model of
 ``GPT2Tokenizer`` over the file's tokens (re-spelled in the byte alphabet where needed) and merges,
-GPT-2's byte-level pre-tokenizer or the split regex of the file's ``tokenizer.ggml.pre``, control
-tokens as special added tokens, user-defined ones as plain added tokens, and BOS/EOS added per
-``tokenizer.ggml.add_bos_token`` / ``add_eos_token``. Sentencepiece vocabularies (``"llama"``) are
-refused with a clear error.
+GPT-2's byte-level pre-tokenizer or the split regex of the file's ``tokenizer.ggml.pre``; for
+sentencepiece vocabularies (``"llama"``: Llama 2, Mistral) ``LlamaTokenizer``'s byte-fallback BPE
+with merges rebuilt from the token scores. Control tokens become special added tokens, user-defined
+ones plain added tokens, and BOS/EOS are added per ``tokenizer.ggml.add_bos_token`` / ``add_eos_token``.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from typing import Any
 
 from .errors import SepweightError
@@ -55,7 +55,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def gguf_tokenizer(model: GGUFModel) -> tuple[str, dict[str, Any]]:
-    """``(tokenizer.json text, tokenizer_config.json dict)`` of a GGUF model with a byte-level BPE vocabulary.
+    """``(tokenizer.json text, tokenizer_config.json dict)`` of a GGUF model's vocabulary.
 
     Example::
 
@@ -63,59 +63,34 @@ def gguf_tokenizer(model: GGUFModel) -> tuple[str, dict[str, Any]]:
         Tokenizer.from_str(text).encode("Hello").ids
     """
     try:
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+        from tokenizers import AddedToken, processors
     except ImportError:
         raise SepweightError(
             "building tokenizer.json needs the tokenizers package: pip install 'llm_sepweight[gguf]'"
         ) from None
     meta = model.metadata
-    where = model.paths[0]
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise SepweightError(
-            f"{where}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2': Qwen, Llama 3, SmolLM) "
-            "tokenizers are converted (use the model's original tokenizer.json for sentencepiece ones)"
+            f"{model.paths[0]}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2': Qwen, Llama 3, "
+            "SmolLM) and sentencepiece BPE ('llama') vocabularies are converted"
         )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type") or []
-    spelling = _byte_alphabet()
-    alphabet = set(spelling.values())
-    vocab = {
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
-    }
-    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges") or []]
-    tok = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=merges,
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
-        )
-    )
-    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    if split is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    tok.decoder = decoders.ByteLevel()
-    # a control token written outside the byte alphabet is a llama.cpp mislabel; transformers skips it
-    control = [t for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    user = [t for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab]
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-
+    tok, vocab, allowed = _byte_level(meta) if kind == "gpt2" else _sentencepiece(meta)
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
     for name, key in _SPECIAL.items():
         token_id = meta.get(key)
         config[name] = tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and config["bos_token"] is not None
+    # control tokens (and the special ones transformers adds from the config) stay whole, as special tokens;
+    # a control token outside the byte alphabet is a llama.cpp mislabel that transformers skips
+    control = [t for t, k in zip(tokens, types) if k == _CONTROL and allowed(t)]
+    control += [t for name in _SPECIAL if (t := config[name]) is not None and t in vocab and t not in control]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    user = [t for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab]
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise (so does transformers)
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")) and config["bos_token"] is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and config["eos_token"] is not None
     config["add_bos_token"], config["add_eos_token"] = add_bos, add_eos
     if "tokenizer.chat_template" in meta:
@@ -129,5 +104,58 @@ def gguf_tokenizer(model: GGUFModel) -> tuple[str, dict[str, Any]]:
     return tok.to_str(), config
 
 
-def tokenizer_config_text(config: dict[str, Any]) -> str:
-    return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+def _byte_level(meta: dict[str, Any]) -> tuple[Any, dict[str, int], Callable[[str], bool]]:
+    """GPT2Tokenizer's BPE over the file's tokens (re-spelled in the byte alphabet where needed) and merges."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    vocab = {
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+        for i, t in enumerate(meta["tokenizer.ggml.tokens"])
+    }
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges") or []]
+    bpe = models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+    tok = Tokenizer(bpe)
+    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tok.decoder = decoders.ByteLevel()
+    return tok, vocab, lambda t: set(t) <= alphabet
+
+
+def _sentencepiece(meta: dict[str, Any]) -> tuple[Any, dict[str, int], Callable[[str], bool]]:
+    """LlamaTokenizer's BPE (byte fallback, Metaspace) with merges rebuilt from the scores, as transformers does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if meta.get("tokenizer.ggml.merges"):
+        merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    else:
+        merges = _merges_from_scores(vocab, dict(zip(tokens, meta.get("tokenizer.ggml.scores") or [])))
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return tok, vocab, lambda t: True
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens, best score first (transformers' ``generate_merges``)."""
+    merges = []
+    for merge, score in scores.items():
+        local = [
+            (merge[:i], merge[i:], score) for i in range(1, len(merge)) if merge[:i] in vocab and merge[i:] in vocab
+        ]
+        merges += sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
