@@ -1,7 +1,7 @@
 """GGUF import against transformers' own GGUF loader (``from_pretrained(dir, gguf_file=...)``), fp32.
 
 Tiny qwen2 / qwen3 / llama models are written as GGUF files by tests/gguf_fixtures.py (F32, F16,
-Q8_0, Q4_0, Q4_1 through gguf.quants; hand-packed Q4_K / Q6_K blocks), converted, and compared:
+BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 through gguf.quants; hand-packed Q4_K / Q6_K blocks), converted, and compared:
 dequantized folders and int4 folders hold exactly the values transformers dequantizes (1e-4 on logits);
 Q8_0 re-quantized to int8 per channel adds a reported error of <= 0.6% of the weight RMS.
 """
@@ -28,6 +28,7 @@ FP32 = {"atol": 1e-4, "rtol": 1e-4}
 IDS = torch.randint(0, 384, (2, 11), generator=torch.Generator().manual_seed(0))
 TYPES = {"F32": linears(T.F32), "F16": linears(T.F16), "Q8_0": linears(T.Q8_0)}
 TYPES |= {"Q4_0": linears(T.Q4_0, embed=T.Q8_0, head=T.F16), "Q4_1": linears(T.Q4_1)}
+TYPES |= {"Q5_1": linears(T.Q5_1, embed=T.BF16, head=T.Q5_0)}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,7 @@ def stored_linears(folder: Path) -> dict[str, torch.Tensor]:
 
 
 CASES = [("qwen2", "F32"), ("qwen2", "Q8_0"), ("qwen3", "F16"), ("qwen3", "Q4_0"), ("llama", "Q4_1"), ("llama", "Q8_0")]
+CASES += [("qwen2", "Q5_1")]
 
 
 @pytest.mark.parametrize(("arch", "kind"), CASES, ids=[f"{a}-{k}" for a, k in CASES])
