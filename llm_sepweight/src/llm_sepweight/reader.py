@@ -15,6 +15,7 @@ from .manifest import MANIFEST, Manifest, Part, part_filename
 from .quant import QuantSpec
 from .safetensors_io import (
     DTYPES,
+    READ_SLACK,
     Header,
     gather_rows,
     open_rows,
@@ -62,6 +63,8 @@ class SepWeights:
         layer3 = sw.layer(3)            # {"self_attn.q_proj.weight": <mmapped tensor>, ...}
         head = sw.end()["lm_head.weight"]  # the embedding when the head is tied
     """
+
+    READ_SLACK = READ_SLACK  # spare buffer bytes for read_into(drop_cache=True) to read with O_DIRECT
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -150,8 +153,9 @@ class SepWeights:
 
         For streaming without mapping churn: a lazy runner keeps a few (pinned, for CUDA) buffers and
         reads each layer into a free one; the returned tensors are views of the buffer. ``threads``
-        concurrent readers (faster from most disks); ``drop_cache`` evicts the bytes read from the
-        page cache as the read goes (for models bigger than RAM: the page cache never grows).
+        concurrent readers. ``drop_cache`` (for models bigger than RAM): the page cache never grows;
+        with :attr:`READ_SLACK` spare bytes in the buffer the read bypasses it (``O_DIRECT``, no copy)
+        and the views start a few KiB into the buffer; else each piece read is evicted right after.
 
         Example::
 
