@@ -110,6 +110,8 @@ def test_unknown_tensor_and_unigram_tokenizer_are_refused(good, tmp_path):
 def test_bad_arguments(good, tmp_path):
     with pytest.raises(sw.SepweightError, match=r"quant 'int3' is not one of"):
         convert_gguf(good, tmp_path / "out", quant="int3", progress=False)
+    with pytest.raises(sw.SepweightError, match=r"int4 needs a group size in \[32, 64, 128, 256\] .* got 48 / 'clip'"):
+        convert_gguf(good, tmp_path / "out", quant="int4", group_size=48, progress=False)
     with pytest.raises(sw.SepweightError, match=r"dtype 'int8' is not supported"):
         convert_gguf(good, tmp_path / "out", dtype="int8", progress=False)
     assert not (tmp_path / "out").exists()

@@ -29,7 +29,7 @@ from .gguf_quant import GGUF_GROUP_SIZE, LOSSLESS_INT4, dequantized, int4_from_q
 from .gguf_reader import GGUFModel, GGUFTensor, classify, open_gguf, unpermute_rows
 from .gguf_tokenizer import gguf_tokenizer
 from .manifest import FileEntry, Manifest, Part, part_filename
-from .quant import QuantSpec, is_linear, quantize_linear
+from .quant import GROUP_SIZES, METHODS, QuantSpec, is_linear, quantize_linear
 from .safetensors_io import TensorSpec, open_tensors
 from .spec import PartSpec
 from .writer import SepweightWriter
@@ -119,6 +119,11 @@ def convert_gguf(
 
     if quant not in QUANTS:
         raise SepweightError(f"quant {quant!r} is not one of {list(QUANTS)}")
+    if quant == "int4" and (group_size not in GROUP_SIZES or method not in METHODS):
+        raise SepweightError(
+            f"int4 needs a group size in {list(GROUP_SIZES)} and a method in {list(METHODS)}, "
+            f"got {group_size!r} / {method!r}"
+        )
     policy = Policy(quant, group_size, method, quantize_head)
     target = parse_dtype(dtype) or torch.bfloat16
     model = open_gguf(src)
