@@ -16,12 +16,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_fixtures import T, linears, tiny_model, write_gguf
+from gguf_fixtures import T, k_quant_blocks, linears, tiny_model, write_gguf
 
 import llm_sepweight as sw
 from llm_sepweight.gguf_import import convert_gguf
 from llm_sepweight.gguf_quant import int4_from_q4
-from llm_sepweight.gguf_reader import open_gguf
+from llm_sepweight.gguf_reader import GGUFTensor, open_gguf
 from llm_sepweight.quant import QuantSpec, dequantize
 
 FP32 = {"atol": 1e-4, "rtol": 1e-4}
@@ -134,7 +134,7 @@ def test_int4_folder_logits_equal_transformers(ggufs, tmp_path, lazy):
 
 
 def test_int4_from_q4_blocks_equal_gguf_dequantize(tmp_path):
-    """Q4_0 and Q4_1 with rows permuted (llama's Q/K), odd row counts, extreme block scales."""
+    """Q4_0, Q4_1 and Q4_K with rows permuted (llama's Q/K), odd row counts, extreme block scales."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((40, 96)).astype(np.float32) * rng.uniform(1e-3, 10, (40, 1)).astype(np.float32)
     for qtype in (T.Q4_0, T.Q4_1):
@@ -149,6 +149,14 @@ def test_int4_from_q4_blocks_equal_gguf_dequantize(tmp_path):
         tensors, spec = int4_from_q4(ours, rows)
         assert spec.layout == "rows" and tensors["scales_and_zeros"].dtype == torch.float32  # 40 rows: no kernel
         torch.testing.assert_close(dequantize(tensors, spec), ref[rows])
+    # Q4_K (gguf cannot write it): hand-packed blocks with random 6-bit scales and mins, 128 rows (kernel layout)
+    raw = k_quant_blocks(T.Q4_K, 128, 512, seed=3)
+    t = GGUFTensor("blk.0.ffn_up.weight", tmp_path / "k.gguf", int(T.Q4_K), "Q4_K", (128, 512), raw)
+    rows = torch.randperm(128, generator=torch.Generator().manual_seed(2))
+    tensors, spec = int4_from_q4(t, rows)
+    assert spec.layout != "rows" and spec.group_size == 32
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, T.Q4_K))
+    torch.testing.assert_close(dequantize(tensors, spec), ref[rows], atol=1e-6, rtol=0)
 
 
 def test_q8_0_requantized_to_int8_reports_its_error(ggufs, tmp_path, caplog):
@@ -211,8 +219,8 @@ def test_f32_gguf_quantized_to_int4_is_not_a_requantization(ggufs, tmp_path):
     assert m.files["mid.00001.safetensors"].tensors["mlp.up_proj.qweight"]["quant"]["group_size"] == 32
 
 
-def test_k_quants_dequantized_and_requantized(tmp_path):
-    """gguf cannot write K-quants: hand-packed Q4_K / Q6_K blocks go through gguf.quants.dequantize."""
+def test_k_quants(tmp_path):
+    """gguf cannot write K-quants: hand-packed Q4_K (kept as int4) / Q6_K (dequantized or re-quantized) blocks."""
     model = tiny_model("llama", hidden=256, intermediate=256, seed=5)
     k_quants = {"blk.0.ffn_down.weight": T.Q4_K, "output.weight": T.Q6_K}
     hf = {"blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight", "output.weight": "lm_head.weight"}
@@ -230,10 +238,15 @@ def test_k_quants_dequantized_and_requantized(tmp_path):
     with pytest.raises(sw.SepweightError, match=r"k.gguf: tensor 'blk.0.attn_output.weight' has in_features K=96"):
         convert_gguf(path, tmp_path / "q4", quant="int4", group_size=64, progress=False)
     assert not (tmp_path / "q4").exists()  # checked before anything is written
-    m = convert_gguf(path, tmp_path / "q4", quant="int4", group_size=32, progress=False)
-    assert m.source["requantized"]["end lm_head"]["from"] == "Q6_K"
-    assert m.source["requantized"]["layer 0 mlp.down_proj"]["from"] == "Q4_K"
+    m = convert_gguf(path, tmp_path / "q4", dtype="fp32", quant="int4", group_size=32, progress=False)
+    assert m.source["requantized"]["end lm_head"]["from"] == "Q6_K"  # Q6_K cannot be held: re-quantized
+    assert "layer 0 mlp.down_proj" not in m.source["requantized"]  # Q4_K is our int4 with g32, kept
+    assert m.quant["method"] == "clip+gguf:Q4_K" and m.quant["group_size"] == 32
     assert m.source["gguf_types"] == {"F32": 6, "Q4_K": 1, "Q6_K": 1, "Q8_0": 13}
+    # the default keeps Q4_K as int4 and dequantizes the rest: logits equal transformers'
+    m = convert_gguf(path, tmp_path / "kept", dtype="fp32", progress=False)
+    assert list(m.files["mid.00000.safetensors"].tensors).count("mlp.down_proj.qweight") == 1
+    torch.testing.assert_close(logits(tmp_path / "kept"), want, **FP32)
 
 
 def test_split_files_equal_single_file(tmp_path):

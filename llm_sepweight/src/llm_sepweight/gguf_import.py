@@ -1,8 +1,8 @@
 """convert_gguf(): a GGUF model (llama.cpp / ollama) -> a sepweight folder, part by part.
 
 Per tensor, what our formats hold without loss is kept (:mod:`llm_sepweight.gguf_quant`):
-``Q4_0`` / ``Q4_1`` linears become int4 with group 32 holding GGUF's integers and block scales.
-Everything else (F32/F16/BF16, Q5, Q8_0, K-quants) is dequantized with ``gguf.quants.dequantize`` to
+``Q4_0`` / ``Q4_1`` / ``Q4_K`` linears become int4 with group 32 holding GGUF's integers and scales.
+Everything else (F32/F16/BF16, Q5, Q8_0, other K-quants) is dequantized with ``gguf.quants.dequantize`` to
 the compute dtype, or, for linears, re-quantized per ``quant``. ``Q8_0`` has a scale per 32 values
 where our int8 has one per output channel, so it cannot be kept: the error a re-quantization of a
 GGUF quantization adds (max |dw|, RMS(dw) / RMS(w)) is logged and kept in the manifest's
@@ -106,7 +106,7 @@ def convert_gguf(
 
     Args:
         dtype: compute dtype of everything not stored as integers (default bf16).
-        quant: None keeps Q4_0/Q4_1 linears as int4 (lossless) and dequantizes the rest; ``"int8"`` /
+        quant: None keeps Q4_0/Q4_1/Q4_K linears as int4 (lossless) and dequantizes the rest; ``"int8"`` /
             ``"int4"`` also quantize the other linears (``group_size``, ``method`` as in
             :func:`llm_sepweight.quantize_int4`; scales fp32); ``"none"`` dequantizes everything.
         quantize_head: False stores an untied head dequantized.
