@@ -4,6 +4,7 @@ model with the folder's dequantized weights loaded (``llm_sepweight.dequantize``
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import inspect
 import json
@@ -93,7 +94,12 @@ def test_quantized_folder_equals_transformers_on_dequantized_weights(quantized, 
         with torch.no_grad():
             for _ in range(2):  # streamed: the second pass maps / reads everything again
                 torch.testing.assert_close(part(ids), want, **FP32)
-            settled = part._streamer._pool.submit(lambda: None).result if lazy else lambda: None  # retired items gone
+
+            def settled() -> None:  # retired items unmapped by the worker, cycles collected: only live tensors left
+                if lazy:
+                    part._streamer._pool.submit(lambda: None).result()
+                gc.collect()
+
             settled()
             prepared = len(quant_mod._prepared)
             for _ in range(2):  # streamed weights' prepared scales die with them: nothing accumulates

@@ -25,7 +25,7 @@ from .budget import MemoryPlan, parse_size, plan_memory, runtime_bytes
 from .config import QwenConfig
 from .kv_cache import KVCache
 from .layers import RMSNorm, fits, linear, match_linears
-from .quant import dequantize_into, quant_linear, repack_int4
+from .quant import dequantize_into, quant_linear, repacked
 from .rope import cos_sin, inv_freq
 from .streaming import READ_PIECE, READERS, LayerStreamer, Mode, item_size
 from .weights import assign, meta_placeholders, release
@@ -167,9 +167,9 @@ class QwenPart(nn.Module):
                     self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, as transformers
                 else:
                     head = {k.removeprefix("lm_head."): prep(v) for k, v in end.items() if k.startswith("lm_head.")}
-                    q = _linears(source, "end").get("lm_head")
+                    q = source.linears("end").get("lm_head")
                     stored = {"": q} if q is not None else {}
-                    assign(self.lm_head, _repacked(head, stored, self.lm_head), "end part")
+                    assign(self.lm_head, repacked(head, stored, self.lm_head), "end part")
             del end
         if lazy:
             self._streamer = LayerStreamer(
@@ -186,8 +186,8 @@ class QwenPart(nn.Module):
         else:
             for i in self.layer_ids:
                 layer = {k: prep(v) for k, v in source.layer(i).items()}
-                stored = _linears(source, i)
-                assign(self._layer(i), _repacked(layer, stored, self._layer(i)), f"layer {i}")
+                stored = source.linears(i)
+                assign(self._layer(i), repacked(layer, stored, self._layer(i)), f"layer {i}")
         return self
 
     def _match_storage(self, source: SepWeights, lazy: bool) -> None:
@@ -203,11 +203,11 @@ class QwenPart(nn.Module):
             return spec if lazy else dataclasses.replace(spec, layout=int4_layout())
 
         for i in self.layer_ids:
-            specs = {k: effective(q) for k, q in _linears(source, i).items()}
+            specs = {k: effective(q) for k, q in source.linears(i).items()}
             match_linears(self._layer(i), specs, self.dtype, f"{source.root}: layer {i}")
         self._placeholders = {i: meta_placeholders(self._layer(i)) for i in self.layer_ids}
         if self.spec.end:
-            head = _linears(source, "end").get("lm_head")
+            head = source.linears("end").get("lm_head")
             head = effective(head) if head is not None else None
             if not fits(self.lm_head, head):
                 H, V = self.config.hidden_size, self.config.vocab_size
@@ -526,25 +526,6 @@ class QwenPart(nn.Module):
         """Stop the prefetch thread (lazy parts)."""
         if self._streamer is not None:
             self._streamer.close()
-
-
-def _linears(source: SepWeights, part: int | str) -> dict[str, QuantSpec]:
-    """The quantized linears of a stored part (none for folders written before quantization existed)."""
-    linears = getattr(source, "linears", None)
-    return dict(linears(part)) if linears is not None else {}
-
-
-def _repacked(
-    tensors: dict[str, torch.Tensor], stored: dict[str, QuantSpec], root: nn.Module
-) -> dict[str, torch.Tensor]:
-    """`tensors` with each int4 ``qweight`` re-packed into the layout its module (in `root`) computes with."""
-    for name, spec in stored.items():
-        mod = root.get_submodule(name)
-        want = getattr(getattr(mod, "base_layer", mod), "spec", None)
-        key = f"{name}.qweight" if name else "qweight"
-        if spec.scheme == "int4" and want is not None and want.layout != spec.layout and key in tensors:
-            tensors[key] = repack_int4(tensors[key], str(spec.layout), str(want.layout))
-    return tensors
 
 
 def _select(h: torch.Tensor, keep: LogitsToKeep) -> torch.Tensor:

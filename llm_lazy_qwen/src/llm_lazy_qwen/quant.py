@@ -128,6 +128,19 @@ def repack_int4(qweight: torch.Tensor, layout: str, to: str) -> torch.Tensor:
     return pack_int4(unpack_int4(qweight, layout), to)
 
 
+def repacked(
+    tensors: dict[str, torch.Tensor], stored: dict[str, QuantSpec], root: nn.Module
+) -> dict[str, torch.Tensor]:
+    """`tensors` with each int4 ``qweight`` re-packed into the layout its module (in `root`) computes with."""
+    for name, spec in stored.items():
+        mod = root.get_submodule(name)
+        want = getattr(getattr(mod, "base_layer", mod), "spec", None)
+        key = f"{name}.qweight" if name else "qweight"
+        if spec.scheme == "int4" and want is not None and want.layout != spec.layout and key in tensors:
+            tensors[key] = repack_int4(tensors[key], str(spec.layout), str(want.layout))
+    return tensors
+
+
 # ----------------------------------------------------------------------------------- kernels
 _prepared: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _prepared_lock = threading.Lock()
