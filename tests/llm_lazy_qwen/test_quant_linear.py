@@ -57,7 +57,7 @@ def test_forward_equals_dequantize_then_linear(scheme, g, layout, dtype, path, m
     lin, w, bias = make(scheme, g=g, layout=layout)
     if path == "kernel" and scheme == "int4" and layout == "rows":
         assert not quant.kernel_fits(torch.ones(1, K), lin.qweight, lin.spec)  # no kernel: dequantize
-    for rows in (1, 3, 37):
+    for rows in (1, 3, 37, 300):
         x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)
         with torch.no_grad():
             y = lin(x)

@@ -55,7 +55,9 @@ def load_part(
 
     Args:
         spec: ``"f"`` (whole model), ``"b 0-12"``, ``"12-24 e"``, ...
-        dtype: compute dtype; default the stored one.
+        dtype: compute dtype; default the stored one. A quantized folder (``llm_sepweight.convert(...,
+            quant="int8" | "int4")`` or a GGUF import) keeps its integers as stored: its linears become
+            ``QuantLinear`` modules computing in this dtype (README: Quantized weights).
         lazy: stream layers from disk (one resident plus `prefetch` in flight) instead of holding them.
         prefetch: how many upcoming layers / head chunks a background thread prepares (lazy mode).
             1 by default: on 2 CPU cores 2 was no faster (the thread competes with the matmuls)
