@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_lazy_qwen import IncrementalPart, load_part
-from llm_pipeline import Pipeline, generate, load_stage
+from llm_pipeline import Pipeline, generate, generate_stream, load_stage
 from llm_sampler import CachedForward, pad_left, sample
 
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
@@ -86,3 +86,21 @@ def test_bad_stage_specs_fail_before_loading(sep, local):
         stage = load_stage(path)
         stage.rank = 1
         Pipeline(stage)
+
+
+def test_generation_stops_on_a_multi_token_sequence(sep, local):
+    """stop_tokens=[[a, b]] (or a 2-D tensor) stops a row after a then b, like llm_sampler on one process."""
+    path, _ = sep("qwen2")
+    ids = torch.randint(1, 384, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        free = sample(CachedForward(IncrementalPart(load_part(path))), ids, 12, temperature=0).tolist()
+    pair = [111, 50]  # this tiny model: row 0 gives 111 50 .., row 1 only 50s, row 2 111 111 50 ..
+    ends = [next((i + 2 for i in range(11) if row[i : i + 2] == pair), 12) for row in free]
+    assert ends == [2, 12, 3], free  # rows stop at different steps; one never does
+    want = torch.tensor([row[:end] + [0] * (12 - end) for row, end in zip(free, ends)])
+    with Pipeline(load_stage(path), micro_batches=2) as pipe:
+        got = generate(pipe, ids, 12, temperature=0, stop_tokens=[pair], pad_token_id=0)
+        assert torch.equal(got, want)
+        pipe.crop(0)
+        steps = generate_stream(pipe, ids, 12, temperature=0, stop_tokens=torch.tensor([pair]), pad_token_id=0)
+        assert torch.equal(torch.stack(list(steps), dim=1), want)

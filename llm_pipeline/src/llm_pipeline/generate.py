@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from llm_sampler import CachedForward, sample, sample_stream
+from llm_sampler import CachedForward, StopTokens, sample, sample_stream
 
 from .pipeline import Pipeline
 
@@ -28,11 +28,14 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float | None = None,
-    stop_tokens: Sequence[int] = (),
+    stop_tokens: StopTokens = (),
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """New tokens (B, n) for a (left-padded) batch of prompts; sampling arguments as in ``llm_sampler.sample``.
+
+    ``stop_tokens`` takes token ids and multi-token stop sequences (``[2, [13, 198]]``, or a 2-D tensor
+    with one sequence per row); a row stops once its generated tokens end with one.
 
     Example::
 
@@ -66,7 +69,7 @@ def generate_stream(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float | None = None,
-    stop_tokens: Sequence[int] = (),
+    stop_tokens: StopTokens = (),
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:

@@ -26,6 +26,7 @@ from llm_sampler.speculative import (
     speculative_sample,
 )
 from llm_sampler.streaming import Decoder, TextStream, stream_text
+from llm_sampler.validation import StopTokens
 
 __version__ = "0.5.0"  # 0.4.0 on PyPI is the old llm_microlibs sampler
 
@@ -39,6 +40,7 @@ __all__ = [
     "SamplingParams",
     "SpeculativeOutput",
     "SpeculativeStats",
+    "StopTokens",
     "TextStream",
     "TransformersIncremental",
     "apply_min_p",

@@ -16,7 +16,10 @@ from torch import Tensor
 
 from llm_sampler.forward import Forward, ForwardFunc
 from llm_sampler.processors import SamplingParams, process_logits, select_tokens
+from llm_sampler.stops import stop_hits
 from llm_sampler.validation import (
+    Stops,
+    StopTokens,
     TokenIds,
     check_count,
     check_prompt,
@@ -54,7 +57,7 @@ def sample_stream(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float | None = None,
-    stop_tokens: Sequence[int] | Tensor = (),
+    stop_tokens: StopTokens = (),
     pad_token_id: int | None = None,
     attention_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -82,12 +85,11 @@ def _stream(
     mask: Tensor | None,
     max_new_tokens: int,
     params: SamplingParams,
-    stops: tuple[int, ...],
+    stops: Stops,
     pad: int,
     generator: torch.Generator | None,
 ) -> Iterator[Tensor]:
-    batch = ids.shape[0]
-    stop_ids = torch.tensor(stops, dtype=torch.long, device=ids.device)
+    batch, prompt_length = ids.shape
     unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         # no_grad per step, not around the loop: a generator must not leave grad mode off between yields.
@@ -97,8 +99,9 @@ def _stream(
             tokens = select_tokens(scores, params, generator)  # (B,)
             if stops:
                 tokens = torch.where(unfinished, tokens, pad)
-                unfinished &= ~torch.isin(tokens, stop_ids)
         ids = torch.cat([ids, tokens[:, None]], dim=1)  # (B, T + 1)
+        if stops:
+            unfinished &= ~stop_hits(ids[:, prompt_length:], stops)
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         yield tokens
@@ -116,7 +119,7 @@ def sample(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float | None = None,
-    stop_tokens: Sequence[int] | Tensor = (),
+    stop_tokens: StopTokens = (),
     pad_token_id: int | None = None,
     attention_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -129,8 +132,10 @@ def sample(
         input_ids: `(B, T)` or `(T,)` prompt ids, left-padded when rows differ in length.
         temperature: 0 is greedy (argmax after the repetition penalty); > 0 samples.
         top_k, top_p, min_p, repetition_penalty: as in transformers; None switches each off.
-        stop_tokens: ids that finish a row; the stop token is kept, later positions get `pad_token_id`
-            (default: the first stop token). `n < max_new_tokens` once every row has stopped.
+        stop_tokens: what finishes a row: token ids, and/or sequences of ids that must be generated in a
+            row (`[2, [13, 198]]`: token 2, or 13 then 198; a 2-D tensor is one sequence per row). Only
+            generated tokens match. The stop is kept, later positions get `pad_token_id` (default: the
+            first stop token). `n < max_new_tokens` once every row has stopped.
         attention_mask: `(B, T)` 0/1 with zeros on the left for padding; None means no padding.
         generator: torch RNG for the draws; None uses the global one (as transformers does).
 

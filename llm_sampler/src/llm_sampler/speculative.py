@@ -13,7 +13,6 @@ Batch size 1 only. Wrap both models in `CachedForward`: rollback after a rejecti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,9 @@ from torch import Tensor
 
 from llm_sampler.forward import Forward, ForwardFunc
 from llm_sampler.processors import SamplingParams, process_logits
+from llm_sampler.stops import matched_stop
 from llm_sampler.validation import (
+    StopTokens,
     TokenIds,
     check_count,
     check_prompt,
@@ -72,7 +73,7 @@ def speculative_sample(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float | None = None,
-    stop_tokens: Sequence[int] | Tensor = (),
+    stop_tokens: StopTokens = (),
     generator: torch.Generator | None = None,
 ) -> SpeculativeOutput:
     """Sample from `target_forward` with proposals from the cheaper `draft_forward` (same vocabulary).
@@ -106,7 +107,9 @@ def speculative_sample(
             # A round yields at most gamma + 1 tokens: never overshoot max_new_tokens.
             gamma = min(num_draft_tokens, max_new_tokens - produced - 1)
             new = _round(target, draft, ids, gamma, params, generator, counts)
-            stop_at = next((i for i, token in enumerate(new) if token in stops), None)
+            # the first of the new tokens that completes a stop (a sequence may have begun in earlier rounds)
+            generated = ids[0, prompt_length:].tolist()
+            stop_at = next((i for i in range(len(new)) if matched_stop(generated + new[: i + 1], stops)), None)
             if stop_at is not None:
                 new = new[: stop_at + 1]
             ids = torch.cat([ids, ids.new_tensor([new])], dim=1)  # (1, L + len(new))

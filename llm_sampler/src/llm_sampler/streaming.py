@@ -15,7 +15,8 @@ from torch import Tensor
 
 from llm_sampler.forward import ForwardFunc
 from llm_sampler.sampling import sample_stream
-from llm_sampler.validation import TokenIds, check_prompt, check_stop_tokens
+from llm_sampler.stops import matched_stop, partial_stop
+from llm_sampler.validation import Stops, StopTokens, TokenIds, check_prompt, check_stop_tokens
 
 _REPLACEMENT = "\ufffd"
 
@@ -69,13 +70,19 @@ def stream_text(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float | None = None,
-    stop_tokens: Sequence[int] | Tensor = (),
+    stop_tokens: StopTokens = (),
+    stop_strings: Sequence[str] = (),
     generator: torch.Generator | None = None,
 ) -> Iterator[str]:
-    """Sample one prompt (batch 1) and yield its text as it grows; the stop token's text is not yielded.
+    """Sample one prompt (batch 1) and yield its text as it grows; the stop's text is not yielded.
 
     Sampling arguments are those of `sample`. Chunks never end inside a multi-byte character; for a
-    byte-level tokenizer, joined they equal `tokenizer.decode(generated ids without the stop token)`.
+    byte-level tokenizer, joined they equal `tokenizer.decode(generated ids without the stop)`. Ids that
+    may begin a stop sequence are held back until they complete it (then dropped) or cannot.
+
+    `stop_strings` (e.g. `["\\n\\n", "</answer>"]`) stop generation after the first token whose text
+    completes one of them, wherever the token boundaries fall; the text from that string on is not
+    yielded, and text that may begin one is held back until it cannot.
 
     Example:
         >>> for chunk in stream_text(forward, tokenizer.encode("Once").ids, tokenizer, 50, temperature=0.8):
@@ -89,6 +96,7 @@ def stream_text(
         msg = f"tokenizer must have a decode(list[int]) -> str method, got {type(tokenizer).__name__}"
         raise TypeError(msg)
     stops, _ = check_stop_tokens(stop_tokens, None)
+    strings = _check_stop_strings(stop_strings)
     tokens = sample_stream(
         forward_func,
         ids,
@@ -101,17 +109,59 @@ def stream_text(
         stop_tokens=stops,
         generator=generator,
     )
-    return _texts(tokens, TextStream(tokenizer), set(stops))
+    return _cut_at_strings(_texts(tokens, TextStream(tokenizer), stops), strings)
 
 
-def _texts(tokens: Iterator[Tensor], stream: TextStream, stops: set[int]) -> Iterator[str]:
+def _check_stop_strings(stop_strings: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(stop_strings, str):
+        msg = f"stop_strings must be a list of strings, got the string {stop_strings!r}; write [{stop_strings!r}]"
+        raise TypeError(msg)
+    strings = tuple(stop_strings)
+    if not all(isinstance(s, str) and s for s in strings):
+        raise ValueError(f"stop_strings must be non-empty strings, got {list(strings)!r}")
+    return strings
+
+
+def _texts(tokens: Iterator[Tensor], stream: TextStream, stops: Stops) -> Iterator[str]:
+    generated: list[int] = []
+    released = 0  # generated[:released] went into the TextStream
     for step in tokens:
-        token = int(step[0])
-        if token in stops:
-            break
-        text = stream.push(token)
-        if text:
-            yield text
+        generated.append(int(step[0]))
+        if matched_stop(generated, stops):
+            break  # the held-back ids were the stop: never shown
+        held = partial_stop(generated, stops, len(generated) - released)
+        for token in generated[released : len(generated) - held]:
+            text = stream.push(token)
+            if text:
+                yield text
+        released = len(generated) - held
+    else:  # max_new_tokens reached: a partial stop was only text
+        for token in generated[released:]:
+            text = stream.push(token)
+            if text:
+                yield text
     tail = stream.flush()
     if tail:
         yield tail
+
+
+def _cut_at_strings(chunks: Iterator[str], strings: tuple[str, ...]) -> Iterator[str]:
+    """Yield the text before the first stop string; closing `chunks` there ends the sampling."""
+    if not strings:
+        yield from chunks
+        return
+    pending = ""  # text not yet yielded: it may begin a stop string
+    for chunk in chunks:
+        pending += chunk
+        found = [i for i in (pending.find(s) for s in strings) if i >= 0]
+        if found:
+            if min(found):
+                yield pending[: min(found)]
+            chunks.close()  # type: ignore[attr-defined]  # stops the token stream: no more forwards
+            return
+        held = max((k for s in strings for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        if len(pending) > held:
+            yield pending[: len(pending) - held]
+            pending = pending[len(pending) - held :]
+    if pending:
+        yield pending

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -46,16 +47,61 @@ def check_count(name: str, value: int, minimum: int) -> int:
     return value
 
 
-def check_stop_tokens(stop_tokens: Sequence[int] | Tensor, pad_token_id: int | None) -> tuple[tuple[int, ...], int]:
-    """Return the stop ids as a tuple and the pad id (default: the first stop id)."""
+StopTokens = Sequence[int | Sequence[int]] | Tensor
+Stops = tuple[tuple[int, ...], ...]  # one tuple per stop; a single-token stop is a 1-tuple
+
+
+def _token_id(value: object, where: str) -> int:
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{where} must be a token id (int), got {type(value).__name__}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise TypeError(f"{where} must be a token id (int), got {type(value).__name__}") from err
+
+
+def _stop_entry(entry: object, i: int) -> tuple[int, ...]:
+    """One stop: a token id, or a non-empty sequence of ids that must appear in a row, in order."""
+    if isinstance(entry, (str, bytes)):
+        msg = (
+            f"stop_tokens[{i}] is a {type(entry).__name__}; stop_tokens takes token ids (tokenize the text, or "
+            f"use stream_text(..., stop_strings=[...]))"
+        )
+        raise TypeError(msg)
+    if isinstance(entry, Tensor) and entry.ndim == 1:
+        entry = entry.tolist()
+    if isinstance(entry, Sequence):
+        if len(entry) == 0:
+            raise ValueError(f"stop_tokens[{i}] is an empty stop sequence; give at least one token id")
+        return tuple(_token_id(t, f"stop_tokens[{i}][{k}]") for k, t in enumerate(entry))
+    return (_token_id(entry, f"stop_tokens[{i}]"),)
+
+
+def check_stop_tokens(stop_tokens: StopTokens, pad_token_id: int | None) -> tuple[Stops, int]:
+    """Return the stops, each a tuple of ids (1 for a single token), and the pad id (default: the last id of
+    the first stop, i.e. the first stop token when it is a single one).
+
+    `[2, [13, 198]]` stops on token 2 or on 13 followed by 198; a 2-D tensor holds one stop sequence per row.
+    """
     if isinstance(stop_tokens, Tensor):
-        stop_tokens = stop_tokens.flatten().tolist()
-    stops = tuple(int(t) for t in stop_tokens)
-    if any(t < 0 for t in stops):
-        msg = f"stop_tokens must be token ids >= 0, got {stops}"
+        if stop_tokens.dtype.is_floating_point or stop_tokens.dtype.is_complex or stop_tokens.dtype == torch.bool:
+            raise TypeError(f"stop_tokens must hold integer token ids, got dtype {stop_tokens.dtype}")
+        if stop_tokens.ndim > 2:
+            msg = (
+                f"a stop_tokens tensor must be 1-D (single-token stops) or 2-D (one stop sequence per row), "
+                f"got shape {tuple(stop_tokens.shape)}"
+            )
+            raise ValueError(msg)
+        stop_tokens = stop_tokens.reshape(-1).tolist() if stop_tokens.ndim < 2 else stop_tokens.tolist()
+    if isinstance(stop_tokens, (str, bytes)):
+        stop_tokens = [stop_tokens]  # reported by _stop_entry
+    stops = tuple(_stop_entry(entry, i) for i, entry in enumerate(stop_tokens))
+    if any(t < 0 for stop in stops for t in stop):
+        shown = [list(stop) if len(stop) > 1 else stop[0] for stop in stops]
+        msg = f"stop_tokens must be token ids >= 0, got {shown[0] if len(shown) == 1 else shown}"
         raise ValueError(msg)
     if pad_token_id is None:
-        return stops, stops[0] if stops else 0
+        return stops, stops[0][-1] if stops else 0
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
         msg = f"pad_token_id must be a token id >= 0 or None (use the first stop token), got {pad_token_id!r}"
         raise ValueError(msg)
