@@ -268,3 +268,12 @@ def test_cli_converts_gguf(ggufs, tmp_path, capsys):
     assert main(["convert", str(path), str(tmp_path / "sep"), "--no-progress"]) == 0
     assert "Qwen2ForCausalLM" in capsys.readouterr().out
     assert sw.verify(tmp_path / "sep").ok
+
+
+def test_some_parts_and_an_unquantized_head(ggufs, tmp_path):
+    path, ref = ggufs("llama", "Q4_1")
+    m = sw.convert(path, tmp_path / "sep", dtype="fp32", parts="1-2 e", quantize_head=False, progress=False)
+    assert sorted(m.files) == ["end.safetensors", "mid.00001.safetensors"]
+    end = m.files["end.safetensors"].tensors
+    assert "lm_head.weight" in end and "lm_head.qweight" not in end and m.quant["quantize_head"] is False
+    torch.testing.assert_close(sw.SepWeights(tmp_path / "sep").end()["lm_head.weight"], ref.lm_head.weight)
