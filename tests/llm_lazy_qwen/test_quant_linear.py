@@ -167,3 +167,8 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match=r"quantized weight has shape \[64, 128\], the config implies \[32, 128\]"):
         linear(128, 32, False, "meta", sw.QuantSpec("int8", (64, 128)))
     assert type(linear(128, 32, False, "meta")) is nn.Linear
+
+
+def test_scratch_bytes_is_the_largest_weight_in_the_gemm_dtype():
+    assert quant.scratch_bytes(1000, torch.float32) == 4000
+    assert quant.scratch_bytes(1000, torch.bfloat16) == (2000 if quant.native_bf16() else 4000)

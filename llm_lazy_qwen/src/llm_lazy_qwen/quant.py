@@ -191,6 +191,12 @@ def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def scratch_bytes(largest_weight: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> int:
+    """Bytes of the per-thread dequantize buffer that prefill (or backward) keeps for a part whose largest
+    quantized linear has `largest_weight` = N * K elements, computing in `dtype` (for memory plans)."""
+    return largest_weight * _gemm_dtype(dtype, torch.device(device)).itemsize
+
+
 def _dequant_matmul(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """(M, K) @ W.T through W dequantized into this thread's buffer; (M, N) in x's dtype."""
     dt = _gemm_dtype(x2.dtype, x2.device)
