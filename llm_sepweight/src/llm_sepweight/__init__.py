@@ -13,7 +13,7 @@ from .convert import convert
 from .errors import SepweightError
 from .hugepages import hugepage_coverage, hugepages_available
 from .manifest import FORMAT_VERSION, Manifest, part_filename
-from .quant import QuantSpec, dequantize, quantize_int4, quantize_int8
+from .quant import QuantSpec, dequantize, is_linear, quantize_int4, quantize_int8, quantize_linear
 from .quant_pack import int4_layout, pack_int4, unpack_int4
 from .reader import PartWeights, SepWeights, load
 from .spec import PartSpec
@@ -52,12 +52,14 @@ __all__ = [
     "hugepage_coverage",
     "hugepages_available",
     "int4_layout",
+    "is_linear",
     "load",
     "open_gguf",
     "pack_int4",
     "part_filename",
     "quantize_int4",
     "quantize_int8",
+    "quantize_linear",
     "save_part",
     "unpack_int4",
     "verify",
