@@ -174,7 +174,12 @@ def kernel_fits(x: torch.Tensor, qweight: torch.Tensor, spec: QuantSpec) -> bool
         return False
     if not _has_kernel(spec.scheme):
         return False
-    return spec.scheme == "int8" or spec.layout == int4_layout()
+    return spec.scheme == "int8" or spec.layout == _this_layout()
+
+
+@functools.cache
+def _this_layout() -> str:
+    return int4_layout()  # asks torch for the CPU capability: once, not per product
 
 
 def _kernel(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
