@@ -78,6 +78,49 @@ def equivalence(stage, out: str) -> None:
     torch.save(res, out)
 
 
+def masks(stage, out: str) -> None:
+    """The same padded batch with its mask in other dtypes and shapes; bad masks refused up front."""
+    ids, mask = inputs()
+    res: dict[str, object] = {"ids": ids, "mask": mask}
+    with Pipeline(stage, micro_batches=2) as pipe:
+        for dtype in (torch.bool, torch.int32, torch.int64, torch.float32, torch.float64, torch.uint8):
+            res[str(dtype)] = pipe(ids, attention_mask=mask.to(dtype))
+            res[f"greedy {dtype}"] = generate(pipe, ids, 4, attention_mask=mask.to(dtype), temperature=0)
+        # a mask covering more positions than the ids (past + new): its last T columns count
+        res["longer"] = pipe(ids[:, 3:], attention_mask=mask.to(torch.int32))
+        res["row"] = pipe(ids[1:2], attention_mask=mask[1].bool())  # (T,) for one row
+        res["errors"] = []
+        for bad in (mask[:, :4], mask[:3], mask * 0.5, mask[..., None]):
+            try:
+                pipe(ids, attention_mask=bad)
+            except ValueError as e:
+                res["errors"].append(str(e))
+        res["after"] = pipe(ids, attention_mask=mask)
+    torch.save(res, out)
+
+
+def many(stage, out: str, victim: int) -> None:
+    """B = M = 96 micro-batches of one row each in one forward, then a few decode steps."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 384, (96, 5), generator=g)
+    if victim >= 0 and stage.rank == victim:  # freezes on a forward in the middle of the 96
+        calls, run = [0], stage.run
+
+        def run_then_freeze(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 40:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return run(*args, **kwargs)
+
+        stage.run = run_then_freeze
+    if stage.rank == 0:
+        with Pipeline(stage, micro_batches=96) as pipe:
+            res = {"ids": ids, "logits": pipe(ids), "greedy": generate(pipe, ids, 3, temperature=0)}
+        torch.save(res, out)
+    else:
+        stage.serve()
+
+
 def kill_or_hang(stage, scenario: str, victim: int, out: str) -> None:
     """The victim dies (SIGKILL) or freezes (SIGSTOP) on its 4th forward: during decoding."""
     if stage.rank == victim:
@@ -140,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
 
                 stage.run = fail_on_13
             equivalence(stage, args.out) if stage.rank == 0 else stage.serve()
+        elif args.scenario == "masks":
+            masks(stage, args.out) if stage.rank == 0 else stage.serve()
+        elif args.scenario == "many":
+            many(stage, args.out, args.victim)
         else:
             kill_or_hang(stage, args.scenario, args.victim, args.out)
         stage.close()

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# queued sends per rank before a send waits for the oldest to be delivered (Pipeline keeps below it)
+MAX_PENDING = 64
+
 
 class PipelineError(RuntimeError):
     """A rank of the pipeline died, hung or never joined; the message names it. The pipeline is unusable."""
@@ -166,7 +169,7 @@ class Link:
             else:
                 keep.append((work, t, dst))
         self._pending = keep
-        while len(self._pending) > 64:
+        while len(self._pending) > MAX_PENDING:
             work, _, dst = self._pending.pop(0)
             self._wait(work, dst, "sending to", self.timeout)
 
@@ -233,6 +236,13 @@ class Link:
         low = text.lower()
         if "pair closure" in low:  # an earlier timeout of this rank closed its connections
             cause = "this rank's connections were closed after an earlier timeout"
+        elif "timed out" in low and what.startswith("sending"):
+            self.timed_out = True
+            cause = (
+                f"rank {peer} took none of this rank's {len(self._pending) + 1} queued messages within "
+                f"{timeout:g} s: it hangs, was never started, or is itself blocked sending to a rank "
+                "that does not read"
+            )
         elif "timed out" in low:
             self.timed_out = True
             cause = (

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 # micro_batch field of STOP / CROP, to tell their acks from results
 _STOP_ACK, _CROP_ACK = -1, -2
+# micro-batches sent but whose result is not read yet: at most 3 messages each stay queued per link,
+# well under comm.MAX_PENDING (64), so no send ever waits on a peer that is itself waiting to send
+IN_FLIGHT = 16
 
 
 class Pipeline:
@@ -87,7 +90,8 @@ class Pipeline:
             logits = pipe(torch.tensor([[1, 2, 3]]))   # (1, 3, V), == load_part(dir)(ids)
         """
         T = input_ids.shape[-1]
-        mask = None if attention_mask is None else attention_mask[:, -T:]  # (B, T)
+        full = _check_mask(attention_mask, input_ids)
+        mask = None if full is None else full[:, -T:]  # (B, T)
         keep = logits_to_keep or 0
         return self._run(input_ids, 0, mask, keep, use_cache=False).clone()
 
@@ -105,6 +109,7 @@ class Pipeline:
         ``attention_mask`` is None or (B, past_length + T) 0/1 with zeros on the left (llm_sampler's
         ``IncrementalModel`` protocol).
         """
+        attention_mask = _check_mask(attention_mask, input_ids)
         if self._replay is not None:
             # a ring cache could not roll back: rebuild every stage's cache
             assert self._ids is not None
@@ -116,7 +121,7 @@ class Pipeline:
             msg = f"past_length={past_length} but the caches hold {self._length} positions"
             raise ValueError(msg)
         T = input_ids.shape[1]
-        new_mask = None if attention_mask is None else attention_mask[:, -T:].long()
+        new_mask = None if attention_mask is None else attention_mask[:, -T:]
         try:
             logits = self._run(input_ids, past_length, new_mask, logits_to_keep, True)
         except Exception:
@@ -248,15 +253,11 @@ class Pipeline:
                         m = _rows(new_mask, r0, r1)
                         outputs.append(self.stage.run(ids[r0:r1], j, past, m, keep, use_cache))
                     return torch.cat(outputs, dim=0)  # (B, keep or T, V)
-                sent, own_error = self._feed(ids, past, new_mask, keep, use_cache)
-                outputs, errors = [], []  # gathered in order, even after an error
-                for j in range(sent):
-                    what = f"waiting for the logits of micro-batch {j} from"
-                    result = self._recv_result(what)[1]
-                    if isinstance(result, str):
-                        errors.append(result)
-                    elif result is not None:
-                        outputs.append(result)  # (b, keep or T, V)
+                outputs: list[torch.Tensor] = []  # gathered in order, even after an error
+                errors: list[str] = []
+                sent, own_error = self._feed(ids, past, new_mask, keep, use_cache, outputs, errors)
+                while len(outputs) + len(errors) < sent:
+                    self._collect(outputs, errors)
                 if own_error is not None:
                     raise own_error
                 if errors:
@@ -275,8 +276,11 @@ class Pipeline:
         new_mask: torch.Tensor | None,
         keep: int,
         use_cache: bool,
+        outputs: list[torch.Tensor],
+        errors: list[str],
     ) -> tuple[int, Exception | None]:
-        """Run rank 0's part on each micro-batch and send it on to rank 1.
+        """Run rank 0's part on each micro-batch and send it on to rank 1, reading results (into
+        ``outputs`` / ``errors``) whenever ``IN_FLIGHT`` micro-batches are on their way.
 
         Returns how many micro-batches were sent and the error of rank 0's own part, if any: the
         failed micro-batch is sent as an ERROR (so every rank stays in step) and the rest are not.
@@ -285,6 +289,10 @@ class Pipeline:
         assert link is not None
         bounds = self._split(ids.shape[0], past, use_cache)
         for j, (r0, r1) in enumerate(bounds):
+            # Sending every micro-batch before reading any result deadlocks once the send queues
+            # fill (rank 0 waits on rank 1, which waits on rank 0 to take its results).
+            while j - len(outputs) - len(errors) >= IN_FLIGHT:
+                self._collect(outputs, errors)
             x, m = ids[r0:r1], _rows(new_mask, r0, r1)  # (b, T), (b, T)
             try:
                 out = self.stage.run(x, j, past, m, keep, use_cache)  # (b, T, H)
@@ -296,6 +304,17 @@ class Pipeline:
             # returns at once: rank 1 computes this micro-batch while we do the next
             link.send(1, header, out, *([m] if m is not None else []))
         return len(bounds), None
+
+    def _collect(self, outputs: list[torch.Tensor], errors: list[str]) -> None:
+        """Receive the next micro-batch's logits (b, keep or T, V) or its error text."""
+        j = len(outputs) + len(errors)
+        result = self._recv_result(f"waiting for the logits of micro-batch {j} from")[1]
+        if isinstance(result, str):
+            errors.append(result)
+        elif result is None:  # an acknowledgement where logits belong: count it, never wait forever
+            errors.append(f"rank {self.stage.num_stages - 1} sent no logits for micro-batch {j}")
+        else:
+            outputs.append(result)
 
     def _recv_result(self, what: str) -> tuple[Header, torch.Tensor | str | None]:
         """The next message from the last stage with its payload: logits (b, keep, V), an error text
@@ -331,6 +350,26 @@ class Pipeline:
             raise
         assert h.micro_batch == _CROP_ACK, h
         return not h.flags & FAILED
+
+
+def _check_mask(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
+    """The mask as int64 (B, L >= T), whatever dtype it came in: every stage receives int64, so a bool or
+    int32 mask sent as is would be read as other bytes. A (L,) mask is one row."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        mask = torch.as_tensor(mask)
+    if mask.dim() == 1:
+        mask = mask[None]  # (1, L)
+    if ids.dim() != 2 or mask.dim() != 2 or mask.shape[0] != ids.shape[0] or mask.shape[1] < ids.shape[1]:
+        msg = (
+            f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; give (B, T), or "
+            "(B, past + T) for cached calls, of 0 (padding) and 1 (token)"
+        )
+        raise ValueError(msg)
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token), e.g. pad_left's mask")
+    return mask.to(torch.int64)  # (B, L)
 
 
 def _rows(mask: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor | None:
