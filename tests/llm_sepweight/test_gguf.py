@@ -277,3 +277,39 @@ def test_some_parts_and_an_unquantized_head(ggufs, tmp_path):
     end = m.files["end.safetensors"].tensors
     assert "lm_head.weight" in end and "lm_head.qweight" not in end and m.quant["quantize_head"] is False
     torch.testing.assert_close(sw.SepWeights(tmp_path / "sep").end()["lm_head.weight"], ref.lm_head.weight)
+
+
+def test_llama_attention_bias_unpermuted_like_the_weights(tmp_path):
+    """A llama with q/k/v/o biases: llama.cpp permutes the q/k bias rows as the weights'; we put both back.
+
+    The oracle is the transformers model the file was written from: transformers' GGUF loader leaves
+    ``attention_bias`` at LlamaConfig's False and drops the biases (measured: logits off by ~1).
+    """
+    import transformers
+    from qwen_fixtures import _randomise
+
+    config = transformers.LlamaConfig(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        attention_bias=True,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    _randomise(model, 1)
+    path = write_gguf(model, tmp_path / "b.gguf", linears(T.Q4_0))
+    convert_gguf(path, tmp_path / "sep", dtype="fp32", quant="none", progress=False)
+    want = {
+        k: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(v.numpy(), T.Q4_0), T.Q4_0))
+        for k, v in model.state_dict().items()
+        if v.dim() == 2 and "embed" not in k
+    }
+    with torch.no_grad():
+        model.load_state_dict(want, strict=False)  # the weights as Q4_0 holds them; biases and norms are F32
+        expected = model(IDS).logits
+    torch.testing.assert_close(logits(tmp_path / "sep"), expected, **FP32)

@@ -82,8 +82,8 @@ def _q4_k(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantized(t: GGUFTensor, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Any GGUF tensor in `dtype` (rows re-ordered by `rows`), a chunk of rows at a time."""
     out = torch.empty(t.shape, dtype=dtype)
-    if len(t.shape) == 1:
-        return out.copy_(t.dequantize())
+    if len(t.shape) == 1:  # norms, biases (a llama q/k bias is permuted like its weight's rows)
+        return out.copy_(t.dequantize() if rows is None else t.dequantize()[rows])
     step = max(1, _CHUNK_BYTES // (4 * out[0].numel()))
     for a in range(0, t.shape[0], step):
         b = min(t.shape[0], a + step)
