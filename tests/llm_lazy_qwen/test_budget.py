@@ -181,6 +181,23 @@ def test_budget_converts_bf16_storage_to_fp32_compute(sep):
     torch.testing.assert_close(got, want, **FP32)
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_budget_over_a_quantized_folder_equals_ram(sep, tmp_path, quant):
+    """Integer tensors are sized and streamed as stored; quantized head chunks stream too."""
+    path, _ = sep("qwen2")
+    dst = tmp_path / quant
+    sw.convert(path, dst, quant=quant, group_size=32, progress=False)
+    part = load_part(dst, memory_budget=_mixed_budget(dst), prefetch=1, **SMALL)
+    assert part.memory_plan.resident and part.memory_plan.streamed
+    assert part.memory_plan.model_bytes < 0.5 * load_part(path, memory_budget=10**12, **SMALL).memory_plan.model_bytes
+    ids = token_ids(batch=2, seq=9, seed=3)
+    with torch.no_grad():
+        got = _greedy_logits(part, ids, steps=4)
+        want = _greedy_logits(load_part(dst, **SMALL), ids, steps=4)
+    part.close()
+    torch.testing.assert_close(got, want, **FP32)
+
+
 def test_budget_layerwise_backward_order_equals_ram(sep):
     """Layers materialized in reverse (a layer-wise backward), twice: outputs and input gradients equal RAM's."""
     path, _ = sep("qwen2_swa")
