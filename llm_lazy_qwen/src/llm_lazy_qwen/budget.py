@@ -191,7 +191,7 @@ def plan_memory(budget: int, items: Sequence[ItemSize], runtime: Runtime, slots:
 
         items = [ItemSize(i, 100 << 20, 100 << 20) for i in range(24)]
         plan = plan_memory(1 << 30, items, Runtime(kv_cache=64 << 20), slots=3)
-        plan.read_per_token        # 15 layers of 100 MiB streamed
+        plan.resident, plan.read_per_token   # 6 layers held; 18 x 100 MiB read per token
     """
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
@@ -204,9 +204,7 @@ def plan_memory(budget: int, items: Sequence[ItemSize], runtime: Runtime, slots:
     for S in [0, *sorted({s.slot for s in items})]:
         forced = [s for s in items if s.slot > S]
         free = [s for s in items if s.slot <= S]
-        n_slots = slots if free else 0
-        if S == 0 and free:  # (items of slot 0: nothing to read, nothing to hold)
-            n_slots = 0
+        n_slots = slots if S > 0 and free else 0  # (items of slot 0 have nothing to read or hold)
         base = runtime.total + n_slots * S + sum(s.resident for s in forced)
         need = base + (load if any(s.converted for s in forced) else 0)
         minimum = need if minimum is None else min(minimum, need)
