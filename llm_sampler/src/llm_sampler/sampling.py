@@ -135,7 +135,7 @@ def sample(
         stop_tokens: what finishes a row: token ids, and/or sequences of ids that must be generated in a
             row (`[2, [13, 198]]`: token 2, or 13 then 198; a 2-D tensor is one sequence per row). Only
             generated tokens match. The stop is kept, later positions get `pad_token_id` (default: the
-            first stop token). `n < max_new_tokens` once every row has stopped.
+            first stop token; the last id of the first stop when that is a sequence). `n < max_new_tokens` once every row has stopped.
         attention_mask: `(B, T)` 0/1 with zeros on the left for padding; None means no padding.
         generator: torch RNG for the draws; None uses the global one (as transformers does).
 
