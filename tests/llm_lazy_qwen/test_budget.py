@@ -88,6 +88,31 @@ def test_plan_reads_less_as_the_budget_grows_and_never_exceeds_it():
     assert previous.read_per_token == 0 and previous.streamed == () and previous.slots == 0
 
 
+def test_plan_is_monotone_on_random_models():
+    """Random size classes, converted items, odd sizes: never more bytes read for a larger budget."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        items = []
+        for k in range(int(torch.randint(1, 30, (1,), generator=g))):
+            stored = int(torch.randint(1, 6, (1,), generator=g)) * 10 * MiB + int(
+                torch.randint(0, 1000, (1,), generator=g)
+            )
+            converted = bool(torch.rand(1, generator=g) < 0.2)
+            items.append(ItemSize(k, stored, 2 * stored if converted else stored, converted))
+        runtime = Runtime(kv_cache=int(torch.randint(0, 50, (1,), generator=g)) * MiB, page_cache=MiB)
+        minimum = plan_memory(10**15, items, runtime, slots=3).minimum
+        previous = None
+        for budget in range(minimum, minimum + 200 * 5 * MiB, 5 * MiB + 777):
+            plan = plan_memory(budget, items, runtime, slots=3)
+            assert plan.peak <= budget and plan.minimum == minimum
+            assert set(plan.resident) | set(plan.streamed) == {s.item for s in items}
+            if previous is not None:
+                assert plan.read_per_token <= previous
+            previous = plan.read_per_token
+        with pytest.raises(ValueError, match="too small"):
+            plan_memory(minimum - 1, items, runtime, slots=3)
+
+
 def test_plan_spreads_the_streamed_layers():
     """Streamed layers evenly spaced: each read overlaps the compute of the resident layers before it."""
     items = _model(layers=12, chunks=())

@@ -184,8 +184,9 @@ def plan_memory(budget: int, items: Sequence[ItemSize], runtime: Runtime, slots:
     """The plan that reads the fewest bytes per token within `budget` (ties: the lower peak).
 
     For each candidate buffer size S (no streaming, or the slot of some item), items whose slot
-    exceeds S must be resident; the others are held largest first while they fit (greedy, so the
-    bytes read never grow with the budget). Raises ValueError when no candidate fits.
+    exceeds S must be resident; the others are held while they fit, in order of stored bytes saved
+    per byte held, then largest first (greedy in that order: the bytes read never grow with the
+    budget). Raises ValueError when no candidate fits.
 
     Example::
 
@@ -210,15 +211,17 @@ def plan_memory(budget: int, items: Sequence[ItemSize], runtime: Runtime, slots:
         minimum = need if minimum is None else min(minimum, need)
         if need > budget:
             continue
-        # the rest largest first, while it fits; a class of equal sizes keeps its streamed members spread
+        # the rest while it fits: most bytes saved per byte held first (unconverted items), then the
+        # largest; a class of equal sizes keeps its streamed members spread
         cap = budget - base - (load if any(s.converted for s in items) else 0)
         keep = {s.item for s in forced}
-        classes: dict[int, list[ItemSize]] = {}
+        classes: dict[tuple[int, int], list[ItemSize]] = {}
         for s in free:
-            classes.setdefault(s.resident, []).append(s)
-        for size in sorted(classes, reverse=True):
-            k = min(len(classes[size]), max(cap, 0) // size) if size else len(classes[size])
-            keep |= _spread(classes[size], k)
+            classes.setdefault((s.resident, s.stored), []).append(s)
+        for size, saved in sorted(classes, key=lambda c: (-c[1] / max(c[0], 1), -c[0])):
+            members = classes[size, saved]
+            k = min(len(members), max(cap, 0) // size) if size else len(members)
+            keep |= _spread(members, k)
             cap -= k * size
         held = [s for s in items if s.item in keep]
         streamed = tuple(s.item for s in items if s.item not in keep)
