@@ -237,3 +237,16 @@ def test_readers_report_missing_columns_and_bad_lines(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="holds no records"):
         read_records(tmp_path / "e.jsonl")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_readers_accept_a_utf8_bom(tmp_path, suffix):
+    """Files saved by Excel / Notepad start with a UTF-8 byte order mark."""
+    body = {
+        ".jsonl": '{"instruction": "a", "output": "x"}\n',
+        ".json": '[{"instruction": "a", "output": "x"}]',
+        ".csv": "instruction,output\na,x\n",
+    }[suffix]
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert read_records(path) == {"instructions": ["a"], "inputs": None, "responses": ["x"]}

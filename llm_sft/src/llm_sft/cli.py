@@ -66,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         "--cache-dir",
         help="where an HF checkpoint is converted to sepweight (default: llm_lazy_qwen's cache)",
     )
-    io.add_argument("--template", choices=TEMPLATES, default="chatml")
-    io.add_argument("--system-prompt", help="ChatML system message (default: none)")
+    io.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default="auto",
+        help="auto: the model's own chat template (as transformers' apply_chat_template), else ChatML",
+    )
+    io.add_argument("--system-prompt", help="system message (default: the chat template's own; ChatML: none)")
     io.add_argument("--max-seq-len", type=int, default=1024)
     io.add_argument("--instruction-column", default="instruction")
     io.add_argument("--input-column", default="input")

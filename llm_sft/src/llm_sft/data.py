@@ -1,13 +1,19 @@
-"""Instruction data -> token ids and labels: ChatML / Alpaca templates, truncation, file readers.
+"""Instruction data -> token ids and labels: the model's chat template / ChatML / Alpaca, truncation, file readers.
 
 An example is ``prompt + response + end token``. Labels are ``-100`` on the prompt (and, once
 batched, on padding), so the loss covers the response and its end token only: the model learns
 what to answer and when to stop (TRL's completion-only loss; the end token stays in the labels).
 
 Prompt and response are tokenised separately and concatenated, which is what the model sees at
-inference (the prompt is encoded, then generation continues from its last token). Special tokens
-are inserted by id, so the templates equal Qwen's chat template whether or not the tokenizer
-registers them as added tokens.
+inference (the prompt is encoded, then generation continues from its last token).
+
+With ``template="auto"`` (the default) a model that ships a chat template (``chat_template.jinja``
+or ``tokenizer_config.json``) is trained on exactly what that template renders, as transformers'
+``apply_chat_template`` does (Qwen2.5's inserts its default system message, Qwen3's an empty think
+block): the prompt is the conversation rendered with ``add_generation_prompt=True``, the response
+is what the full conversation adds to it, cut after its end token. Without a template the built-in
+ChatML is used; its special tokens are inserted by id, so it equals Qwen's template whether or not
+the tokenizer registers them as added tokens.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from typing import Any, TypedDict, overload
 
 from tokenizers import Tokenizer
 
+from .chat_template import read_chat_template, render_chat
+
 IGNORE_INDEX = -100
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-TEMPLATES = ("chatml", "alpaca")
+TEMPLATES = ("auto", "chatml", "alpaca")
+_SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 # litgpt's prompts.Alpaca == tloen/alpaca-lora's template
 ALPACA_WITH_INPUT = (
@@ -116,7 +125,7 @@ def _token_content(value: Any) -> str | None:
 def load_tokenizer(
     tokenizer: Tokenizer | str | Path,
 ) -> tuple[Tokenizer, dict[str, str]]:
-    """A ``tokenizers.Tokenizer`` and the ``eos_token`` / ``pad_token`` of its ``tokenizer_config.json``.
+    """A ``tokenizers.Tokenizer`` and the special tokens (``eos_token``, ``pad_token``, ...) of its ``tokenizer_config.json``.
 
     Args:
         tokenizer: a Tokenizer, a ``tokenizer.json`` file, or a folder holding one (an HF checkpoint
@@ -138,8 +147,8 @@ def load_tokenizer(
     specials: dict[str, str] = {}
     config = file.parent / "tokenizer_config.json"
     if config.is_file():
-        raw = json.loads(config.read_text())
-        for key in ("eos_token", "pad_token"):
+        raw = json.loads(config.read_text(encoding="utf-8-sig"))
+        for key in _SPECIAL_KEYS:
             content = _token_content(raw.get(key))
             if content is not None:
                 specials[key] = content
@@ -208,16 +217,60 @@ def _warn(msg: str) -> None:
     warnings.warn(msg, DataWarning, stacklevel=3)
 
 
+def _tokenizer_folder(tokenizer: Tokenizer | str | Path) -> Path | None:
+    if isinstance(tokenizer, Tokenizer):
+        return None
+    path = Path(tokenizer)
+    return path if path.is_dir() else path.parent
+
+
+def _messages(instruction: str, input: str, system: str | None) -> list[dict[str, str]]:
+    user = f"{instruction}\n\n{input}" if input else instruction
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def _render_rows(
+    jinja: str, rows: list[tuple[str, str, str]], system: str | None, specials: dict[str, str], end_token: str | None
+) -> tuple[list[str], list[str], str]:
+    """Prompt and response texts of each (instruction, input, response) and the end token they end with.
+
+    The prompt is the conversation rendered with ``add_generation_prompt=True``; the response is what
+    rendering the conversation with the assistant's answer adds to it (TRL's prompt-completion split),
+    cut after its last end token (what follows, e.g. Qwen's "\\n", is never generated).
+    """
+    prompts, completions = [], []
+    for instruction, input, response in rows:
+        messages = _messages(instruction, input, system)
+        prompt = render_chat(jinja, messages, True, specials)
+        full = render_chat(jinja, [*messages, {"role": "assistant", "content": response}], False, specials)
+        if not full.startswith(prompt):
+            raise ValueError(
+                "the chat template renders a conversation with an answer that does not start with its generation "
+                f"prompt (prompt {prompt[-60:]!r}, conversation {full[len(prompt) - 60 : len(prompt) + 20]!r}); "
+                "pass template='chatml' or chat_template= with a template that does"
+            )
+        prompts.append(prompt)
+        completions.append(full[len(prompt) :])
+    candidates = [end_token] if end_token else [IM_END, specials.get("eos_token"), "<|endoftext|>"]
+    end = next((c for c in candidates if c and c in completions[0]), None) or next(c for c in candidates if c)
+    cut = []
+    for text in completions:
+        at = text.rfind(end)
+        cut.append(text[: at + len(end)] if at >= 0 else text + end)
+    return prompts, cut, end
+
+
 def prepare_dataset(
     tokenizer: Tokenizer | str | Path,
     instructions: Sequence[str],
     responses: Sequence[str],
     inputs: Sequence[str | None] | None = None,
     max_seq_len: int = 1024,
-    template: str = "chatml",
+    template: str = "auto",
     system_prompt: str | None = None,
     end_token: str | None = None,
     pad_token: str | None = None,
+    chat_template: str | None = None,
 ) -> SFTDataset:
     """Format, tokenise and label instruction data; prompt tokens get label -100.
 
@@ -227,13 +280,19 @@ def prepare_dataset(
         max_seq_len: longest example in tokens. A longer one keeps its prompt and loses the end of
             its response; one whose prompt leaves no room for a response token is dropped.
             Both are counted in a :class:`DataWarning` and in ``dataset.stats``.
-        template: ``"chatml"`` (Qwen's ``<|im_start|>user ... <|im_end|>``, response ends with
-            ``<|im_end|>``) or ``"alpaca"`` (litgpt/alpaca-lora text, response ends with the
-            tokenizer's eos_token).
-        system_prompt: ChatML: a system message (none by default); Alpaca: a line before the prompt.
-        end_token: the token ending each response; default ``<|im_end|>`` for ChatML, the
-            ``eos_token`` of ``tokenizer_config.json`` (else ``<|endoftext|>``) for Alpaca.
+        template: ``"auto"`` (default): the model's own chat template (``chat_template.jinja`` or
+            ``tokenizer_config.json``, rendered as transformers' ``apply_chat_template``; Qwen2.5's
+            adds its default system message when ``system_prompt`` is None), else ChatML.
+            ``"chatml"``: the built-in ChatML (``<|im_start|>user ... <|im_end|>``, no system message
+            unless given; response ends with ``<|im_end|>``). ``"alpaca"``: litgpt/alpaca-lora
+            text, response ends with the tokenizer's eos_token.
+        system_prompt: chat: a system message (default: the template's own, ChatML: none);
+            Alpaca: a line before the prompt.
+        end_token: the token ending each response; default ``<|im_end|>`` for chat templates
+            (else the ``eos_token``), the ``eos_token`` of ``tokenizer_config.json`` (else
+            ``<|endoftext|>``) for Alpaca.
         pad_token: default the config's ``pad_token``, else ``<|endoftext|>``, else the end token.
+        chat_template: Jinja text used instead of the model's template (``template="auto"`` only).
 
     Example::
 
@@ -242,6 +301,8 @@ def prepare_dataset(
     """
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if chat_template is not None and template != "auto":
+        raise ValueError(f"chat_template= is used with template='auto' only, got template={template!r}")
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ValueError(
             f"max_seq_len must be an integer >= 2 (prompt + at least one response token), got {max_seq_len!r}"
@@ -255,13 +316,18 @@ def prepare_dataset(
         raise ValueError("the dataset is empty: no instructions given")
     _check_types(instructions, responses, inputs)
     tok, specials = load_tokenizer(tokenizer)
+    jinja: str | None = None
+    if template == "auto":
+        folder = _tokenizer_folder(tokenizer)
+        jinja = chat_template or (read_chat_template(folder) if folder is not None else None)
+        template = "jinja" if jinja else "chatml"
 
     end: str | None
     if template == "chatml":
         end = end_token or IM_END
         for t in (IM_START, IM_END):
             _special_id(tok, t, "the ChatML template needs")
-    else:
+    elif template == "alpaca":
         end = (
             end_token
             or specials.get("eos_token")
@@ -271,13 +337,8 @@ def prepare_dataset(
             raise ValueError(
                 "the tokenizer names no eos_token (tokenizer_config.json) and has no <|endoftext|>; pass end_token="
             )
-    end_id = _special_id(tok, end, f"ends every response of the {template} template")
-    pad = (
-        pad_token
-        or specials.get("pad_token")
-        or ("<|endoftext|>" if tok.token_to_id("<|endoftext|>") is not None else end)
-    )
-    pad_id = _special_id(tok, pad, "pads the batches")
+    else:
+        end = None  # the template's own, found below
 
     stats = PrepareStats(rows=len(instructions))
     rows = []
@@ -293,6 +354,27 @@ def prepare_dataset(
         )
     if not rows:
         raise ValueError(f"no example left: all {stats.rows} responses are empty")
+
+    prompt_ids: list[list[int]] = []
+    if jinja is not None:
+        texts = [(instructions[i], (inputs[i] if inputs else None) or "", responses[i]) for i in rows]
+        prompt_texts, answer_texts, end = _render_rows(jinja, texts, system_prompt, specials, end_token)
+        end_id = _special_id(tok, end, "ends every response of the chat template")
+        encoded = [e.ids for e in tok.encode_batch(prompt_texts + answer_texts, add_special_tokens=False)]
+        prompt_ids, answer_ids = encoded[: len(rows)], encoded[len(rows) :]
+        for a in answer_ids:  # the tokenizer does not know `end` as one token: end with its id
+            if not a or a[-1] != end_id:
+                raise ValueError(
+                    f"the tokenizer does not encode {end!r} (the chat template's end token) as one token; pass end_token="
+                )
+    assert end is not None
+    end_id = _special_id(tok, end, f"ends every response of the {template} template")
+    pad = (
+        pad_token
+        or specials.get("pad_token")
+        or ("<|endoftext|>" if tok.token_to_id("<|endoftext|>") is not None else end)
+    )
+    pad_id = _special_id(tok, pad, "pads the batches")
     specials_in_text = [
         i
         for i in rows
@@ -312,32 +394,32 @@ def prepare_dataset(
             f"{specials_in_text[:10]}); the tokenizer encodes it as that special token"
         )
 
-    # tokenise every text piece in one batch call, then assemble ids per example
-    prompts = [
-        _prompt_pieces(
-            template,
-            instructions[i],
-            (inputs[i] if inputs else None) or "",
-            system_prompt,
+    if jinja is None:
+        # tokenise every text piece in one batch call, then assemble ids per example
+        prompts = [
+            _prompt_pieces(
+                template,
+                instructions[i],
+                (inputs[i] if inputs else None) or "",
+                system_prompt,
+            )
+            for i in rows
+        ]
+        texts_ = [p for pieces in prompts for p in pieces if isinstance(p, str)] + [responses[i] for i in rows]
+        stream = iter(e.ids for e in tok.encode_batch(texts_, add_special_tokens=False))
+        special_ids = (
+            {t: _special_id(tok, t, "the template needs") for t in (IM_START, IM_END)} if template == "chatml" else {}
         )
-        for i in rows
-    ]
-    texts = [p for pieces in prompts for p in pieces if isinstance(p, str)] + [responses[i] for i in rows]
-    encoded = iter(e.ids for e in tok.encode_batch(texts, add_special_tokens=False))
-    special_ids = (
-        {t: _special_id(tok, t, "the template needs") for t in (IM_START, IM_END)} if template == "chatml" else {}
-    )
-    prompt_ids = []
-    for pieces in prompts:
-        ids: list[int] = []
-        for p in pieces:
-            ids += [special_ids[p.token]] if isinstance(p, _Special) else next(encoded)
-        prompt_ids.append(ids)
+        for pieces in prompts:
+            ids: list[int] = []
+            for p in pieces:
+                ids += [special_ids[p.token]] if isinstance(p, _Special) else next(stream)
+            prompt_ids.append(ids)
+        answer_ids = [next(stream) + [end_id] for _ in rows]
 
     examples = []
     too_long: list[int] = []
-    for row, prompt in zip(rows, prompt_ids):
-        answer = next(encoded) + [end_id]
+    for row, prompt, answer in zip(rows, prompt_ids, answer_ids):
         room = max_seq_len - len(prompt)
         if room < 1:
             too_long.append(row)
@@ -381,11 +463,11 @@ def _rows(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     """The records of a .jsonl / .json / .csv file and the line (or item) number of each."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             records = list(reader)
         return records, [i + 2 for i in range(len(records))]  # line 1 is the header
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if suffix == ".json" and text.lstrip().startswith("["):  # one JSON array (yahma/alpaca-cleaned's file)
         try:
             records = json.loads(text)

@@ -1,0 +1,127 @@
+"""A model's own chat template (Jinja), read and rendered the way transformers' ``apply_chat_template`` does.
+
+Where the template lives (transformers' order): ``chat_template.jinja`` next to ``tokenizer.json``,
+else ``tokenizer_config.json``'s ``"chat_template"`` (a string, or a list of ``{"name", "template"}``
+of which ``"default"`` is used). Templates come from the Hub and are untrusted code, so they run in
+jinja2's ``ImmutableSandboxedEnvironment`` with transformers' settings (``trim_blocks``,
+``lstrip_blocks``, loop controls) and extras (``raise_exception``, ``strftime_now``, a ``tojson``
+that does not escape HTML, ``dict``, an underscore-refusing ``namespace``).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+def read_chat_template(folder: str | Path) -> str | None:
+    """The chat template of a tokenizer folder, or None when it has none.
+
+    Example::
+
+        read_chat_template("Qwen2.5-0.5B-Instruct")[:40]    # '{%- if tools %}\\n    {{- \\'<|im_start|>system...'
+    """
+    folder = Path(folder)
+    file = folder / TEMPLATE_FILE
+    if file.is_file():
+        return file.read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    raw = json.loads(config.read_text(encoding="utf-8-sig")).get("chat_template")
+    if isinstance(raw, list):  # named templates: [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}
+        raw = named.get("default")
+        if raw is None:
+            raise ValueError(
+                f"{config}: chat_template holds named templates {sorted(map(str, named))} and none is 'default'; "
+                "pass chat_template= (the Jinja text) to prepare_dataset"
+            )
+    if raw is not None and not isinstance(raw, str):
+        raise ValueError(f"{config}: chat_template must be a string (Jinja), got {type(raw).__name__}")
+    return raw or None
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str) -> Any:
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    class TemplateDict:  # dict(...) without attribute access to the type
+        def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):  # refuses dunder / underscore attributes
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(
+        raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(), namespace=TemplateNamespace
+    )
+    return env.from_string(template)
+
+
+def render_chat(
+    template: str,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool,
+    special_tokens: dict[str, str] | None = None,
+) -> str:
+    """The text ``apply_chat_template(messages, tokenize=False, ...)`` gives for this template.
+
+    Args:
+        special_tokens: ``bos_token`` / ``eos_token`` / ... strings the template may use (transformers
+            passes the tokenizer's special tokens map).
+
+    Example::
+
+        render_chat(tpl, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+        # '<|im_start|>system\\nYou are Qwen, ...<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    import jinja2
+
+    try:
+        return _compile(template).render(
+            **(special_tokens or {}),
+            messages=messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template failed: {e}; pass template='chatml' to use the built-in ChatML") from None
