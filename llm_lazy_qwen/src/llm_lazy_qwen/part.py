@@ -27,7 +27,7 @@ from .kv_cache import KVCache
 from .layers import RMSNorm, fits, linear, match_linears
 from .quant import dequantize_into, quant_linear, repacked
 from .rope import cos_sin, inv_freq
-from .streaming import READ_PIECE, READERS, LayerStreamer, Mode, item_size
+from .streaming import READ_PIECE, LayerStreamer, Mode, item_size
 from .weights import assign, meta_placeholders, release
 
 LogitsToKeep = int | slice | torch.Tensor | None
@@ -264,7 +264,7 @@ class QwenPart(nn.Module):
             max_context=max_context,
             max_batch=max_batch,
             head_chunk_size=self.head_chunk_size,
-            page_cache=min(largest, READERS * READ_PIECE),
+            page_cache=min(largest, READ_PIECE),  # O_DIRECT: none; the fallback holds one piece
         )
         plan = plan_memory(budget, sizes, runtime, slots=prefetch + 2)
         logger.info("%s", plan)

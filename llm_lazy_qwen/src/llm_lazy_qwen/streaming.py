@@ -42,7 +42,7 @@ from .budget import Item, ItemSize, MemoryPlan
 Tensors = dict[str, torch.Tensor]
 Mode = Literal["auto", "copy", "mmap"]
 READERS = 4  # concurrent O_DIRECT preads per item under a budget: 1.0-1.7 GB/s here, 0.06 CPU-s per GB
-READ_PIECE = 16 << 20  # bytes each reader evicts at a time (llm_sepweight's read_into piece)
+READ_PIECE = 16 << 20  # page cache read_into's fallback (no O_DIRECT) holds at a time: its piece
 _INT_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "I32": 4, "I64": 8}
 _HUGE_MIN_BYTES = 4 << 20  # smaller items cannot gain much from 2 MiB pages
 _RECHECK_EVERY = 512  # mappings of an item between checks: a check reads /proc/self/smaps (~3-5 ms)
