@@ -8,7 +8,7 @@ unquantized bf16 model does). Activations in `--dtype` (bf16 by default). Column
 - ``bf16`` / ``fp32``: dense ``F.linear`` with a bf16 / fp32 weight;
 - ``int8 k`` / ``int4 k``: ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu`` (g=64);
 - ``int8 dq`` / ``int4 dq``: QuantLinear's prefill path (dequantize into a reused buffer + GEMM);
-- ``int8 auto`` / ``int4 auto``: QuantLinear as it chooses (kernel up to ``kernel_max_rows()`` rows).
+- ``int8 auto`` / ``int4 auto``: QuantLinear as it chooses (kernel up to ``kernel_max_rows(dtype)`` rows).
 
     python benchmarks/bench_quant_kernels.py [--reps 5] [--dtype bf16] [--rows 1,64,256]
 """
@@ -80,7 +80,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
         f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {native_bf16()}, int4 layout {int4_layout()}, "
-        f"kernel_max_rows {kernel_max_rows()}, activations {args.dtype}, median of {args.reps}"
+        f"kernel_max_rows {kernel_max_rows(dtype)}, activations {args.dtype}, median of {args.reps}"
     )
     cols = ["bf16", "fp32", "int8 k", "int4 k", "int8 dq", "int4 dq", "int8 auto", "int4 auto"]
     print("| K x N | M | " + " | ".join(f"{c} ms (x bf16)" for c in cols) + " |")

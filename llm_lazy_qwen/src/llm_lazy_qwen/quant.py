@@ -32,11 +32,14 @@ from llm_sepweight import QuantSpec, int4_layout, pack_int4, unpack_int4
 
 Scheme = Literal["int8", "int4"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Rows up to which the int kernels beat dequantize + GEMM (benchmarks/bench_quant_kernels.py).
-# AMD EPYC AVX2, 2 cores: measured. CPUs with AMX-BF16: from the notes' Intel box (kernels 5-7x slower
-# than AMX bf16 GEMM at 64 rows, 2.4x faster at 1 row): kept to decode-sized calls.
+# Rows up to which the int kernels beat dequantize + GEMM (benchmarks/bench_quant_kernels.py, README).
+# bf16 activations, AMD EPYC AVX2, 2 cores: the kernels won up to 64 rows, lost at 256 (7B shapes).
+# CPUs with AMX-BF16: from the notes' Intel box (kernels 2.4x faster than AMX bf16 GEMM at 1 row,
+# 5-7x slower at 64): decode-sized calls only. fp32 / fp16 activations: torch's kernels ran 5-20x
+# slower than with bf16 (no vectorised path here): one row only, dequantize + GEMM from 2 rows (6x faster at 16).
 _MAX_ROWS_NATIVE_BF16 = 8
 _MAX_ROWS_OTHER = 128
+_MAX_ROWS_NOT_BF16 = 1
 
 
 @functools.cache
@@ -56,8 +59,10 @@ def native_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
 
 
-def kernel_max_rows() -> int:
-    """Rows (batch x tokens) up to which a quantized linear takes the int kernel on this CPU."""
+def kernel_max_rows(dtype: torch.dtype = torch.bfloat16) -> int:
+    """Rows (batch x tokens) up to which a quantized linear takes the int kernel on this CPU, for activations in `dtype`."""
+    if dtype != torch.bfloat16:
+        return _MAX_ROWS_NOT_BF16
     return _MAX_ROWS_NATIVE_BF16 if native_bf16() else _MAX_ROWS_OTHER
 
 
@@ -216,7 +221,7 @@ def _forward(
 ) -> torch.Tensor:
     K = x.shape[-1]
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
-    if x2.shape[0] <= kernel_max_rows() and kernel_fits(x2, qweight, spec):
+    if x2.shape[0] <= kernel_max_rows(x2.dtype) and kernel_fits(x2, qweight, spec):
         y = _kernel(x2, qweight, scales, spec)
     else:
         y = _dequant_matmul(x2, qweight, scales, spec)
