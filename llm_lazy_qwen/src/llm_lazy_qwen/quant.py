@@ -3,9 +3,10 @@
 ``y = x @ W.T + b`` with ``W`` held as packed integers plus scales, computed one of two ways (the same
 result within rounding; tests compare both with ``llm_sepweight.dequantize`` + ``F.linear``):
 
-- **kernel** (CPU, at most :func:`kernel_max_rows` rows: decode): torch's weight-only kernels
-  ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``, which read the integers as
-  stored (int4: only in this CPU's layout, :func:`llm_sepweight.int4_layout`).
+- **kernel** (CPU, at most :func:`kernel_max_rows` rows: decode; bf16 activations, fp32 / fp16 for one
+  row only, where torch's kernels have no fast path): ``aten._weight_int8pack_mm`` /
+  ``aten._weight_int4pack_mm_for_cpu``, which read the integers as stored (int4: only in this CPU's
+  layout, :func:`llm_sepweight.int4_layout`).
 - **dequantize** (more rows: prefill; and wherever no kernel fits: the ``rows`` layout, another CPU's
   layout, CUDA, a torch without the ops): W into a per-thread reused buffer, then the ordinary GEMM,
   in fp32 on CPUs without native bf16 matmul (AVX2 / AVX512 without BF16: there bf16 GEMM ran 4x
