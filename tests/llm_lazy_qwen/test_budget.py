@@ -6,6 +6,7 @@ from lazy_helpers import FP32, token_ids
 
 import llm_sepweight as sw
 from llm_lazy_qwen import ItemSize, Runtime, load_part, parse_size, plan_memory
+from llm_lazy_qwen.streaming import item_size
 
 MiB = 2**20
 SMALL = {"max_context": 64, "head_chunk_size": 128}  # 3 head chunks; a KV cache of 64 tokens
@@ -214,6 +215,11 @@ def test_budget_over_a_quantized_folder_equals_ram(sep, tmp_path, quant):
     sw.convert(path, dst, quant=quant, group_size=32, progress=False)
     part = load_part(dst, memory_budget=_mixed_budget(dst), prefetch=1, **SMALL)
     assert part.memory_plan.resident and part.memory_plan.streamed
+    # prefill dequantizes the largest weight (a head chunk of 128 x 64 > gate/up 96 x 64) into an fp32 buffer
+    assert part.memory_plan.runtime.scratch == 128 * 64 * 4
+    size = item_size(sw.SepWeights(dst), 0, torch.float32)
+    scales = sum(t.numel() * 4 for k, t in sw.SepWeights(dst).layer(0).items() if k.endswith("scales_and_zeros"))
+    assert size.resident == size.stored + scales  # int4: the kernel's transposed copy of the scales
     assert part.memory_plan.model_bytes < 0.5 * load_part(path, memory_budget=10**12, **SMALL).memory_plan.model_bytes
     ids = token_ids(batch=2, seq=9, seed=3)
     with torch.no_grad():

@@ -7,7 +7,9 @@ Under ``load_part(..., memory_budget=...)`` a lazy part adds to its process, abo
   the stored dtype is not the compute dtype);
 - the page cache of the read in progress: streamed reads evict each piece right after reading it;
 - the KV cache for ``max_context`` tokens x ``max_batch`` rows, counted twice (it grows by doubling);
-- the activations and logits of one forward of ``prefill_chunk`` tokens per row.
+- the activations and logits of one forward of ``prefill_chunk`` tokens per row;
+- quantized folders: the buffer their prefill dequantizes a weight into (``quant.scratch_bytes``),
+  and, per int4 item, the kernel's transposed copy of its scales (counted in the item's size).
 
 :func:`plan_memory` keeps as much resident as fits, so the bytes read per token (the stored bytes of
 the streamed items) are the least the budget allows. Without a budget the page cache decides instead,
@@ -73,13 +75,13 @@ class ItemSize:
 
     item: Item
     stored: int  # bytes on disk: read once per token when streamed
-    resident: int  # bytes when held in the compute dtype (ints keep their stored size)
+    resident: int  # bytes when held in the compute dtype (ints keep their stored size), + kernel scales
     converted: bool = False  # stored floats differ from the compute dtype: a copy is made after the read
 
     @property
     def slot(self) -> int:
         """Memory of one streamed copy in flight: its read buffer, plus the converted copy."""
-        return self.stored + self.resident if self.converted else self.stored
+        return self.stored + self.resident if self.converted else self.resident
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,12 @@ class Runtime:
     kv_cache: int = 0
     activations: int = 0
     logits: int = 0
-    page_cache: int = 0  # of the read in progress: readers x the piece each evicts at a time
+    page_cache: int = 0  # of the read in progress (none with O_DIRECT; else the piece read at a time)
+    scratch: int = 0  # quantized weights: the buffer prefill dequantizes the largest linear into
 
     @property
     def total(self) -> int:
-        return self.kv_cache + self.activations + self.logits + self.page_cache
+        return self.kv_cache + self.activations + self.logits + self.page_cache + self.scratch
 
     def describe(self) -> str:
         parts = [
@@ -101,6 +104,7 @@ class Runtime:
             ("activations", self.activations),
             ("logits", self.logits),
             ("page cache of a read", self.page_cache),
+            ("dequantize buffer", self.scratch),
         ]
         return ", ".join(f"{name} {format_size(n)}" for name, n in parts if n)
 
@@ -116,6 +120,7 @@ def runtime_bytes(
     prefill_chunk: int = PREFILL_CHUNK,
     head_chunk_size: int = 16384,
     page_cache: int = 0,
+    scratch: int = 0,
 ) -> Runtime:
     """KV cache, activations and logits of a part with `layers` decoder layers (and the head if `head`).
 
@@ -137,7 +142,7 @@ def runtime_bytes(
     if n_heads != n_kv:  # GQA: keys and values of the whole context repeated over the query heads
         act += 2 * max_batch * n_heads * d * itemsize * max_context
     logits = itemsize * T * (config.vocab_size + min(head_chunk_size, config.vocab_size)) if head else 0
-    return Runtime(kv, act if layers or head else 0, logits, page_cache)
+    return Runtime(kv, act if layers or head else 0, logits, page_cache, scratch)
 
 
 @dataclass(frozen=True)

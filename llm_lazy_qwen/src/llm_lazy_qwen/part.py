@@ -25,7 +25,7 @@ from .budget import MemoryPlan, parse_size, plan_memory, runtime_bytes
 from .config import QwenConfig
 from .kv_cache import KVCache
 from .layers import RMSNorm, fits, linear, match_linears
-from .quant import dequantize_into, quant_linear, repacked
+from .quant import dequantize_into, quant_linear, repacked, scratch_bytes
 from .rope import cos_sin, inv_freq
 from .streaming import READ_PIECE, LayerStreamer, Mode, item_size
 from .weights import assign, meta_placeholders, release
@@ -256,6 +256,11 @@ class QwenPart(nn.Module):
         budget = parse_size(budget)
         sizes = [item_size(source, item, self.dtype) for item in self._stream_order()]
         largest = max((s.stored for s in sizes), default=0)
+        # the largest quantized weight prefill dequantizes at once: a linear, or a head chunk
+        shapes = [q.shape for i in self.layer_ids for q in source.linears(i).values()]
+        head = source.linears("end").get("lm_head") if self.spec.end else None
+        shapes += [(min(self._head_chunk, head.shape[0]), head.shape[1])] if head is not None else []
+        biggest = max((n * k for n, k in shapes), default=0)
         runtime = runtime_bytes(
             self.config,
             len(self.layer_ids),
@@ -265,6 +270,7 @@ class QwenPart(nn.Module):
             max_batch=max_batch,
             head_chunk_size=self.head_chunk_size,
             page_cache=min(largest, READ_PIECE),  # O_DIRECT: none; the fallback holds one piece
+            scratch=scratch_bytes(biggest, self.dtype, self.device) if biggest else 0,
         )
         plan = plan_memory(budget, sizes, runtime, slots=prefetch + 2)
         logger.info("%s", plan)

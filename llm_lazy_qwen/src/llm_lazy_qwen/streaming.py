@@ -44,6 +44,7 @@ Mode = Literal["auto", "copy", "mmap"]
 READERS = 4  # concurrent O_DIRECT preads per item under a budget: 1.0-1.7 GB/s here, 0.06 CPU-s per GB
 READ_PIECE = 16 << 20  # page cache read_into's fallback (no O_DIRECT) holds at a time: its piece
 _INT_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "I32": 4, "I64": 8}
+_INT4_SCALES = "scales_and_zeros"  # the int4 kernel takes them transposed: a copy per weight in use
 _HUGE_MIN_BYTES = 4 << 20  # smaller items cannot gain much from 2 MiB pages
 _RECHECK_EVERY = 512  # mappings of an item between checks: a check reads /proc/self/smaps (~3-5 ms)
 _HUGE_ENOUGH = 0.99  # re-cache an item unless all its whole 2 MiB blocks are huge pages (the header
@@ -72,7 +73,8 @@ def _stored(source: SepWeights, part: int | str, rows: Rows | None) -> int:
 
 
 def item_size(source: SepWeights, item: Item, dtype: torch.dtype) -> ItemSize:
-    """Bytes an item takes on disk and in memory in the compute `dtype` (integer tensors keep theirs)."""
+    """Bytes an item takes on disk and in memory in the compute `dtype` (integer tensors keep theirs;
+    int4 scales count twice: the int4 kernel keeps a transposed copy of them while the weights live)."""
     part, rows = _where(item, head_keys(source) if isinstance(item, tuple) else [])
     stored = _stored(source, part, rows)
     if rows is not None:
@@ -80,18 +82,18 @@ def item_size(source: SepWeights, item: Item, dtype: torch.dtype) -> ItemSize:
         for r in rows:
             stored_dtype, nbytes = source.rows(part, r[0], 0, 0).dtype, source.nbytes(part, r)  # empty: no mapping
             if stored_dtype.is_floating_point:
-                resident += nbytes // stored_dtype.itemsize * dtype.itemsize
+                resident += nbytes // stored_dtype.itemsize * dtype.itemsize * (2 if _INT4_SCALES in r[0] else 1)
                 converted |= stored_dtype != dtype
             else:
                 resident += nbytes
         return ItemSize(item, stored, resident, converted)
     resident, converted = 0, False
-    for t in source.manifest.files[f"mid.{item:05d}.safetensors"].tensors.values():
+    for key, t in source.manifest.files[f"mid.{item:05d}.safetensors"].tensors.items():
         numel = math.prod(t["shape"])
         if t["dtype"] in _INT_BYTES:
             resident += numel * _INT_BYTES[t["dtype"]]
         else:
-            resident += numel * dtype.itemsize
+            resident += numel * dtype.itemsize * (2 if key.endswith(_INT4_SCALES) else 1)
             converted |= t["dtype"] != {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype)
     return ItemSize(item, stored, resident, converted)
 
