@@ -213,3 +213,104 @@ def test_lora_on_a_tied_head_cannot_be_merged(sep, tmp_path):
     )
     with pytest.raises(LoraError, match=r"stores no tensor 'lm_head.weight' \(the head is tied to the embedding"):
         merge_adapter(path, tmp_path / "ad", tmp_path / "merged")
+
+
+# Every field of PEFT's LoraConfig, decided: a non-default value of a field that changes the math and that
+# llm_lora_mmap does not implement is refused with the field named; metadata and inert fields are accepted.
+_REFUSED = {
+    "use_dora": True,
+    "fan_in_fan_out": True,
+    "lora_bias": True,
+    "modules_to_save": ["lm_head"],
+    "rank_pattern": {"q_proj": 2},
+    "alpha_pattern": {"q_proj": 2},
+    "layers_to_transform": [0],
+    "exclude_modules": ["k_proj"],
+    "target_parameters": ["mlp.experts.gate_up_proj"],
+    "trainable_token_indices": [1, 2],
+    "alora_invocation_tokens": [5, 6, 7],
+    "arrow_config": {"top_k": 2},
+    "use_qalora": True,
+    "use_bdlora": {"lora_a_is_blockdiagonal": True},
+    "kasa_config": {"k": 2},
+    "monteclora_config": {"n_samples": 4},
+    "layer_replication": [[0, 1], [0, 1]],
+    "megatron_config": {"tensor_model_parallel_size": 2},
+    "velora_config": {"rank": 1},
+    "loftq_config": {"loftq_bits": 4},
+    "eva_config": {"rho": 2.0},
+    "corda_config": {"corda_method": "kpm"},
+    "lora_ga_config": {"direction": "ArB2r"},
+    "bias": "all",
+    "init_lora_weights": "pissa",
+    "peft_type": "IA3",
+}
+_INERT = {
+    "task_type": "CAUSAL_LM",
+    "auto_mapping": {"base_model_class": "Qwen2ForCausalLM"},
+    "peft_version": "0.21.2",
+    "base_model_name_or_path": "Qwen/Qwen2.5-0.5B",
+    "revision": "main",
+    "inference_mode": False,
+    "layers_pattern": "layers",
+    "megatron_core": "megatron.core",
+    "qalora_group_size": 32,
+    "runtime_config": {"ephemeral_gpu_offload": True},
+    "ensure_weight_tying": True,
+}
+_IMPLEMENTED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules"}
+
+
+def test_every_peft_lora_field_is_decided():
+    import dataclasses
+
+    import peft
+
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    undecided = fields - set(_REFUSED) - set(_INERT) - _IMPLEMENTED
+    assert not undecided, f"new PEFT LoraConfig fields: decide whether llm_lora_mmap refuses them: {undecided}"
+
+
+@pytest.mark.parametrize(("key", "value"), sorted(_REFUSED.items()))
+def test_fields_that_change_the_math_are_refused(adapter, key, value):
+    _path, ad = adapter
+    _edit_config(ad, **{key: value})
+    with pytest.raises(LoraError, match=rf"adapter_config.json: .*{key}"):
+        read_adapter(ad)
+
+
+def test_peft_defaults_and_inert_fields_load(adapter):
+    import peft
+
+    path, ad = adapter
+    defaults = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8).to_dict()
+    defaults["target_modules"] = sorted(defaults["target_modules"])
+    _edit_config(ad, **{**defaults, **_INERT})
+    names = load_adapter(load_part(path, "f"), ad)
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_lora_on_the_chunked_head_is_refused_up_front(sep, tmp_path, lazy):
+    """A part computes logits from lm_head's weight chunk by chunk: LoRA there was accepted, then every forward failed."""
+    path, _ = sep("qwen2")
+    part = load_part(path, "f", lazy=lazy)
+    ids = torch.tensor([[1, 2, 3]])
+    want = part(ids)
+    for targets in (["lm_head"], ["q_proj", "lm_head"], r".*(lm_head|v_proj)"):
+        with pytest.raises(LoraError, match=r"target lm_head: LoRA on the head is not supported on a QwenPart"):
+            apply_lora(part, targets, r=2)
+        assert not lora_layers(part)  # nothing half-applied
+    (tmp_path / "ad").mkdir()  # a PEFT adapter with LoRA on the head
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(LoraConfig(["lm_head"], r=2).to_dict()))
+    save_file(
+        {
+            "base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64),
+            "base_model.model.lm_head.lora_B.weight": torch.zeros(384, 2),
+        },
+        tmp_path / "ad" / "adapter_model.safetensors",
+    )
+    with pytest.raises(LoraError, match=r"target lm_head: LoRA on the head is not supported"):
+        load_adapter(part, tmp_path / "ad")
+    assert not lora_layers(part)
+    torch.testing.assert_close(part(ids), want, atol=0, rtol=0)  # the part still works

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -54,7 +55,13 @@ def test_saved_files_are_peft_layout(sep, tmp_path):
     }
     with safe_open(tmp_path / "ad" / "adapter_model.safetensors", "pt") as f:
         keys = set(f.keys())
-        assert f.metadata() == {"format": "pt"}
+        assert f.metadata()["format"] == "pt"  # plus the config fields the weights belong with
+        assert json.loads(f.metadata()["llm_lora_mmap.adapter_config"]) == {
+            "r": 4,
+            "lora_alpha": 16,
+            "use_rslora": False,
+            "target_modules": ["down_proj", "q_proj"],
+        }
         assert f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").shape == (4, 64)
         assert f.get_tensor("base_model.model.model.layers.2.mlp.down_proj.lora_B.weight").shape == (64, 4)
         assert {f.get_tensor(k).dtype for k in keys} == {torch.float32}  # bf16 adapters are saved as fp32, as PEFT
@@ -184,3 +191,27 @@ def test_any_module_all_linear_on_a_transformers_model(sep, tmp_path):
     tokens = ids(seed=30)
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, peft_model(tokens).logits, **FP32)
+
+
+def test_a_save_killed_between_the_two_files_never_leaves_a_pair_that_loads(sep, tmp_path):
+    """save_adapter writes two files; whichever one a kill leaves new, a mismatched pair must not load."""
+    path, _ = sep("qwen2")
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder, alpha, seed in ((old, 2, 1), (new, 8, 2)):  # same r and modules, another scaling
+        part = load_part(path, "f")
+        apply_lora(part, ["q_proj"], r=2, lora_alpha=alpha)
+        randomize_adapters(part, seed=seed)
+        save_adapter(part, folder)
+    for config_from, weights_from in ((new, old), (old, new)):  # the two states a kill in between can leave
+        mixed = tmp_path / f"config-{config_from.name}-weights-{weights_from.name}"
+        mixed.mkdir()
+        shutil.copy(config_from / "adapter_config.json", mixed)
+        shutil.copy(weights_from / "adapter_model.safetensors", mixed)
+        with pytest.raises(
+            LoraError,
+            match=r"adapter_model.safetensors was saved with another adapter_config.json .*"
+            r"lora_alpha: weights \d, config \d.*save the adapter again",
+        ):
+            load_adapter(load_part(path, "f"), mixed)
+    for folder in (old, new):  # each complete pair loads
+        assert load_adapter(load_part(path, "f"), folder)

@@ -76,6 +76,18 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
     return found
 
 
+def _check_called(model: nn.Module, name: str) -> None:
+    """Refuse a head the model never calls: a llm_lazy_qwen part reads ``lm_head``'s weight chunk by chunk."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if leaf == "lm_head" and callable(getattr(parent, "head_chunks", None)):
+        raise LoraError(
+            f"target {name}: LoRA on the head is not supported on a {type(parent).__name__}: it computes the logits "
+            "chunk by chunk from lm_head's weight and never calls the module, so an adapter there would be bypassed; "
+            "leave lm_head out of target_modules ('all-linear' already does)"
+        )
+
+
 def apply_lora(
     model: nn.Module,
     target_modules: str | Sequence[str] = QWEN2_TARGETS,
@@ -130,6 +142,7 @@ def apply_lora(
                 f"target {name} is a {type(module).__name__}; LoRA is supported on nn.Linear only, and on frozen "
                 "linears that declare is_frozen_linear = True (a quantized QuantLinear)"
             )
+        _check_called(model, name)
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -10,19 +10,39 @@ from .errors import LoraError
 
 InitLoraWeights = bool | str  # True: kaiming-uniform A, zero B (PEFT's default); "gaussian"; False: random B too
 
-# PEFT features that change what an adapter means; a file using them is refused, never half-applied.
-# key -> the values that mean "not used"
+# PEFT (0.21) LoraConfig fields that change what an adapter computes and that llm_lora_mmap does not
+# implement: a file using them is refused, never half-applied. key -> the values that mean "not used".
+# Every other PEFT field is metadata or inert here: task_type, peft_type, auto_mapping, peft_version,
+# base_model_name_or_path, revision, inference_mode, runtime_config (runtime only), layers_pattern
+# and megatron_core (read only with layers_to_transform / megatron_config, both refused),
+# qalora_group_size (only with use_qalora), ensure_weight_tying (only for modules_to_save /
+# trainable tokens, refused); r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, bias and
+# target_modules are implemented (and checked in LoraConfig).
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "use_dora": (False, None),
-    "fan_in_fan_out": (False, None),
-    "lora_bias": (False, None),
-    "modules_to_save": (None, []),
-    "rank_pattern": (None, {}),
-    "alpha_pattern": (None, {}),
+    "use_dora": (False, None),  # DoRA: a magnitude vector rescales W + BA
+    "fan_in_fan_out": (False, None),  # GPT-2 Conv1D weights stored transposed
+    "lora_bias": (False, None),  # a trainable bias on lora_B
+    "modules_to_save": (None, []),  # full copies of other modules
+    "rank_pattern": (None, {}),  # per-module r
+    "alpha_pattern": (None, {}),  # per-module alpha
     "layers_to_transform": (None, []),
     "exclude_modules": (None, [], ""),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None, [], {}),
+    "target_parameters": (None, []),  # LoRA on nn.Parameters (MoE experts)
+    "trainable_token_indices": (None, [], {}),  # trainable embedding rows
+    "alora_invocation_tokens": (None, []),  # Activated LoRA: only tokens after the invocation sequence
+    "arrow_config": (None, {}),  # Arrow routing between several adapters
+    "use_qalora": (False, None),  # QALoRA: inputs pooled in groups
+    "use_bdlora": (None, False, {}),  # block-diagonal LoRA
+    "kasa_config": (None, {}),  # KaSA: singular values of the base weight
+    "monteclora_config": (None, {}),  # MonteCLoRA: sampled adapter weights
+    "layer_replication": (None, []),  # layers repeated: another model structure
+    "megatron_config": (None, {}),  # Megatron tensor-parallel layers
+    "velora_config": (None, {}),  # VeLoRA: compressed activations, approximate gradients
+    # initialisations PEFT honours only with their init_lora_weights (refused by check_hyperparameters)
+    "loftq_config": (None, {}),  # LoftQ: quantized base weights changed at init
+    "eva_config": (None, {}),  # EVA: data-driven A and rank redistribution
+    "corda_config": (None, {}),  # CorDA: base weights replaced by a residual
+    "lora_ga_config": (None, {}),  # LoRA-GA: base weights offset at init
 }
 
 
@@ -105,7 +125,7 @@ class LoraConfig:
             if key in raw and raw[key] not in neutral:
                 raise LoraError(
                     f"{source}: {key}={raw[key]!r} is not supported by llm_lora_mmap (plain LoRA on linear layers "
-                    "only); load this adapter with PEFT instead"
+                    f"only; {key} changes what the adapter computes); load this adapter with PEFT instead"
                 )
         if "target_modules" not in raw or raw["target_modules"] is None:
             raise LoraError(f"{source}: no 'target_modules'; a LoRA adapter config names the modules it adapts")

@@ -23,7 +23,7 @@ from .atomic import atomic_write_bytes
 from .config import LoraConfig
 from .errors import LoraError
 from .layer import LoraLinear, is_linear_like
-from .safetensors_file import read_safetensors, write_safetensors
+from .safetensors_file import read_safetensors, read_safetensors_metadata, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,6 +31,33 @@ PREFIX = "base_model.model."
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight")
 
 AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
+PAIR_KEY = "llm_lora_mmap.adapter_config"  # weights metadata: the config fields the weights were saved with
+_PAIR_FIELDS = ("r", "lora_alpha", "use_rslora", "target_modules")
+
+
+def _pair_fields(cfg: LoraConfig) -> dict[str, object]:
+    """The config fields that change what the weights compute (r is also checked by the shapes)."""
+    target = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora, "target_modules": target}
+
+
+def _check_pair(cfg: LoraConfig, weights_file: Path, cfg_file: Path) -> None:
+    """Refuse weights saved with another config (a save killed between the two files, or a mixed copy)."""
+    raw = read_safetensors_metadata(weights_file).get(PAIR_KEY)
+    if raw is None:  # written by PEFT or an older llm_lora_mmap: nothing to compare
+        return
+    try:
+        saved = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LoraError(f"{weights_file}: metadata {PAIR_KEY!r} is not JSON; re-save the adapter") from None
+    now = _pair_fields(cfg)
+    diff = {k: (saved.get(k), now[k]) for k in _PAIR_FIELDS if saved.get(k) != now[k]}
+    if diff:
+        what = ", ".join(f"{k}: weights {a!r}, config {b!r}" for k, (a, b) in diff.items())
+        raise LoraError(
+            f"{weights_file} was saved with another {CONFIG_NAME} than {cfg_file} ({what}): the two files do not "
+            "belong together (a save interrupted between them, or copied from two adapters); save the adapter again"
+        )
 
 
 def adapter_key(module: str, which: str) -> str:
@@ -56,6 +83,10 @@ def _config_of(model: nn.Module, layers: dict[str, LoraLinear], base_model_name_
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write the model's LoRA weights as a PEFT adapter folder (each file atomically: temp + rename).
 
+    The config is written first, the weights last; the weights' safetensors metadata records the
+    config fields they were saved with, and :func:`read_adapter` refuses a pair that disagrees, so
+    a save killed between the two files never leaves a mismatched pair that loads.
+
     Example::
 
         save_adapter(part, "my-adapter", base_model_name_or_path="Qwen/Qwen2.5-0.5B")
@@ -71,8 +102,9 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         tensors[adapter_key(name, "lora_B")] = m.lora_B.weight.detach().to("cpu", torch.float32).contiguous()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(path / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     atomic_write_bytes(path / CONFIG_NAME, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    pair = json.dumps(_pair_fields(cfg), sort_keys=True)
+    write_safetensors(path / WEIGHTS_NAME, tensors, metadata={"format": "pt", PAIR_KEY: pair})
     return path
 
 
@@ -121,6 +153,7 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, AdapterWeights]:
         weights[module] = (A, B)
     if not weights:
         raise LoraError(f"{weights_file}: holds no LoRA weights")
+    _check_pair(cfg, weights_file, cfg_file)
     return cfg, weights
 
 

@@ -120,3 +120,22 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         )
         out[name] = raw.view(dtype).reshape(shape)
     return out
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (``{}`` when it has none); the data is not read.
+
+    Example::
+
+        read_safetensors_metadata(Path("adapter_model.safetensors"))     # {"format": "pt", ...}
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        raw = f.read(n) if 0 <= n <= _MAX_HEADER else b""
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LoraError(f"{path}: not a valid safetensors file (unreadable header); re-save it") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
