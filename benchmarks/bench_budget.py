@@ -97,7 +97,8 @@ def child_floor(cfg: dict) -> dict:
     from llm_sepweight import SepWeights
 
     source = SepWeights(cfg["sep"])
-    buf = torch.empty(max(source.nbytes(i) for i in range(source.num_layers)), dtype=torch.uint8)
+    # with READ_SLACK spare bytes the reads are O_DIRECT, as the engine's
+    buf = torch.empty(max(source.nbytes(i) for i in range(source.num_layers)) + source.READ_SLACK, dtype=torch.uint8)
     seconds, total = {READERS: 0.0, 1: 0.0}, {READERS: 0, 1: 0}
     for i in range(source.num_layers):  # alternating, so both see the same disk (it is shared here)
         threads = READERS if i % 2 == 0 else 1
