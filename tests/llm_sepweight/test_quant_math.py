@@ -103,3 +103,53 @@ def test_dequantize_rejects_mismatched_tensors():
         sw.dequantize({"qweight": qweight, "scales_and_zeros": sz}, spec)
     with pytest.raises(sw.SepweightError, match=r"need exactly one 'scales_and_zeros'"):
         sw.dequantize({"qweight": qweight}, spec)
+
+
+def test_weighted_clip_search_beats_rtn_in_the_weighted_error():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    c = torch.rand(256) ** 4 * 10  # a few columns matter much more
+    qweight, sz = sw.quantize_int4(w, 64, importance=c)
+    spec = sw.QuantSpec("int4", (64, 256), 64, sw.int4_layout())
+    clip = (sw.dequantize({"qweight": qweight, "scales_and_zeros": sz}, spec) - w).square() * c
+    rtn = _int4_error(w, 64, "rtn").square() * c
+    assert (clip.view(64, 4, 64).sum(-1) <= rtn.view(64, 4, 64).sum(-1) * (1 + 1e-6)).all()
+    unweighted = _int4_error(w, 64, "clip").square() * c
+    assert clip.sum() < unweighted.sum()  # weighing the search lowers the error it is told to lower
+    with pytest.raises(sw.SepweightError, match=r"q_proj.weight: importance must be \[256\] non-negative"):
+        sw.quantize_int4(w, 64, importance=-c, name="q_proj.weight")
+
+
+def test_input_importance_estimates_the_activation_sizes():
+    from llm_sepweight.quant_importance import input_importance
+
+    g = torch.Generator().manual_seed(0)
+    hidden, inter, heads, kv_heads = 32, 48, 4, 2
+    t = {
+        "input_layernorm.weight": torch.rand(hidden, generator=g) + 0.5,
+        "post_attention_layernorm.weight": torch.rand(hidden, generator=g) + 0.5,
+        "self_attn.v_proj.weight": torch.randn(16, hidden, generator=g) * 0.2,
+        "self_attn.v_proj.bias": torch.randn(16, generator=g) * 0.1,
+        "self_attn.o_proj.weight": torch.randn(hidden, hidden, generator=g),
+        "mlp.gate_proj.weight": torch.randn(inter, hidden, generator=g) * 0.3,
+        "mlp.up_proj.weight": torch.randn(inter, hidden, generator=g) * 0.3,
+    }
+    config = {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    n = torch.randn(200_000, hidden, generator=g)  # the assumption: unit-variance normalised hidden states
+    x1, x2 = n * t["input_layernorm.weight"], n * t["post_attention_layernorm.weight"]
+    torch.testing.assert_close(
+        input_importance(0, "self_attn.k_proj.weight", t, config), x1.square().mean(0), rtol=0.02, atol=0
+    )
+    torch.testing.assert_close(
+        input_importance(0, "mlp.up_proj.weight", t, config), x2.square().mean(0), rtol=0.02, atol=0
+    )
+    v = x1 @ t["self_attn.v_proj.weight"].T + t["self_attn.v_proj.bias"]  # (T, kv_heads * head_dim)
+    want_o = v.view(-1, kv_heads, 1, 8).expand(-1, kv_heads, 2, 8).reshape(-1, hidden).square().mean(0)
+    torch.testing.assert_close(input_importance(0, "self_attn.o_proj.weight", t, config), want_o, rtol=0.03, atol=0)
+    h = torch.nn.functional.silu(x2 @ t["mlp.gate_proj.weight"].T) * (x2 @ t["mlp.up_proj.weight"].T)
+    torch.testing.assert_close(
+        input_importance(0, "mlp.down_proj.weight", t, config), h.square().mean(0), rtol=0.05, atol=0
+    )
+    end = {"norm.weight": t["input_layernorm.weight"]}
+    assert torch.equal(input_importance("end", "lm_head.weight", end, config), t["input_layernorm.weight"].square())
+    assert input_importance("begin", "embed_tokens.weight", {}, config) is None

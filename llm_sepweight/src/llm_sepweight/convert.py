@@ -20,6 +20,7 @@ from .errors import SepweightError
 from .hub import fetch, looks_like_repo_id
 from .manifest import FORMAT_VERSION, Manifest, Part
 from .quant import GROUP_SIZES, METHODS, SCHEMES, QuantSpec, default_scale_dtype, is_linear, quantize_linear
+from .quant_importance import input_importance
 from .quant_pack import int4_layout
 from .safetensors_io import TensorSpec
 from .sources import HFSource, SepweightSource, Source, is_sepweight_folder
@@ -191,7 +192,12 @@ def _part_specs(
         prefix = rel.removesuffix(".weight")
         name = f"{_describe(part)} {rel}"
         group = settings.group_size or 0
-        q, entry = quantize_linear(tensors[rel], settings.scheme, group, settings.method, scale_dtype, name=name)
+        importance = None  # the clip search weighs each input column by its estimated activation size
+        if settings.scheme == "int4" and settings.method == "clip":
+            importance = input_importance(part, rel, tensors, source.config)
+        q, entry = quantize_linear(
+            tensors[rel], settings.scheme, group, settings.method, scale_dtype, name=name, importance=importance
+        )
         specs += [TensorSpec(f"{prefix}.{suffix}", t, t.dtype) for suffix, t in q.items()]
         entries[f"{prefix}.qweight"] = entry
     return specs, entries

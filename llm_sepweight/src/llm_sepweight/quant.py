@@ -130,6 +130,7 @@ def quantize_int4(
     scale_dtype: torch.dtype | None = None,
     *,
     name: str = "weight",
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric per-group int4: ``(qweight uint8 [N, K // 2] in layout, scales_and_zeros [N, K // g, 2])``.
 
@@ -139,6 +140,8 @@ def quantize_int4(
         method: ``"clip"`` (default) searches each group's range for the least weight error;
             ``"rtn"`` is plain min/max round-to-nearest (see :mod:`llm_sepweight.quant_search`).
         scale_dtype: what scales and zeros are stored (and rounded) in; bf16 for bf16 weights, else fp32.
+        importance: ``[K]`` non-negative weight of each input column in the clip search's error
+            (e.g. the squared weight of the RMSNorm feeding this linear); None weighs all alike.
 
     Example::
 
@@ -158,7 +161,9 @@ def quantize_int4(
         raise SepweightError(f"{name}: quantization method {method!r} is not one of {METHODS}")
     layout = layout or default_layout(n)
     check_layout(layout, n, name)
-    q, sz = scales_and_zeros(w, group_size, scale_dtype or default_scale_dtype(w.dtype), method)
+    if importance is not None and (importance.shape != (k,) or not bool((importance >= 0).all())):
+        raise SepweightError(f"{name}: importance must be [{k}] non-negative values, got {list(importance.shape)}")
+    q, sz = scales_and_zeros(w, group_size, scale_dtype or default_scale_dtype(w.dtype), method, importance)
     return _pack(q, layout), sz
 
 
@@ -170,6 +175,7 @@ def quantize_linear(
     scale_dtype: torch.dtype | None = None,
     *,
     name: str = "weight",
+    importance: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], QuantSpec]:
     """One linear's stored tensors ``{"qweight": ..., "scales" | "scales_and_zeros": ...}`` and its QuantSpec.
 
@@ -183,7 +189,7 @@ def quantize_linear(
         return {"qweight": qweight, "scales": scales}, QuantSpec("int8", tuple(w.shape))
     if scheme == "int4":
         layout = default_layout(w.shape[0]) if w.dim() == 2 else "rows"
-        qweight, sz = quantize_int4(w, group_size, layout, method, scale_dtype, name=name)
+        qweight, sz = quantize_int4(w, group_size, layout, method, scale_dtype, name=name, importance=importance)
         return {"qweight": qweight, "scales_and_zeros": sz}, QuantSpec("int4", tuple(w.shape), group_size, layout)
     raise SepweightError(f"{name}: quantization scheme {scheme!r} is not one of {SCHEMES}")
 

@@ -22,17 +22,21 @@ CHUNK_ELEMENTS = 1 << 18  # rows per step so a working tensor stays ~1 MiB (cach
 
 
 def scales_and_zeros(
-    w: torch.Tensor, group_size: int, scale_dtype: torch.dtype, method: str
+    w: torch.Tensor, group_size: int, scale_dtype: torch.dtype, method: str, importance: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q uint8 [N, K], scales_and_zeros [N, K // g, 2] in scale_dtype) for a finite 2-D weight."""
+    """(q uint8 [N, K], scales_and_zeros [N, K // g, 2] in scale_dtype) for a finite 2-D weight.
+
+    ``importance`` ([K], >= 0): weights of each input column in the clip search's squared error.
+    """
     n, k = w.shape
+    c = None if importance is None else importance.float().view(1, k // group_size, group_size)
     q = torch.empty(n, k, dtype=torch.uint8)
     sz = torch.empty(n, k // group_size, 2, dtype=scale_dtype)
     rows = max(1, CHUNK_ELEMENTS // k)
     for a in range(0, n, rows):
         b = min(n, a + rows)
         chunk = w[a:b].float().view(b - a, k // group_size, group_size)  # (R, G, g)
-        qc, s, z = _rtn(chunk, scale_dtype) if method == "rtn" else _clip(chunk, scale_dtype)
+        qc, s, z = _rtn(chunk, scale_dtype) if method == "rtn" else _clip(chunk, scale_dtype, c)
         q[a:b] = qc.view(b - a, k)
         sz[a:b, :, 0] = s
         sz[a:b, :, 1] = z
@@ -61,11 +65,13 @@ def _levels(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return _t(w, s, z).round_().clamp_(0, 15)
 
 
-def _error(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Squared reconstruction error per group: s^2 * sum((t - q)^2)."""  # (R, G)
+def _error(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """Squared reconstruction error per group: s^2 * sum(c * (t - q)^2)."""  # (R, G)
     t = _t(w, s, z)
     d = t.sub_(t.round().clamp_(0, 15))
-    return torch.linalg.vector_norm(d, dim=-1).square_().mul_(s * s)
+    if c is None:
+        return torch.linalg.vector_norm(d, dim=-1).square_().mul_(s * s)
+    return torch.linalg.vecdot(d.mul_(d), c).mul_(s * s)
 
 
 def _rtn(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,25 +79,29 @@ def _rtn(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
     return _levels(w, s, z).to(torch.uint8), s, z
 
 
-def _clip(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _clip(
+    w: torch.Tensor, dtype: torch.dtype, c: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lo, hi = w.amin(-1), w.amax(-1)  # (R, G)
     r = hi - lo
     best_s, best_z = _range_params(lo, hi, dtype)
-    best_err = _error(w, best_s, best_z)
+    best_err = _error(w, best_s, best_z, c)
     for a, b in TRIMS:
         s, z = _range_params(lo + a * r, hi - b * r, dtype)
-        _keep(_error(w, s, z), best_err, (best_s, s), (best_z, z))
-    g, mw = w.shape[-1], w.mean(-1)
+        _keep(_error(w, s, z, c), best_err, (best_s, s), (best_z, z))
+    # (weighted) least squares w ~ s * (q - 8) + z over each group, q fixed (var and cov of q, not q - 8)
+    cn = torch.ones_like(w[:1]) / w.shape[-1] if c is None else c / c.sum(-1, keepdim=True).clamp_min(1e-30)
+    mw = torch.linalg.vecdot(w, cn)
     for _ in range(LS_STEPS):
-        # least squares w ~ s * (q - 8) + z over each group, q fixed (var and cov of q, not q - 8)
         q = _levels(w, best_s, best_z)
-        mq = q.mean(-1)
-        var = torch.linalg.vector_norm(q, dim=-1).square_() / g - mq * mq
-        cov = torch.linalg.vecdot(q, w) / g - mq * mw
+        qc = q * cn
+        mq = qc.sum(-1)
+        var = torch.linalg.vecdot(qc, q) - mq * mq
+        cov = torch.linalg.vecdot(qc, w) - mq * mw
         s = torch.where((var > 0) & (cov > 0), cov / var.clamp_min(1e-12), best_s)
         s, _ = _round(s, s, dtype)
         z = (mw - s * (mq - 8)).to(dtype).float()
-        _keep(_error(w, s, z), best_err, (best_s, s), (best_z, z))
+        _keep(_error(w, s, z, c), best_err, (best_s, s), (best_z, z))
     return _levels(w, best_s, best_z).to(torch.uint8), best_s, best_z
 
 

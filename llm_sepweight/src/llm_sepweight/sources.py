@@ -148,6 +148,9 @@ class _Dequantizing(Mapping[str, torch.Tensor]):
             return dequantize(mine, self.linears[prefix], torch.float32)
         return self.stored[key]
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would dequantize to find out
+        return key in self.keys_
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys_)
 
