@@ -377,8 +377,12 @@ class QwenPart(nn.Module):
         """``(v0, v1, {"weight": W[v0:v1]})`` per vocabulary chunk, or rows v0:v1 of ``qweight`` and its
         scales for a quantized head (streamed when lazy; in RAM the same views each call, so the
         kernels' prepared scales are cached)."""
-        V, chunk = self.config.vocab_size, self._head_chunk
-        if self._streamer is None and self._head_spec is not None:
+        V, chunk, spec = self.config.vocab_size, self._head_chunk, self._head_spec
+        if spec is None:
+            stored = {"weight": "lm_head.weight"}
+        else:
+            stored = {"qweight": "lm_head.qweight", "scales": f"lm_head.{spec.scales_key}"}
+        if self._streamer is None and spec is not None:
             q = self.lm_head.qweight
             if self._head_views is None or self._head_views[0] is not q:
                 s = self.lm_head.scale_tensor()
@@ -387,23 +391,11 @@ class QwenPart(nn.Module):
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
             if self._streamer is None:
-                yield (
-                    v0,
-                    v1,
-                    self._head_views[1][v0] if self._head_spec is not None else {"weight": self.lm_head.weight[v0:v1]},
-                )
+                yield v0, v1, self._head_views[1][v0] if spec is not None else {"weight": self.lm_head.weight[v0:v1]}
                 continue
             weights = self._streamer.get((v0, v1))
             try:
-                spec = self._head_spec
-                if spec is None:
-                    yield v0, v1, {"weight": weights["lm_head.weight"]}
-                else:
-                    yield (
-                        v0,
-                        v1,
-                        {"qweight": weights["lm_head.qweight"], "scales": weights[f"lm_head.{spec.scales_key}"]},
-                    )
+                yield v0, v1, {k: weights[key] for k, key in stored.items()}
             finally:
                 self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
                 del weights
