@@ -3,6 +3,7 @@
 import copy
 import csv
 import json
+import re
 import struct
 
 import pytest
@@ -157,3 +158,61 @@ def test_errors_are_one_line_and_exit_2(sep, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("llm-sft: error: ") and "column 'instruction' is missing in 1 of 1 records" in err
+
+
+def _small_run(ckpt, tmp_path, *extra):
+    return [
+        "train",
+        "--model",
+        str(ckpt.path),
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "sep"),
+        "--max-seq-len",
+        "64",
+        "--batch-size",
+        "2",
+        "--r",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_a_nan_loss_still_writes_the_config_log_and_adapter(qwen_checkpoints, tmp_path, capsys):
+    """A diverged run (NaN loss) crashed in the loss plot before train_config.json was written."""
+    ckpt = qwen_checkpoints("qwen2")
+    _write_data(tmp_path / "train.jsonl", 6, seed=0)
+    with pytest.warns(UserWarning, match=r"steps have a NaN or infinite loss"):
+        assert main(_small_run(ckpt, tmp_path, "--lr", "1e30", "--max-grad-norm", "0")) == 0
+    out = tmp_path / "out"
+    rows = _rows(out / "loss_log.csv")
+    assert rows[-1]["loss"] == "nan"
+    assert json.loads((out / "train_config.json").read_text())["lr"] == 1e30
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert "final loss nan" in capsys.readouterr().err
+
+
+def test_resume_with_other_data_template_max_seq_len_or_lora_is_refused(qwen_checkpoints, tmp_path, capsys):
+    ckpt = qwen_checkpoints("qwen2")
+    _write_data(tmp_path / "train.jsonl", 4, seed=0)
+    assert main(_small_run(ckpt, tmp_path)) == 0
+    capsys.readouterr()
+    for extra, changed in (
+        (["--max-seq-len", "48"], r"--max-seq-len: 64 -> 48"),
+        (["--template", "chatml"], r"--template: auto -> chatml"),  # the same tokens here: the flag names it
+        (["--alpha", "4"], r"lora \(r, lora_alpha, use_rslora, lora_dropout\): .* --alpha: 16 -> 4.0"),
+        (["--targets", "q_proj"], r"--targets: q_proj,k_proj,.*,down_proj -> q_proj"),
+    ):
+        assert main(_small_run(ckpt, tmp_path, *extra)) == 2, extra  # the last --flag given wins
+        err = capsys.readouterr().err
+        assert re.search(rf"llm-sft: error: .*step-00000002 was written with other settings \(.*{changed}", err), err
+        assert "resume with the same ones, or pass resume=False (--no-resume)" in err
+    _write_data(tmp_path / "train.jsonl", 4, seed=1)  # the same file name, other content
+    assert main(_small_run(ckpt, tmp_path)) == 2
+    assert "--data (sha256): " in capsys.readouterr().err
+    _write_data(tmp_path / "train.jsonl", 4, seed=0)
+    assert main(_small_run(ckpt, tmp_path)) == 0  # the same run again: resumes, nothing to do

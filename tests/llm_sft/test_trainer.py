@@ -199,3 +199,28 @@ def test_resume_with_other_settings_is_refused(sep, tmp_path):
             progress=False,
         )
     assert len(log) == 2 and [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
+
+
+def test_resume_with_other_examples_lora_or_caller_settings_is_refused(sep, tmp_path):
+    """Another dataset (template, max_seq_len, ...) or other LoRA settings used to continue silently."""
+    path, _ = sep("qwen2")
+
+    def run(dataset=None, alpha=8, r=4, **kw):
+        part = lora_part(path, alpha=alpha, r=r)
+        opt = torch.optim.AdamW([p for p in part.parameters() if p.requires_grad])
+        ds = dataset or _dataset()
+        return sft(part, ds, opt, batch_size=2, epochs=1, checkpoint_dir=tmp_path, progress=False, **kw)
+
+    assert len(run(resume_settings={"--template": "auto", "--max-seq-len": 64})) == 3
+    with pytest.raises(ValueError, match=r"other settings \(examples_sha256: [0-9a-f]{16} -> [0-9a-f]{16}\)"):
+        run(_dataset(seed=5), resume_settings={"--template": "auto", "--max-seq-len": 64})  # same size, other tokens
+    lora = r"lora \(r, lora_alpha, use_rslora, lora_dropout\): \[\[4, 8, False, 0.0\]\] -> \[\[4, 2, False, 0.0\]\]"
+    with pytest.raises(ValueError, match=lora):
+        run(alpha=2, resume_settings={"--template": "auto", "--max-seq-len": 64})
+    with pytest.raises(ValueError, match=r"lora .*\[\[4, 8, False, 0.0\]\] -> \[\[2, 8, False, 0.0\]\]"):
+        run(r=2, resume_settings={"--template": "auto", "--max-seq-len": 64})  # not a torch shape error
+    with pytest.raises(ValueError, match=r"other settings \(--template: auto -> alpaca, --max-seq-len: 64 -> 32\)"):
+        run(resume_settings={"--template": "alpaca", "--max-seq-len": 32})
+    with pytest.raises(ValueError, match=r"resume_settings must not use sft's own keys \['seed'\]"):
+        run(resume_settings={"seed": 1})
+    assert len(run(resume_settings={"--template": "auto", "--max-seq-len": 64})) == 3  # the same: resumes (done)

@@ -36,6 +36,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file, fsync and rename: readers see the old or the new file.
+
+    Example::
+
+        write_atomic("out/train_config.json", json.dumps(config).encode())
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def _fsync_tree(root: Path) -> None:
     """Files first, then their folders: after this the whole tree is on disk."""
     for path in sorted(root.rglob("*"), reverse=True) + [root]:
@@ -126,14 +148,17 @@ def restore_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint into the trainable parameters, optimizer, scheduler and RNG; return its progress.
 
-    ``settings`` (batch size, ranks, seed, ...) must equal the ones the checkpoint was written with.
+    ``settings`` (batch size, ranks, seed, the examples' hash, LoRA settings, the caller's
+    ``resume_settings``, ...) must equal the ones the checkpoint was written with; a key an older
+    checkpoint did not record is not compared.
     """
     state, progress = load_checkpoint(ckpt)
-    changed = {k: (progress["settings"].get(k), v) for k, v in settings.items() if progress["settings"].get(k) != v}
+    saved_settings = progress["settings"]
+    changed = {k: (saved_settings[k], v) for k, v in settings.items() if k in saved_settings and saved_settings[k] != v}
     if changed:
         diff = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
         raise ValueError(
-            f"{ckpt} was written with other settings ({diff}); resume with the same ones, or pass resume=False / another checkpoint_dir"
+            f"{ckpt} was written with other settings ({diff}); resume with the same ones, or pass resume=False (--no-resume) / another checkpoint_dir (--checkpoint-dir)"
         )
     saved = state["trainable"]
     if set(saved) != set(trainable):

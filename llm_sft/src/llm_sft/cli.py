@@ -7,6 +7,7 @@ torchrun --nproc-per-node 2 -m llm_sft.cli train --model qwen-sep --data data.js
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from llm_lazy_qwen import ConfigError, QwenPart, from_pretrained, load_part, par
 from llm_lora_mmap import apply_lora, mark_only_lora_trainable, save_adapter
 from llm_sepweight import SepweightError
 
+from .checkpoint import write_atomic
 from .data import TEMPLATES, prepare_dataset, read_records
 from .distributed import barrier, init_distributed
 from .report import write_loss_log
@@ -171,6 +173,46 @@ def _load_model(args: argparse.Namespace, rank: int) -> tuple[QwenPart, Path]:
     return part, Path(hf.hf_hub_download(args.model, "config.json")).parent
 
 
+# flags a resumed run must share with the run that wrote the checkpoint (besides sft's own settings)
+_RESUME_FLAGS = (
+    "model",
+    "tokenizer",
+    "template",
+    "system_prompt",
+    "max_seq_len",
+    "instruction_column",
+    "input_column",
+    "output_column",
+    "r",
+    "alpha",
+    "dropout",
+    "targets",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "min_lr_ratio",
+    "epochs",
+    "max_grad_norm",
+    "dtype",
+)
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _resume_settings(args: argparse.Namespace) -> dict[str, object]:
+    """What the checkpoint records and a resumed run must match, under the flags' names."""
+    flags = {f"--{k.replace('_', '-')}": getattr(args, k) for k in _RESUME_FLAGS}
+    flags["--data (sha256)"] = _file_sha256(args.data)
+    flags["--eval-data (sha256)"] = _file_sha256(args.eval_data) if args.eval_data else None
+    return flags
+
+
 def train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -228,17 +270,18 @@ def train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         seed=args.seed,
         progress=not args.no_progress,
+        resume_settings=_resume_settings(args),
     )
     if rank == 0:
         save_adapter(part, out, base_model_name_or_path=args.model)
-        paths = write_loss_log(history, out)
         config = {k: v for k, v in vars(args).items() if k != "command"}
         config["dataset"] = {
             "examples": len(dataset),
             "truncated": dataset.stats.truncated,
             "dropped": dataset.stats.dropped_too_long + dataset.stats.dropped_empty,
         }
-        (out / "train_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        write_atomic(out / "train_config.json", (json.dumps(config, indent=1) + "\n").encode())  # before the plot
+        paths = write_loss_log(history, out)
         last = history[-1] if history else None
         summary = (
             f"final loss {last.loss:.4f}"
@@ -247,7 +290,8 @@ def train(args: argparse.Namespace) -> int:
             else "no steps"
         )
         print(
-            f"llm-sft: {summary}; adapter in {out}, loss log {paths['csv'].name} / {paths['png'].name}",
+            f"llm-sft: {summary}; adapter in {out}, loss log {paths['csv'].name}"
+            + (f" / {paths['png'].name}" if "png" in paths else " (no curve: no finite loss)"),
             file=sys.stderr,
         )
     barrier()

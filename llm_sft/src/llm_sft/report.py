@@ -1,17 +1,23 @@
-"""The loss log of a run: ``loss_log.csv``, ``loss_log.json`` and ``loss_curve.png``.
+"""The loss log of a run: ``loss_log.csv``, ``loss_log.json`` and ``loss_curve.png``, each written atomically.
 
 The PNG is drawn with matplotlib when it is installed (``pip install llm_sft[plot]``), otherwise
-with the small built-in writer in :mod:`llm_sft.png`, so a run always leaves a picture.
+with the small built-in writer in :mod:`llm_sft.png`, so a run always leaves a picture. Steps
+whose loss is NaN or infinite are left out of the picture (and kept, as such, in the CSV/JSON).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .checkpoint import write_atomic
 from .png import BLUE, ORANGE, line_chart
 from .trainer import StepInfo
 
@@ -27,10 +33,24 @@ def plot_losses(history: Sequence[StepInfo], path: str | Path, use_matplotlib: b
         plot_losses(log, "loss_curve.png")
     """
     path = Path(path)
-    train = [(h.step, h.loss) for h in history]
-    evals = [(h.step, h.eval_loss) for h in history if h.eval_loss is not None]
-    if not train:
+    if not history:
         raise ValueError("the loss log is empty: nothing to plot")
+    train = [(h.step, h.loss) for h in history if math.isfinite(h.loss)]
+    evals = [(h.step, h.eval_loss) for h in history if h.eval_loss is not None and math.isfinite(h.eval_loss)]
+    if not train:
+        raise ValueError(f"no step has a finite loss (all {len(history)} are NaN or infinite): nothing to plot")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # drawn aside, renamed into place
+    try:
+        _draw(train, evals, tmp, use_matplotlib)
+        write_atomic(path, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _draw(
+    train: list[tuple[int, float]], evals: list[tuple[int, float]], path: Path, use_matplotlib: bool | None
+) -> Path:
     if use_matplotlib is not False:
         try:
             import matplotlib
@@ -62,6 +82,9 @@ def write_loss_log(
 ) -> dict[str, Path]:
     """Write ``loss_log.csv``, ``loss_log.json`` and ``loss_curve.png`` into ``folder``; their paths.
 
+    Each file is written atomically. NaN / infinite losses are kept in the CSV/JSON, left out of
+    the curve and warned about; when no step has a finite loss there is no curve (no ``"png"`` key).
+
     Example::
 
         paths = write_loss_log(sft(part, ds, opt, 4, 1), "out")      # {"csv": ..., "json": ..., "png": ...}
@@ -74,11 +97,21 @@ def write_loss_log(
         "json": folder / "loss_log.json",
         "png": folder / "loss_curve.png",
     }
-    with open(out["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(StepInfo)])
-        writer.writeheader()
-        writer.writerows(rows)
-    out["json"].write_text(json.dumps(rows, indent=1) + "\n")
-    if rows:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=[fl.name for fl in fields(StepInfo)])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out["csv"], text.getvalue().encode())
+    write_atomic(out["json"], (json.dumps(rows, indent=1) + "\n").encode())
+    bad = [h.step for h in history if not math.isfinite(h.loss)]
+    if bad:
+        warnings.warn(
+            f"{len(bad)} of {len(history)} steps have a NaN or infinite loss (steps {bad[:10]}): the training "
+            "diverged (lower the learning rate, clip gradients); the curve leaves them out",
+            stacklevel=2,
+        )
+    if len(bad) < len(rows):
         plot_losses(history, out["png"], use_matplotlib)
+    else:
+        del out["png"]
     return out

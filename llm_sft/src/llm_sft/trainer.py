@@ -13,9 +13,12 @@ ends with the same adapter as a run that was never interrupted.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 import warnings
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,6 +125,24 @@ def evaluate(model: QwenPart | LayerwiseEngine, dataset: Sequence[Example], batc
     return loss_sum / max(targets, 1.0)
 
 
+def examples_sha256(dataset: Sequence[Example]) -> str:
+    """A hash of every example's token ids and labels: changes with the data, template, tokenizer or max_seq_len.
+
+    Example::
+
+        examples_sha256(prepare_dataset(tok, ["Hi"], ["Hello"]))[:16]
+    """
+    h = hashlib.sha256()
+    for e in dataset:
+        h.update(array("q", [len(e.input_ids), *e.input_ids, *e.labels]).tobytes())
+    return h.hexdigest()
+
+
+def _lora_settings(part: torch.nn.Module) -> list[list[Any]]:
+    """The distinct (r, lora_alpha, use_rslora, lora_dropout) of the model's LoRA layers."""
+    return sorted({(m.r, m.lora_alpha, m.use_rslora, m.lora_dropout_p) for m in lora_layers(part).values()})
+
+
 def _rng_states(device: torch.device) -> dict[str, Any]:
     cuda = device.type == "cuda"
     return {
@@ -150,6 +171,7 @@ def sft(
     seed: int = 0,
     progress: bool = True,
     keep_checkpoints: int = 1,
+    resume_settings: dict[str, Any] | None = None,
 ) -> list[StepInfo]:
     """Supervised fine-tuning of a whole-model QwenPart with the layer-wise engine; returns the loss log.
 
@@ -164,10 +186,15 @@ def sft(
         eval_dataset: evaluated (token-weighted mean loss) every ``eval_every`` steps and at the
             end, or at the end of each epoch when ``eval_every`` is None.
         checkpoint_dir: where checkpoints go, every ``save_every`` steps and at the end. With
-            ``resume``, training continues from the newest one there (same settings required).
+            ``resume``, training continues from the newest one there; a checkpoint written with
+            other settings is refused, naming them: batch size, accumulation, ranks, seed, the
+            examples (a hash of their token ids: data, template, max_seq_len, tokenizer), the LoRA
+            settings, and ``resume_settings``.
         max_grad_norm: clip the global gradient norm after accumulation.
         callback: called with each step's :class:`StepInfo`.
         seed: the batch order is a function of (seed, epoch).
+        resume_settings: more JSON values that must not change on resume (the CLI records its
+            data files, template, max_seq_len, LoRA and optimiser flags).
 
     Example::
 
@@ -217,7 +244,13 @@ def sft(
         "world_size": world,
         "seed": seed,
         "examples": n,
+        "examples_sha256": examples_sha256(dataset)[:16],
+        "lora (r, lora_alpha, use_rslora, lora_dropout)": _lora_settings(part),
     }
+    clash = sorted(set(settings) & set(resume_settings or {}))
+    if clash:
+        raise ValueError(f"resume_settings must not use sft's own keys {clash}")
+    settings = json.loads(json.dumps({**settings, **(resume_settings or {})}))  # as read back from progress.json
 
     step, first_epoch, groups_done = 0, 0, 0
     history: list[StepInfo] = []
