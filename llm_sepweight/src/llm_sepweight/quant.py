@@ -115,10 +115,12 @@ def quantize_int8(
     """
     _check_weight(w, name)
     sd = scale_dtype or default_scale_dtype(w.dtype)
-    wf = w.float()
-    s = (wf.abs().amax(1) / 127).to(sd)  # (N,)
+    s = (w.abs().amax(1).float() / 127).to(sd)  # (N,)
     inv = 1 / s.float().clamp_min(torch.finfo(sd).tiny)
-    q = (wf * inv[:, None]).round_().clamp_(-128, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8)
+    rows = max(1, (1 << 22) // w.shape[1])  # bounded fp32 working memory
+    for a in range(0, w.shape[0], rows):
+        q[a : a + rows] = (w[a : a + rows].float() * inv[a : a + rows, None]).round_().clamp_(-128, 127)
     return q, s
 
 

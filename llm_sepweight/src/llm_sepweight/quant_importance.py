@@ -59,15 +59,26 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
     return t.float().square()
 
 
+_ROWS = 1024  # rows per step: working memory stays a few MB for any matrix
+
+
 def _row_var(w: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """Variance of each output of ``w @ (gamma * n)``: ``||w[j] * gamma||^2``."""  # (N,)
-    return torch.linalg.vector_norm(w.float() * gamma.float(), dim=1).square()
+    return _row_dots(w, w, gamma).float()
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``sum_k a[j, k] b[j, k] gamma_k^2`` per row j, in float64, a block of rows at a time."""  # (N,)
+    g = gamma.float()
+    out = torch.empty(a.shape[0], dtype=torch.float64)
+    for r in range(0, a.shape[0], _ROWS):
+        out[r : r + _ROWS] = torch.linalg.vecdot(a[r : r + _ROWS].float() * g, b[r : r + _ROWS].float() * g).double()
+    return out
 
 
 def _down_proj(gate: torch.Tensor, up: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    gs, us = gate.double() * gamma.double(), up.double() * gamma.double()  # (I, H)
-    var_a, var_u = gs.square().sum(1), us.square().sum(1)  # (I,)
-    rho2 = (gs * us).sum(1).square() / (var_a * var_u).clamp_min(1e-300)
+    var_a, var_u = _row_dots(gate, gate, gamma), _row_dots(up, up, gamma)  # (I,)
+    rho2 = _row_dots(gate, up, gamma).square() / (var_a * var_u).clamp_min(1e-300)
     a = var_a.sqrt()[:, None] * _NODES  # (I, nodes)
     silu_sq = torch.nn.functional.silu(a).square()
     e1, e2 = silu_sq @ _WEIGHTS, (silu_sq * a.square()) @ _WEIGHTS  # E[silu(a)^2], E[silu(a)^2 a^2]
