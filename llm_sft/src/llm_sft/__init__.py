@@ -17,6 +17,7 @@ at a time. Gradients equal ordinary full-graph autograd::
 """
 
 from .batching import Batch, batch_indices, collate
+from .chat_template import read_chat_template, render_chat
 from .checkpoint import latest_checkpoint
 from .data import (
     IGNORE_INDEX,
@@ -56,7 +57,9 @@ __all__ = [
     "local_device",
     "plot_losses",
     "prepare_dataset",
+    "read_chat_template",
     "read_records",
+    "render_chat",
     "sft",
     "steps_per_epoch",
     "warmup_cosine",
