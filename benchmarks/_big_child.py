@@ -110,6 +110,7 @@ def infer(cfg: dict) -> dict:
         t0, r0 = time.perf_counter(), read_bytes()
         logits, state = m.prefill(ids)
         res["prefill_s"], res["prefill_read_gb"] = time.perf_counter() - t0, (read_bytes() - r0) / 1e9
+        res["peak_anon_mb"], res["peak_file_mb"] = peak.anon_above_mb, peak.file_above_mb  # so far
         tok = logits[:, -1:].argmax(-1)
         tokens = [int(tok)]
         logits, state = m.step(tok, state)  # warm-up token
@@ -123,6 +124,9 @@ def infer(cfg: dict) -> dict:
             reads.append(read_bytes() - r0)
             tok = logits[:, -1:].argmax(-1)
             tokens.append(int(tok))
+            # a partial result after every token: a run cut by its timeout still reports the tokens it made
+            print(json.dumps(res | {"partial": True, "decode_steps": steps, "decode_reads": reads, "tokens": tokens}))
+            sys.stdout.flush()
         res.update(
             decode_s=statistics.median(steps),
             decode_steps=steps,

