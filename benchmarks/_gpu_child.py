@@ -82,7 +82,8 @@ class HF:
         )
         n = model.config.num_hidden_layers
         on_cpu = sum(1 for i in range(n) if _placed(dm, f"model.layers.{i}") == "cpu")
-        self.note = f"{on_cpu}/{n} layers on cpu, max_memory {accelerate_gib:g} GiB"
+        head = _placed(dm, "lm_head")
+        self.note = f"{on_cpu}/{n} layers on cpu, lm_head on {head}, max_memory {accelerate_gib:g} GiB"
         self.model = dispatch_model(model, device_map=dm)
 
     def prefill(self, ids: torch.Tensor):

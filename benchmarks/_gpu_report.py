@@ -52,6 +52,7 @@ class Report:
         self.stream_bytes: dict[str, int] = {}
         self.model_bytes: dict[str, int] = {}
         self.rows: dict[str, dict] = {}
+        self.errors: list[str] = []
 
     def header(self) -> list[str]:
         here = Path(__file__).parent
@@ -192,7 +193,8 @@ class Report:
 
     def render(self) -> str:
         took = f"Total: {time.time() - self.start:.0f} s of the {self.args.budget_s:.0f} s budget"
-        parts = [*self.header(), "", *self.floors(), "", *self.table(), "", *self.goals(), "", took]
+        errors = [f"ERROR: {e}" for e in self.errors]
+        parts = [*self.header(), *errors, "", *self.floors(), "", *self.table(), "", *self.goals(), "", took]
         return "\n".join(parts) + "\n"
 
     def to_json(self) -> dict:
@@ -205,6 +207,7 @@ class Report:
             "model_bytes": self.model_bytes,
             "engines": self.rows,
             "device": str(self.device),
+            "errors": self.errors,
         }
 
 

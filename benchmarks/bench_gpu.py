@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -127,6 +128,34 @@ def run_child(name: str, cfg: dict, timeout: float, errlog: Path) -> dict:
     return res
 
 
+def prepare(args: argparse.Namespace, rep: Report, work: Path, device: torch.device, shape: dict) -> dict[str, Path]:
+    """The PCIe floor, the model's folders (built or reused), their byte counts, the host read rate."""
+    if device.type == "cuda":
+        log("PCIe bandwidth ...")
+        rep.bw = pcie(device, (64 << 20) if args.tiny else (1 << 30))
+    if complete(work) and json.loads((work / "sep-bf16" / "config.json").read_text())["hidden_size"] == shape["hidden"]:
+        log(f"reusing the folders in {work}")
+        rep.build = {
+            "reused": True,
+            "layers": json.loads((work / "sep-bf16" / "config.json").read_text())["num_hidden_layers"],
+        }
+    else:
+        for f in FORMATS:
+            shutil.rmtree(work / f"sep-{f}", ignore_errors=True)
+        max_s = args.build_max_s if args.build_max_s is not None else 0.3 * args.budget_s
+        log(f"building the model in {work} (at most {max_s:.0f} s) ...")
+        rep.build = build(work, shape, device, max_s, log=log)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    sep = {f: work / f"sep-{f}" for f in FORMATS}
+    for f, d in sep.items():  # what a lazy decode token streams: every layer and the end (embedding: rows)
+        streamed = sum(p.stat().st_size for p in d.glob("mid.*.safetensors")) + (d / "end.safetensors").stat().st_size
+        rep.stream_bytes[f], rep.model_bytes[f] = streamed, sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    rep.host = host_read(sorted(sep["bf16"].glob("mid.*.safetensors"))[:8], device.type == "cuda")
+
+    return sep
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 256 (tests the script, CPU is fine)")
@@ -159,29 +188,12 @@ def main() -> int:
         shape["layers"] = min(args.layers, shape["layers"])
     rep = Report(args, device, shape, start)
 
-    if device.type == "cuda":
-        log("PCIe bandwidth ...")
-        rep.bw = pcie(device, (64 << 20) if args.tiny else (1 << 30))
-    if complete(work) and json.loads((work / "sep-bf16" / "config.json").read_text())["hidden_size"] == shape["hidden"]:
-        log(f"reusing the folders in {work}")
-        rep.build = {
-            "reused": True,
-            "layers": json.loads((work / "sep-bf16" / "config.json").read_text())["num_hidden_layers"],
-        }
-    else:
-        for f in FORMATS:
-            shutil.rmtree(work / f"sep-{f}", ignore_errors=True)
-        max_s = args.build_max_s if args.build_max_s is not None else 0.3 * args.budget_s
-        log(f"building the model in {work} (at most {max_s:.0f} s) ...")
-        rep.build = build(work, shape, device, max_s, log=log)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    sep = {f: work / f"sep-{f}" for f in FORMATS}
-    for f, d in sep.items():  # what a lazy decode token streams: every layer and the end (embedding: rows)
-        rep.stream_bytes[f] = sum(p.stat().st_size for p in d.glob("mid.*.safetensors"))
-        rep.stream_bytes[f] += (d / "end.safetensors").stat().st_size
-        rep.model_bytes[f] = sum(p.stat().st_size for p in d.glob("*.safetensors"))
-    rep.host = host_read(sorted(sep["bf16"].glob("mid.*.safetensors"))[:8], device.type == "cuda")
+    try:
+        sep = prepare(args, rep, work, device, shape)
+    except Exception as e:  # the table is printed whatever happens; the error is in it
+        log(traceback.format_exc())
+        rep.errors.append(f"preparation failed: {type(e).__name__}: {e}")
+        engines, sep = [], {}
 
     for name in engines:
         base, cap = (ENGINES | EXTRA)[name]
