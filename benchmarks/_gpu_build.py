@@ -26,6 +26,7 @@ QWEN7B = dict(hidden=3584, inter=18944, layers=28, heads=28, kv_heads=4, vocab=1
 TINY = dict(hidden=256, inter=512, layers=2, heads=4, kv_heads=2, vocab=8192)  # tests the script on a CPU
 FORMATS = ("bf16", "int8", "int4")
 GROUP = 64
+_warned: list[bool] = []
 
 
 def config(s: dict, layers: int) -> dict:
@@ -92,7 +93,15 @@ def _quantized(part: int | str, tensors: dict[str, torch.Tensor], scheme: str) -
             out[key] = t.cpu()
             continue
         prefix = key.removesuffix(".weight")
-        q, spec = sw.quantize_linear(t, scheme, GROUP, "rtn", torch.bfloat16, name=f"{part} {key}")
+        try:
+            q, spec = sw.quantize_linear(t, scheme, GROUP, "rtn", torch.bfloat16, name=f"{part} {key}")
+        except Exception as e:  # the device's tensors refused: the CPU path convert() takes
+            if t.device.type == "cpu":
+                raise
+            if not _warned:
+                _warned.append(True)
+                print(f"quantize_linear on {t.device} failed ({type(e).__name__}: {e}); quantizing on the CPU")
+            q, spec = sw.quantize_linear(t.cpu(), scheme, GROUP, "rtn", torch.bfloat16, name=f"{part} {key}")
         out.update({f"{prefix}.{k}": v.cpu() for k, v in q.items()})
         entries[f"{prefix}.qweight"] = spec
     return out, entries

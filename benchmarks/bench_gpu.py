@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -128,11 +129,21 @@ def run_child(name: str, cfg: dict, timeout: float, errlog: Path) -> dict:
     return res
 
 
+def optional(rep: Report, what: str, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """A measurement the engines do not need: its failure is reported, not fatal."""
+    try:
+        return measure()
+    except Exception as e:
+        log(traceback.format_exc())
+        rep.errors.append(f"{what}: {type(e).__name__}: {e}")
+        return {}
+
+
 def prepare(args: argparse.Namespace, rep: Report, work: Path, device: torch.device, shape: dict) -> dict[str, Path]:
     """The PCIe floor, the model's folders (built or reused), their byte counts, the host read rate."""
     if device.type == "cuda":
         log("PCIe bandwidth ...")
-        rep.bw = pcie(device, (64 << 20) if args.tiny else (1 << 30))
+        rep.bw = optional(rep, "PCIe bandwidth", lambda: pcie(device, (64 << 20) if args.tiny else (1 << 30)))
     if complete(work) and json.loads((work / "sep-bf16" / "config.json").read_text())["hidden_size"] == shape["hidden"]:
         log(f"reusing the folders in {work}")
         rep.build = {
@@ -151,7 +162,8 @@ def prepare(args: argparse.Namespace, rep: Report, work: Path, device: torch.dev
     for f, d in sep.items():  # what a lazy decode token streams: every layer and the end (embedding: rows)
         streamed = sum(p.stat().st_size for p in d.glob("mid.*.safetensors")) + (d / "end.safetensors").stat().st_size
         rep.stream_bytes[f], rep.model_bytes[f] = streamed, sum(p.stat().st_size for p in d.glob("*.safetensors"))
-    rep.host = host_read(sorted(sep["bf16"].glob("mid.*.safetensors"))[:8], device.type == "cuda")
+    layers = sorted(sep["bf16"].glob("mid.*.safetensors"))[:8]
+    rep.host = optional(rep, "host read rate", lambda: host_read(layers, device.type == "cuda"))
 
     return sep
 
