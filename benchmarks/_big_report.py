@@ -232,7 +232,7 @@ class Report:
         hp = self.rows.get("sft_hfpeft")
         g.append(
             (
-                "HF + PEFT cannot load the model in the box",
+                "HF + PEFT cannot train the model in the box (no step within its timeout)",
                 hp.get("error", "it ran") if hp else "not run",
                 ("error" in hp) if hp else None,
             )

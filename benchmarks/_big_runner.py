@@ -74,7 +74,7 @@ def run_child(
                 f"killed by the {timeout_s} s timeout" if wall >= timeout_s - 2 else "killed (out of memory in the box)"
             )
         tail = [ln for ln in err_lines if not ln.startswith("memlimit:") and " Killed " not in ln]
-        res["error"] = f"{why}; {tail[-1][:200] if tail else ''}".strip("; ")
+        res["error"] = why if "timeout" in why or not tail else f"{why}; {tail[-1][:200]}"
     res["wall_s"] = wall
     res["box_line"] = box_line.removeprefix("memlimit: ")
     m = re.search(r"peak ([0-9.]+) GiB", box_line)

@@ -69,6 +69,7 @@ class Files:
         self.work = work
         self.shape = shape
         self.int4_method = int4_method
+        self.hf_dir: Path | None = None  # another copy of the HF checkpoint (its own page cache)
         self.build_s: dict[str, float] = {}
 
     def _timed(self, name: str, dst: Path, make) -> Path:
@@ -79,7 +80,8 @@ class Files:
         return dst
 
     def hf(self) -> Path:
-        return self._timed("hf", self.work / "hf", lambda: build_hf(self.work / "hf", self.shape))
+        hf = self.hf_dir or self.work / "hf"
+        return self._timed("hf", hf, lambda: build_hf(hf, self.shape))
 
     def sep(self, fmt: str) -> Path:
         import llm_sepweight as sw
@@ -128,6 +130,10 @@ def main() -> int:
         "took ~10 min per layer here (the quality section compares the methods)",
     )
     ap.add_argument("--airllm-timeout", type=int, default=2400, help="seconds for AirLLM's process (the slowest)")
+    ap.add_argument(
+        "--hf-dir",
+        help="the HF checkpoint to use (default WORK/hf); a separate copy keeps concurrent runs' page caches apart",
+    )
     ap.add_argument("--quality-json", help="print the quality table from this saved _quality.py output instead")
     ap.add_argument("--tiny", action="store_true", help="a 4-layer toy of the same vocabulary (tests the script)")
     ap.add_argument("--cleanup", action="store_true", help="delete the model files at the end")
@@ -143,6 +149,7 @@ def main() -> int:
     t_start = time.perf_counter()
     header(args)
     files = Files(work, TINY if args.tiny else QWEN7B, args.int4_method)
+    files.hf_dir = Path(args.hf_dir) if args.hf_dir else None
     rep = Report(args)
     base = dict(threads=args.threads, prefill=args.prefill, decode=args.decode)
 
