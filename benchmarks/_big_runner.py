@@ -69,7 +69,7 @@ def run_child(
         res["partial"] = f"killed by the {timeout_s} s timeout after {len(steps)} of {cfg.get('decode')} decode tokens"
     else:
         why = f"exit {out.returncode}"
-        if out.returncode in (124, 137):
+        if out.returncode in (124, 137, -9):
             why = (
                 f"killed by the {timeout_s} s timeout" if wall >= timeout_s - 2 else "killed (out of memory in the box)"
             )

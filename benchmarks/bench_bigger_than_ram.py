@@ -119,6 +119,7 @@ def main() -> int:
     ap.add_argument("--floor-gb", type=float, default=4.0, help="bytes read to measure the cold bandwidth")
     ap.add_argument("--sft-seq", type=int, default=256)
     ap.add_argument("--sft-dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--sft-skip-hf", action="store_true", help="leave out HF + PEFT (it only runs into its timeout)")
     ap.add_argument("--quality-tokens", type=int, default=4096)
     ap.add_argument("--timeout", type=int, default=1500, help="seconds per engine process")
     ap.add_argument("--work", default="/work/cache/bench7b")
@@ -205,9 +206,10 @@ def main() -> int:
 
     if "sft" in engines:  # HF + PEFT first (it fails fast), then R, int4, int8
         sft = dict(threads=args.threads, seq=args.sft_seq, steps=1, sft_dtype=args.sft_dtype)
-        print(f"[{time.strftime('%H:%M:%S')}] sft_hfpeft ... (loadavg {loadavg()})", file=sys.stderr, flush=True)
-        cfg = sft | {"engine": "sft_hfpeft", "hf": str(files.hf())}
-        rep.add("sft_hfpeft", run_child("_big_child.py", cfg, args.box, [files.hf()], 300, log=log))
+        if not args.sft_skip_hf:
+            print(f"[{time.strftime('%H:%M:%S')}] sft_hfpeft ... (loadavg {loadavg()})", file=sys.stderr, flush=True)
+            cfg = sft | {"engine": "sft_hfpeft", "hf": str(files.hf())}
+            rep.add("sft_hfpeft", run_child("_big_child.py", cfg, args.box, [files.hf()], 300, log=log))
         for engine, box, fmt in (
             ("sft_r", None, "bf16"),
             ("sft_int4", args.box, "int4"),
