@@ -118,7 +118,7 @@ def main() -> int:
     )
     ap.add_argument("--floor-gb", type=float, default=4.0, help="bytes read to measure the cold bandwidth")
     ap.add_argument("--sft-seq", type=int, default=256)
-    ap.add_argument("--sft-dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--sft-dtype", default="fp32", choices=["bf16", "fp32"], help="bf16 compute did not finish on AVX2")
     ap.add_argument("--sft-skip-hf", action="store_true", help="leave out HF + PEFT (it only runs into its timeout)")
     ap.add_argument("--quality-tokens", type=int, default=4096)
     ap.add_argument("--timeout", type=int, default=1500, help="seconds per engine process")
