@@ -13,7 +13,7 @@ Files live under ``--work`` (not in the repo): the HF checkpoint (one module per
 bf16 / int8 / int4 folders; ``--cleanup`` deletes them at the end.
 
     python benchmarks/bench_bigger_than_ram.py [--engines r,hf,bf16,int8,int4,accelerate,airllm,sft,quality,small]
-        [--box 8G] [--budget 7GiB] [--prefill 256] [--decode 8] [--work /work/cache/bench7b] [--cleanup]
+        [--box 8G] [--budget 7.5GiB] [--prefill 256] [--decode 8] [--work /work/cache/bench7b] [--cleanup]
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engines", default=ALL, help=f"comma-separated subset of {ALL}")
     ap.add_argument("--box", default="8G", help="memlimit size of the box (page cache included)")
-    ap.add_argument("--budget", default="7GiB", help="memory_budget given to our engines in the box")
+    ap.add_argument("--budget", default="7.5GiB", help="memory_budget given to our engines in the box")
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--decode", type=int, default=8, help="timed decode steps (after one warm-up token)")
     ap.add_argument("--threads", type=int, default=2)
