@@ -9,6 +9,7 @@ memory-mapped::
     layer = sw.SepWeights("qwen-sep").layer(5)  # one layer, zero-copy views of mid.00005.safetensors
 """
 
+from .atomic import atomic_write_bytes
 from .convert import convert
 from .errors import SepweightError
 from .hugepages import hugepage_coverage, hugepages_available
@@ -37,6 +38,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "atomic_write_bytes",
     "FORMAT_VERSION",
     "Manifest",
     "PartSpec",

@@ -31,6 +31,12 @@ def atomic_write(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temp file, fsync and rename (then fsync the folder).
+
+    Example::
+
+        atomic_write_bytes(Path("out/train_config.json"), json.dumps(config).encode())
+    """
     with atomic_write(path, fsync=fsync) as f:
         f.write(data)
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from llm_sepweight import atomic_write_bytes
+
 STATE, PROGRESS, ADAPTER = "state.pt", "progress.json", "adapter"
 _STEP = re.compile(r"step-(\d{8})")
 
@@ -37,24 +39,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file, fsync and rename: readers see the old or the new file.
-
-    Example::
-
-        write_atomic("out/train_config.json", json.dumps(config).encode())
-    """
+    """Write ``data`` to ``path`` atomically (llm_sepweight's writer): readers see the old or the new file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, data)
     return path
 
 
