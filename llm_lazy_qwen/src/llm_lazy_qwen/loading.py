@@ -114,6 +114,15 @@ def default_cache_dir() -> Path:
     return Path(root) / "sepweight"
 
 
+def cache_folder(src: str | Path, spec: str | PartSpec = "f", storage_dtype: str | None = None) -> Path:
+    """The folder :func:`from_pretrained` converts `src` into when no `cache_dir` is given."""
+    key = hashlib.sha256(
+        f"{Path(src).resolve() if Path(src).exists() else src}|{storage_dtype}|{PartSpec.parse(spec)}".encode()
+    ).hexdigest()[:16]
+    name = Path(str(src)).name or "model"
+    return default_cache_dir() / f"{name}-{key}"
+
+
 def from_pretrained(
     src: str | Path,
     spec: str | PartSpec = "f",
@@ -131,10 +140,6 @@ def from_pretrained(
 
         model = from_pretrained("Qwen/Qwen2.5-0.5B", "f", lazy=True, dtype="bf16")
     """
-    key = hashlib.sha256(
-        f"{Path(src).resolve() if Path(src).exists() else src}|{storage_dtype}|{PartSpec.parse(spec)}".encode()
-    ).hexdigest()[:16]
-    name = Path(str(src)).name or "model"
-    dst = Path(cache_dir) if cache_dir is not None else default_cache_dir() / f"{name}-{key}"
+    dst = Path(cache_dir) if cache_dir is not None else cache_folder(src, spec, storage_dtype)
     convert(src, dst, dtype=storage_dtype, parts=spec, progress=True)
     return load_part(dst, spec, **kwargs)  # type: ignore[arg-type]
