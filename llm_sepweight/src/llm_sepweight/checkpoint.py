@@ -54,10 +54,10 @@ def classify(name: str) -> tuple[Part, str] | None:
         return "end", "norm.weight"
     if name == "lm_head.weight":
         return "end", "lm_head.weight"
+    if _IGNORED.match(name):  # before the layer rule, which would take the per-layer buffers as weights
+        return None
     if m := _LAYER.match(name):
         return int(m.group(1)), m.group(2)
-    if _IGNORED.match(name):
-        return None
     raise SepweightError(
         f"checkpoint tensor {name!r} is not part of the supported layout "
         "(model.embed_tokens / model.layers.N / model.norm / lm_head); is this a "
