@@ -9,7 +9,9 @@ q4 = load_part("qwen-sep-int4", "f", lazy=True)    # a quantized folder: QuantLi
 """
 
 from .budget import ItemSize, MemoryPlan, Runtime, parse_size, plan_memory
+from .chat_template import read_chat_template, read_special_tokens, render_chat
 from .config import ConfigError, QwenConfig
+from .hf_compat import as_transformers
 from .incremental import IncrementalPart
 from .kv_cache import KVCache
 from .loading import from_pretrained, load_part
@@ -29,8 +31,12 @@ __all__ = [
     "QwenPart",
     "Runtime",
     "Step",
+    "as_transformers",
     "from_pretrained",
     "load_part",
     "parse_size",
     "plan_memory",
+    "read_chat_template",
+    "read_special_tokens",
+    "render_chat",
 ]

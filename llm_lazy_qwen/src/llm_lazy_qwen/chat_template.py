@@ -5,7 +5,11 @@ else ``tokenizer_config.json``'s ``"chat_template"`` (a string, or a list of ``{
 of which ``"default"`` is used). Templates come from the Hub and are untrusted code, so they run in
 jinja2's ``ImmutableSandboxedEnvironment`` with transformers' settings (``trim_blocks``,
 ``lstrip_blocks``, loop controls) and extras (``raise_exception``, ``strftime_now``, a ``tojson``
-that does not escape HTML, ``dict``, an underscore-refusing ``namespace``).
+that does not escape HTML, ``dict``, an underscore-refusing ``namespace``). jinja2 is imported on
+first render (``pip install 'llm_lazy_qwen[chat]'``).
+
+Used by ``llm-lazy-qwen chat`` (serving) and llm_sft's ``prepare_dataset`` (training): one renderer,
+so a model is fine-tuned on exactly the prompt it is served with.
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ from pathlib import Path
 from typing import Any
 
 TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# The fallback for models without a template (ChatML as Qwen writes it, no default system message).
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def read_chat_template(folder: str | Path) -> str | None:
@@ -40,11 +50,35 @@ def read_chat_template(folder: str | Path) -> str | None:
         if raw is None:
             raise ValueError(
                 f"{config}: chat_template holds named templates {sorted(map(str, named))} and none is 'default'; "
-                "pass chat_template= (the Jinja text) to prepare_dataset"
+                "pass the Jinja text of the one to use instead"
             )
     if raw is not None and not isinstance(raw, str):
         raise ValueError(f"{config}: chat_template must be a string (Jinja), got {type(raw).__name__}")
     return raw or None
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_special_tokens(folder: str | Path) -> dict[str, str]:
+    """``bos_token`` / ``eos_token`` / ``pad_token`` / ``unk_token`` of ``tokenizer_config.json`` (those it names).
+
+    What transformers passes a chat template besides the messages; ``{}`` without the file.
+
+    Example::
+
+        read_special_tokens("Qwen2.5-0.5B-Instruct")   # {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'}
+    """
+    config = Path(folder) / "tokenizer_config.json"
+    if not config.is_file():
+        return {}
+    raw = json.loads(config.read_text(encoding="utf-8-sig"))
+    found = {key: _token_content(raw.get(key)) for key in SPECIAL_KEYS}
+    return {key: value for key, value in found.items() if value is not None}
 
 
 @lru_cache(maxsize=8)
@@ -124,4 +158,6 @@ def render_chat(
             add_generation_prompt=add_generation_prompt,
         )
     except jinja2.TemplateError as e:
-        raise ValueError(f"the chat template failed: {e}; pass template='chatml' to use the built-in ChatML") from None
+        raise ValueError(
+            f"the chat template failed: {e}; the messages break a rule of the template, or pass another one"
+        ) from None

@@ -16,8 +16,9 @@ at a time. Gradients equal ordinary full-graph autograd::
     save_adapter(part, "my-adapter")          # PEFT format
 """
 
+from llm_lazy_qwen import read_chat_template, render_chat  # one renderer for training and serving
+
 from .batching import Batch, batch_indices, collate
-from .chat_template import read_chat_template, render_chat
 from .checkpoint import latest_checkpoint
 from .data import (
     IGNORE_INDEX,

@@ -28,12 +28,11 @@ from typing import Any, TypedDict, overload
 
 from tokenizers import Tokenizer
 
-from .chat_template import read_chat_template, render_chat
+from llm_lazy_qwen import read_chat_template, read_special_tokens, render_chat
 
 IGNORE_INDEX = -100
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 TEMPLATES = ("auto", "chatml", "alpaca")
-_SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 # litgpt's prompts.Alpaca == tloen/alpaca-lora's template
 ALPACA_WITH_INPUT = (
@@ -115,13 +114,6 @@ class SFTDataset(Sequence[Example]):
 
 
 # ------------------------------------------------------------------------------------- tokenizer
-def _token_content(value: Any) -> str | None:
-    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
 def load_tokenizer(
     tokenizer: Tokenizer | str | Path,
 ) -> tuple[Tokenizer, dict[str, str]]:
@@ -143,16 +135,7 @@ def load_tokenizer(
         raise FileNotFoundError(
             f"{path}: no tokenizer.json here; give a tokenizers.Tokenizer, a tokenizer.json or its folder"
         )
-    tok = Tokenizer.from_file(str(file))
-    specials: dict[str, str] = {}
-    config = file.parent / "tokenizer_config.json"
-    if config.is_file():
-        raw = json.loads(config.read_text(encoding="utf-8-sig"))
-        for key in _SPECIAL_KEYS:
-            content = _token_content(raw.get(key))
-            if content is not None:
-                specials[key] = content
-    return tok, specials
+    return Tokenizer.from_file(str(file)), read_special_tokens(file.parent)
 
 
 def _special_id(tok: Tokenizer, token: str, why: str) -> int:
