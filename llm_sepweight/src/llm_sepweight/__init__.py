@@ -17,6 +17,7 @@ from .manifest import FORMAT_VERSION, Manifest, part_filename
 from .quant import QuantSpec, dequantize, is_linear, quantize_int4, quantize_int8, quantize_linear
 from .quant_pack import int4_layout, pack_int4, unpack_int4
 from .reader import PartWeights, SepWeights, load
+from .safetensors_file import load_safetensors, safetensors_metadata, save_safetensors
 from .spec import PartSpec
 from .verify import VerifyReport, verify
 from .writer import SepweightWriter, save_part
@@ -56,13 +57,16 @@ __all__ = [
     "int4_layout",
     "is_linear",
     "load",
+    "load_safetensors",
     "open_gguf",
     "pack_int4",
     "part_filename",
     "quantize_int4",
     "quantize_int8",
     "quantize_linear",
+    "safetensors_metadata",
     "save_part",
+    "save_safetensors",
     "unpack_int4",
     "verify",
 ]

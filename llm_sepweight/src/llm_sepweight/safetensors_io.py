@@ -19,6 +19,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -92,7 +93,12 @@ def _fail(path: Path, what: str) -> SepweightError:
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
-    """Parse and validate a safetensors header; checks that the file holds all the bytes it declares."""
+    """Parse and validate a safetensors header; checks that the file holds exactly the bytes it declares.
+
+    Refuses what the safetensors package refuses: a header length beyond the file, a header that is
+    not a JSON object of well-formed entries, a shape and dtype that do not fill their byte range,
+    and byte ranges that overlap, leave gaps, or do not cover the data section exactly.
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -107,33 +113,93 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     except FileNotFoundError:
         raise SepweightError(f"{path}: file not found") from None
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise _fail(path, f"key {e.args[0]!r} appears twice in the header") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(path, f"header is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise _fail(path, "header is not a JSON object")
-    metadata = obj.pop("__metadata__", None) or {}
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in obj.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise _fail(path, f"tensor {name!r} has a malformed entry {entry!r}") from None
-        if dtype not in DTYPES:
-            raise _fail(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-        if not (0 <= begin <= end) or end - begin != numel * itemsize:
-            raise _fail(path, f"tensor {name!r}: offsets [{begin}, {end}) do not match shape {list(shape)} {dtype}")
-        tensors[name] = TensorInfo(dtype, shape, begin, end)
+    metadata = obj.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    bad_meta = [(k, v) for k, v in metadata.items() if not isinstance(v, str)] if isinstance(metadata, dict) else []
+    if not isinstance(metadata, dict) or bad_meta:
+        what = f"key {bad_meta[0][0]!r} holds {bad_meta[0][1]!r}" if bad_meta else f"it is {metadata!r}"
+        raise _fail(path, f"__metadata__ must map strings to strings; {what}")
+    tensors = {name: _entry(path, name, entry) for name, entry in obj.items()}
     data_start = 8 + n
-    data_len = max((t.end for t in tensors.values()), default=0)
-    if data_start + data_len != size:
-        what = "truncated" if data_start + data_len > size else "has trailing bytes"
-        raise _fail(path, f"data section {what}: header declares {data_len} bytes, file holds {size - data_start}")
-    return Header(tensors, dict(metadata), data_start, size)
+    _check_coverage(path, tensors, size - data_start)
+    return Header(tensors, metadata, data_start, size)
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object hook: Python's json keeps the last of two equal keys, the safetensors package refuses."""
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: Path, name: str, entry: object) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape, and offsets that hold exactly shape x dtype."""
+    why = ""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        why = "it needs dtype, shape and data_offsets"
+    elif not (isinstance(entry["shape"], list) and all(_is_count(d) for d in entry["shape"])):
+        why = "shape must be a list of non-negative integers"
+    elif not (isinstance(entry["data_offsets"], list) and len(entry["data_offsets"]) == 2):
+        why = "data_offsets must be two non-negative integers"
+    elif not all(_is_count(o) for o in entry["data_offsets"]):
+        why = "data_offsets must be two non-negative integers"
+    if why:
+        raise _fail(path, f"tensor {name!r} has a malformed entry {entry!r}: {why}")
+    assert isinstance(entry, dict)
+    dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise _fail(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
+    if end < begin:
+        raise _fail(path, f"tensor {name!r}: data_offsets {[begin, end]} end before they begin")
+    need = math.prod(shape) * DTYPES[dtype].itemsize
+    if need != end - begin:
+        raise _fail(
+            path,
+            f"tensor {name!r}: offsets [{begin}, {end}) do not match shape {list(shape)} {dtype} "
+            f"(it needs {need} bytes, they hold {end - begin})",
+        )
+    return TensorInfo(dtype, shape, begin, end)
+
+
+def _check_coverage(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> None:
+    """The byte ranges, sorted, must tile the data section: no overlap, no gap, nothing after the last."""
+    at, last = 0, ""
+    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if t.begin < at:
+            prev = tensors[last]
+            raise _fail(
+                path, f"tensor {name!r}: bytes [{t.begin}, {t.end}) overlap tensor {last!r} [{prev.begin}, {prev.end})"
+            )
+        if t.begin > at:
+            raise _fail(path, f"bytes [{at}, {t.begin}) before tensor {name!r} belong to no tensor")
+        if t.end > data_len:
+            raise _fail(
+                path,
+                f"data section truncated: tensor {name!r} at [{t.begin}, {t.end}) runs past its end, "
+                f"the file holds {data_len} bytes of data",
+            )
+        at, last = t.end, name
+    if at != data_len:
+        after = f"the last tensor {last!r}" if last else "the header"
+        raise _fail(path, f"data section has trailing bytes: {data_len - at} after {after} belong to no tensor")
 
 
 _MADV_POPULATE_READ = 22  # Linux >= 5.14; Python < 3.13 has no constant for it
