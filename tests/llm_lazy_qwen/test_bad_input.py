@@ -69,8 +69,8 @@ def test_bad_attention_mask_and_positions(sep):
 
 def test_bad_logits_to_keep(sep):
     path, _ = sep("qwen2")
-    with pytest.raises(ValueError, match="logits_to_keep must be a positive int"):
-        load_part(path)(torch.tensor([[1, 2]]), logits_to_keep=0)
+    with pytest.raises(ValueError, match=r"logits_to_keep must be >= 0 \(0: all positions, n: the last n\), got -1"):
+        load_part(path)(torch.tensor([[1, 2]]), logits_to_keep=-1)
 
 
 def test_config_errors():

@@ -292,12 +292,15 @@ class QwenPart(nn.Module):
     # ------------------------------------------------------------------------------- forward
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: LogitsToKeep = None,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool | None = None,
     ) -> torch.Tensor:
         """Run the part.
 
@@ -307,9 +310,13 @@ class QwenPart(nn.Module):
                 real tokens when there is padding (as transformers' generate).
             attention_mask: (B, T) for the new tokens or (B, past + T), 1 = token, 0 = padding.
             cache: from :meth:`new_cache`; updated in place.
-            logits_to_keep: which positions get logits: None = all, n = the last n, a slice or
-                an index tensor. Ignored by parts without the head.
+            logits_to_keep: which positions get logits: None or 0 = all (0 as in transformers),
+                n = the last n, a slice or an index tensor. Ignored by parts without the head.
+            input_ids, past_key_values: transformers' names for ``x`` and ``cache``. ``use_cache``
+                is accepted and changes nothing: a part uses the cache passed to it and never makes
+                one (``as_transformers(part)`` gives the full transformers interface).
         """
+        x, cache = _keyword_inputs(x, input_ids, cache, past_key_values)
         h, step = self.prepare(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
         for i in self.layer_ids:
             h = self.run_layer(i, h, step)
@@ -526,12 +533,35 @@ class QwenPart(nn.Module):
             self._streamer.close()
 
 
+def _keyword_inputs(
+    x: torch.Tensor | None,
+    input_ids: torch.Tensor | None,
+    cache: KVCache | None,
+    past_key_values: KVCache | None,
+) -> tuple[torch.Tensor, KVCache | None]:
+    """The input and cache of a forward call given positionally or under transformers' names."""
+    if x is not None and input_ids is not None:
+        raise TypeError("give the input once: positionally or as input_ids=, not both")
+    x = x if x is not None else input_ids
+    if x is None:
+        raise TypeError("forward() needs the input: token ids or hidden states, positionally or as input_ids=")
+    if cache is not None and past_key_values is not None:
+        raise TypeError("give the KV cache once: as cache= or as past_key_values=, not both")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(
+            f"the KV cache must be a KVCache from part.new_cache(), got {type(cache).__name__}; "
+            "for transformers' generate() use llm_lazy_qwen.as_transformers(part)"
+        )
+    return x, cache
+
+
 def _select(h: torch.Tensor, keep: LogitsToKeep) -> torch.Tensor:
-    if keep is None:
-        return h
+    if keep is None or (isinstance(keep, int) and keep == 0):
+        return h  # 0: every position, as transformers' logits_to_keep
     if isinstance(keep, int):
-        if keep <= 0:
-            raise ValueError(f"logits_to_keep must be a positive int (last n positions), got {keep}")
+        if keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0: all positions, n: the last n), got {keep}")
         return h[:, -keep:]
     if isinstance(keep, slice):
         return h[:, keep]
