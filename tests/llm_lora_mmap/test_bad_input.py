@@ -180,6 +180,24 @@ def test_unsupported_adapters(adapter):
         read_adapter(ad)
 
 
+def test_weights_with_overlapping_byte_ranges_are_refused(adapter):
+    """A hand-edited header whose two tensors share bytes: safetensors refuses it, and so do we (by name)."""
+    _, ad = adapter
+    raw = (ad / "adapter_model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    a, b = KEY.format("A"), KEY.format("B")
+    header[b]["data_offsets"] = header[a]["data_offsets"]  # B now reads A's bytes
+    new = json.dumps(header).encode()
+    (ad / "adapter_model.safetensors").write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+    with pytest.raises(
+        LoraError,
+        match=r"adapter_model.safetensors: not a valid safetensors file \(tensor '.*q_proj.lora_[AB].weight': "
+        r"bytes \[\d+, \d+\) overlap tensor '.*q_proj.lora_[AB].weight'",
+    ):
+        read_adapter(ad)
+
+
 def test_unreadable_files(adapter, tmp_path):
     _, ad = adapter
     with pytest.raises(LoraError, match=r"nope: no adapter_config.json"):
@@ -187,7 +205,7 @@ def test_unreadable_files(adapter, tmp_path):
     data = (ad / "adapter_model.safetensors").read_bytes()
     (ad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])  # a truncated copy
     with pytest.raises(
-        LoraError, match=r"adapter_model.safetensors: not a valid safetensors file \(tensor .* do not hold"
+        LoraError, match=r"adapter_model.safetensors: not a valid safetensors file \(data section truncated: tensor '"
     ):
         read_adapter(ad)
     (ad / "adapter_model.safetensors").rename(ad / "adapter_model.bin")

@@ -17,9 +17,9 @@ from llm_lora_mmap import (
     load_adapter,
     lora_layers,
     read_adapter,
-    safetensors_file,
     save_adapter,
 )
+from llm_sepweight import safetensors_io
 
 
 def test_saved_files_are_peft_layout(sep, tmp_path):
@@ -164,14 +164,14 @@ def test_save_is_atomic(sep, tmp_path, monkeypatch):
     randomize_adapters(part, seed=28)
     calls = []
 
-    def crash_after_two_tensors(t):
+    def crash_after_two_tensors(t, dtype):
         calls.append(1)
         if len(calls) > 2:
             raise KeyboardInterrupt  # killed in the middle of writing the data
-        return real(t)
+        return real(t, dtype)
 
-    real = safetensors_file._bytes
-    monkeypatch.setattr(safetensors_file, "_bytes", crash_after_two_tensors)
+    real = safetensors_io._chunks  # llm_sepweight's writer converts and writes each tensor in chunks
+    monkeypatch.setattr(safetensors_io, "_chunks", crash_after_two_tensors)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(part, tmp_path / "ad")
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == before  # the old adapter, intact

@@ -22,10 +22,8 @@ import torch
 
 import llm_sepweight as sw
 
-from .atomic import atomic_write_bytes
 from .errors import LoraError
 from .peft_io import AdapterWeights, adapter_key, read_adapter
-from .safetensors_file import write_safetensors
 
 Tensors = dict[str, torch.Tensor]
 Part = str | int
@@ -166,7 +164,7 @@ def merge_adapter(
             if hf_dir is not None:
                 shard = f"model-{n + 1:05d}-of-{len(parts):05d}.safetensors"
                 names = _hf_state_dict(part, tensors)  # the same tensors under transformers' names
-                write_safetensors(hf_dir / shard, names, metadata={"format": "pt"})
+                sw.save_safetensors(hf_dir / shard, names, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(names, shard))
                 total += sum(t.numel() * t.element_size() for t in names.values())
                 del names
@@ -174,16 +172,16 @@ def merge_adapter(
         for name in source.manifest.extra_files:
             writer.copy_extra(source.root / name)
             if hf_dir is not None:
-                atomic_write_bytes(hf_dir / name, (source.root / name).read_bytes())
+                sw.atomic_write_bytes(hf_dir / name, (source.root / name).read_bytes())
     except BaseException:
         del writer  # releases its folder lock now (the traceback keeps this frame alive); no manifest was written
         raise
     writer.finish()
     if hf_dir is not None:
         if "config.json" not in source.manifest.extra_files:
-            atomic_write_bytes(hf_dir / "config.json", (json.dumps(source.config, indent=2) + "\n").encode())
+            sw.atomic_write_bytes(hf_dir / "config.json", (json.dumps(source.config, indent=2) + "\n").encode())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_bytes(hf_dir / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
+        sw.atomic_write_bytes(hf_dir / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
     return Path(out)
 
 

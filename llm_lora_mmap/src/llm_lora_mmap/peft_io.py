@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import llm_sepweight as sw
+
 from .apply import _adaptable, _matches, apply_lora, find_targets, lora_layers
-from .atomic import atomic_write_bytes
 from .config import LoraConfig
 from .errors import LoraError
 from .layer import LoraLinear, is_linear_like
-from .safetensors_file import read_safetensors, read_safetensors_metadata, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,9 +41,17 @@ def _pair_fields(cfg: LoraConfig) -> dict[str, object]:
     return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora, "target_modules": target}
 
 
-def _check_pair(cfg: LoraConfig, weights_file: Path, cfg_file: Path) -> None:
+def _read_weights(weights_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (in fresh memory: no mapping outlives the call) and metadata, validated by llm_sepweight."""
+    try:
+        return sw.load_safetensors(weights_file, use_mmap=False), sw.safetensors_metadata(weights_file)
+    except sw.SepweightError as e:  # the message names the file and tensor; raise it as ours
+        raise LoraError(str(e)) from None
+
+
+def _check_pair(cfg: LoraConfig, weights_file: Path, cfg_file: Path, metadata: dict[str, str]) -> None:
     """Refuse weights saved with another config (a save killed between the two files, or a mixed copy)."""
-    raw = read_safetensors_metadata(weights_file).get(PAIR_KEY)
+    raw = metadata.get(PAIR_KEY)
     if raw is None:  # written by PEFT or an older llm_lora_mmap: nothing to compare
         return
     try:
@@ -102,9 +110,9 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         tensors[adapter_key(name, "lora_B")] = m.lora_B.weight.detach().to("cpu", torch.float32).contiguous()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    sw.atomic_write_bytes(path / CONFIG_NAME, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     pair = json.dumps(_pair_fields(cfg), sort_keys=True)
-    write_safetensors(path / WEIGHTS_NAME, tensors, metadata={"format": "pt", PAIR_KEY: pair})
+    sw.save_safetensors(path / WEIGHTS_NAME, tensors, metadata={"format": "pt", PAIR_KEY: pair})
     return path
 
 
@@ -128,7 +136,7 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, AdapterWeights]:
     if not weights_file.is_file():
         legacy = " (adapter_model.bin is a pickle and is not read: re-save it with PEFT's safe_serialization=True)"
         raise LoraError(f"{path}: no {WEIGHTS_NAME}" + (legacy if (path / "adapter_model.bin").exists() else ""))
-    tensors = read_safetensors(weights_file)
+    tensors, metadata = _read_weights(weights_file)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.fullmatch(key)
@@ -153,7 +161,7 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, AdapterWeights]:
         weights[module] = (A, B)
     if not weights:
         raise LoraError(f"{weights_file}: holds no LoRA weights")
-    _check_pair(cfg, weights_file, cfg_file)
+    _check_pair(cfg, weights_file, cfg_file, metadata)
     return cfg, weights
 
 
