@@ -1,5 +1,6 @@
 """Converting from a hub repo id fetches config/tokenizer and only the shards the parts need."""
 
+import fnmatch
 import json
 import shutil
 from pathlib import Path
@@ -12,30 +13,32 @@ import llm_sepweight as sw
 
 @pytest.fixture
 def fake_hub(qwen_checkpoints, tmp_path, monkeypatch):
+    """``snapshot_download`` over a local checkpoint, a cache in tmp_path; records what each call fetched."""
     import huggingface_hub
 
     repo = qwen_checkpoints("qwen2_sharded").path
-    cache = tmp_path / "hub-cache"
-    cache.mkdir()
+    cache = tmp_path / "hub-cache" / ("0" * 40)
+    cache.mkdir(parents=True)
     fetched: list[str] = []
+    calls: list[list[str]] = []
 
-    def list_repo_files(repo_id, revision=None, **kw):
-        assert repo_id == "acme/tiny-qwen"
-        return sorted(p.name for p in repo.iterdir())
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        assert repo_id == "acme/tiny-qwen" and allow_patterns is not None
+        calls.append(list(allow_patterns))
+        for f in sorted(repo.iterdir()):
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns) and not (cache / f.name).exists():
+                fetched.append(f.name)
+                shutil.copy2(f, cache / f.name)
+        return str(cache)
 
-    def hf_hub_download(repo_id, filename, revision=None, **kw):
-        fetched.append(filename)
-        shutil.copy(repo / filename, cache / filename)
-        return str(cache / filename)
-
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    return repo, fetched
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return repo, fetched, calls
 
 
 def test_fetches_only_needed_shards(fake_hub, tmp_path, qwen_checkpoints):
-    repo, fetched = fake_hub
+    repo, fetched, calls = fake_hub
     sw.convert("acme/tiny-qwen", tmp_path / "sep", parts="b 0", progress=False)
+    assert len(calls) == 2  # config/tokenizer/index, then every needed shard in one call
     weight_map = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
     needed = {f for k, f in weight_map.items() if k == "model.embed_tokens.weight" or k.startswith("model.layers.0.")}
     shards = {f for f in fetched if f.endswith(".safetensors")}
@@ -53,7 +56,9 @@ def test_hub_errors_name_the_repo(monkeypatch, tmp_path):
     def boom(repo_id, revision=None, **kw):
         raise OSError("no network")
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", boom)
-    with pytest.raises(sw.SepweightError, match=r"cannot list files of hub repo 'acme/missing': OSError: no network"):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", boom)
+    with pytest.raises(
+        sw.SepweightError, match=r"cannot download config.json from hub repo 'acme/missing': OSError: no network"
+    ):
         sw.convert("acme/missing", tmp_path / "sep", progress=False)
     assert not Path("acme/missing").exists()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,17 +18,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import open_checkpoint
+from .checkpoint import is_tied, open_checkpoint, read_config
 from .errors import SepweightError
 from .hub import fetch, looks_like_repo_id
-from .manifest import FORMAT_VERSION, Manifest, Part
+from .manifest import FORMAT_VERSION, Manifest, Part, read_if_complete
 from .quant import GROUP_SIZES, METHODS, SCHEMES, QuantSpec, default_scale_dtype, is_linear, quantize_linear
 from .quant_importance import input_importance
 from .quant_pack import int4_layout
 from .safetensors_io import TensorSpec
 from .sources import HFSource, SepweightSource, Source, is_sepweight_folder
 from .spec import PartSpec
-from .writer import SepweightWriter
+from .writer import FolderBusy, SepweightWriter, wait_for_writer
+
+log = logging.getLogger(__name__)
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -126,38 +131,52 @@ def convert(
     spec = PartSpec.parse(parts)
     target = parse_dtype(dtype)
     settings = QuantSettings.make(quant, group_size, quant_method, quantize_head)
-    src_str = str(src)
+    src_str, dst = str(src), Path(dst)
+    request = {"src": src_str, "revision": revision, "dtype": str(target) if target else None}
     if Path(src).exists():
         root = Path(src)
     elif looks_like_repo_id(src_str):
-        root = fetch(src_str, spec, revision)
+        try:
+            root = fetch(src_str, spec, revision)
+        except SepweightError as e:  # offline, or the hub unreachable: a finished conversion still serves
+            done = _converted_before(dst, request, spec, settings)
+            if done is None:
+                raise
+            if not os.environ.get("HF_HUB_OFFLINE"):
+                log.warning("%s; using the finished conversion in %s", e, dst)
+            return done
     else:
         raise SepweightError(f"{src}: no such folder, and not a hub repo id of the form 'owner/name'")
-    if Path(dst).resolve() == root.resolve():
+    if dst.resolve() == root.resolve():
         raise SepweightError(f"{dst}: the output folder is the source folder; convert into a new folder")
-    source: Source
-    if is_sepweight_folder(root):
-        source = SepweightSource(root, spec)
-    else:
-        ckpt = open_checkpoint(root, spec)
-        source = HFSource(ckpt, spec)
-    spec = spec.resolve(int(source.config["num_hidden_layers"]))
+    source, spec = _open_source(root, spec)
     order: list[Part] = (["begin"] if spec.begin else []) + list(spec.layers or ()) + (["end"] if spec.end else [])
+    key = _resume_key(source, spec, target, settings)
+    done = _finished(dst, key)
+    if done is not None:  # the same conversion is complete: nothing is read, written or re-hashed
+        source.release()
+        return done
     scale_dtype = _preflight(source, order, settings, target)
-    writer = SepweightWriter(
-        dst,
-        source.config,
-        resume_key=_resume_key(source, spec, target, settings),
-        source={
-            "src": src_str,
-            "revision": revision,
-            "parts": str(spec),
-            "dtype": str(target) if target else None,
-            "quant": settings.manifest_entry(scale_dtype) if settings and scale_dtype else None,
-        },
-        fsync=fsync,
-        quant=settings.manifest_entry(scale_dtype) if settings and scale_dtype else None,
-    )
+    quant_entry = settings.manifest_entry(scale_dtype) if settings and scale_dtype else None
+    while True:
+        try:
+            writer = SepweightWriter(
+                dst,
+                source.config,
+                resume_key=key,
+                source={**request, "parts": str(spec), "quant": quant_entry},
+                fsync=fsync,
+                quant=quant_entry,
+            )
+            break
+        except FolderBusy:  # another process converts into dst: wait, then it may be what we want
+            if progress:
+                print(f"{dst}: another process is converting into this folder; waiting for it", file=sys.stderr)
+            wait_for_writer(dst)
+            done = _finished(dst, key)
+            if done is not None:
+                source.release()
+                return done
     for extra in source.extra_files():
         writer.copy_extra(extra)
     total = sum(_out_bytes(source, p, target) for p in order)
@@ -170,6 +189,41 @@ def convert(
             bar.update(_out_bytes(source, part, target))
     source.release()
     return writer.finish()
+
+
+def _open_source(root: Path, spec: PartSpec) -> tuple[Source, PartSpec]:
+    """The source and the resolved parts to write: those of `spec` and what they need (a tied head
+    needs the embedding, :meth:`PartSpec.stored_parts`)."""
+    if is_sepweight_folder(root):
+        m = Manifest.read(root)
+        spec = spec.resolve(m.num_layers).stored_parts(m.tie_word_embeddings)
+        return SepweightSource(root, spec), spec
+    config = read_config(root / "config.json")
+    spec = spec.resolve(int(config["num_hidden_layers"])).stored_parts(is_tied(config))
+    return HFSource(open_checkpoint(root, spec), spec), spec
+
+
+def _finished(dst: Path, key: str) -> Manifest | None:
+    """The manifest of a complete conversion with this resume key in `dst` (stat only), else None."""
+    manifest = read_if_complete(dst)
+    return manifest if manifest is not None and manifest.source.get("resume_key") == key else None
+
+
+def _converted_before(
+    dst: Path, request: dict[str, Any], spec: PartSpec, settings: QuantSettings | None
+) -> Manifest | None:
+    """A complete folder converted from the same hub id with the same options (the source unreachable)."""
+    manifest = read_if_complete(dst)
+    if manifest is None or any(manifest.source.get(k) != v for k, v in request.items()):
+        return None
+    parts = spec.resolve(manifest.num_layers).stored_parts(manifest.tie_word_embeddings)
+    quant = {k: v for k, v in (manifest.source.get("quant") or {}).items() if k != "scale_dtype"}
+    wanted = (
+        {}
+        if settings is None
+        else {k: v for k, v in settings.manifest_entry(torch.float32).items() if k != "scale_dtype"}
+    )
+    return manifest if manifest.source.get("parts") == str(parts) and quant == wanted else None
 
 
 def _part_specs(

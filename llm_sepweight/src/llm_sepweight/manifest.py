@@ -9,6 +9,9 @@ Layout of a folder (format version 1; version 2 adds quantized linears, see QUAN
     ...
     end.safetensors        norm.weight (+ lm_head.weight unless the head is tied)
 
+A tied head is served from begin.safetensors' ``embed_tokens.weight``, so a folder with the end part
+of a tied model always has the begin file too (:meth:`llm_sepweight.PartSpec.stored_parts`).
+
 A quantized folder (version 2) stores a linear ``P`` as ``P.qweight`` + ``P.scales`` (int8) or
 ``P.scales_and_zeros`` (int4) instead of ``P.weight``; the top-level ``quant`` says how the folder
 was quantized and the ``P.qweight`` entry of ``files[...].tensors`` carries a per-tensor ``quant``
@@ -103,3 +106,27 @@ class Manifest:
         layers = sorted(e.part for e in self.files.values() if isinstance(e.part, int))
         kinds = {e.part for e in self.files.values()}
         return "begin" in kinds, layers, "end" in kinds
+
+
+def read_if_complete(root: Path) -> Manifest | None:
+    """The folder's manifest when it is readable and every file it lists is there at its recorded size.
+
+    Cheap (one ``stat`` per file, nothing hashed or mapped): how a finished conversion is recognised
+    without touching the weights. None when anything is missing, so the caller converts (and
+    :func:`llm_sepweight.verify` is the deep check).
+    """
+    if not (root / MANIFEST).is_file():
+        return None
+    try:
+        manifest = Manifest.read(root)
+    except SepweightError:
+        return None
+    sizes = {name: e.size for name, e in manifest.files.items()}
+    sizes.update({name: e.get("size") for name, e in manifest.extra_files.items()})
+    for name, size in sizes.items():
+        try:
+            if (root / name).stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    return manifest

@@ -87,6 +87,21 @@ class PartSpec:
             )
         return self
 
+    def stored_parts(self, tied: bool) -> PartSpec:
+        """The parts a folder must store to serve this spec.
+
+        A tied model's head *is* its embedding matrix, stored once in the begin file, so with a tied
+        head ``e`` needs ``b``'s file too: a folder converted for ``"12-24 e"`` holds ``"b 12-24 e"``.
+
+        Example::
+
+            str(PartSpec.parse("12-24 e").stored_parts(tied=True))    # "b 12-24 e"
+            str(PartSpec.parse("12-24 e").stored_parts(tied=False))   # "12-24 e"
+        """
+        if not tied or not self.end or self.begin:
+            return self
+        return PartSpec(begin=True, end=True, layers=self.layers, text=self.text)
+
     def __str__(self) -> str:
         if self.layers is None:
             return "f"

@@ -22,6 +22,7 @@ from .quant import QuantSpec
 from .safetensors_io import TensorSpec, read_header, sha256_file, write_file
 
 JOURNAL = ".sepweight-journal.json"
+LOCK = ".sepweight.lock"
 
 
 class SepweightWriter:
@@ -172,17 +173,31 @@ class SepweightWriter:
         return manifest
 
 
+class FolderBusy(SepweightError):
+    """Another process holds the folder's writer lock (:func:`wait_for_writer` waits for it)."""
+
+
 def _lock_folder(root: Path) -> BinaryIO:
     """An exclusive advisory lock, held until finish() or process exit (the kernel drops it on kill)."""
-    f = open(root / ".sepweight.lock", "wb")  # noqa: SIM115 - held for the writer's lifetime
+    f = open(root / LOCK, "wb")  # noqa: SIM115 - held for the writer's lifetime
     if fcntl is None:
         return f
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise SepweightError(f"{root}: another process is writing into this folder; wait for it to finish") from None
+        raise FolderBusy(f"{root}: another process is writing into this folder; wait for it to finish") from None
     return f
+
+
+def wait_for_writer(root: Path) -> None:
+    """Block until no process holds ``root``'s writer lock (at once when none does)."""
+    path = root / LOCK
+    if fcntl is None or not path.is_file():
+        return
+    with open(path, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # granted once the writer's exclusive lock is released
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def write_part_file(
