@@ -291,7 +291,7 @@ def train(args: argparse.Namespace) -> int:
         )
         print(
             f"llm-sft: {summary}; adapter in {out}, loss log {paths['csv'].name}"
-            + (f" / {paths['png'].name}" if "png" in paths else " (no curve: no finite loss)"),
+            + (f" / {paths['png'].name}" if "png" in paths else " (no curve: see the message above)"),
             file=sys.stderr,
         )
     barrier()

@@ -1,8 +1,8 @@
 """The loss log of a run: ``loss_log.csv``, ``loss_log.json`` and ``loss_curve.png``, each written atomically.
 
-The PNG is drawn with matplotlib when it is installed (``pip install llm_sft[plot]``), otherwise
-with the small built-in writer in :mod:`llm_sft.png`, so a run always leaves a picture. Steps
-whose loss is NaN or infinite are left out of the picture (and kept, as such, in the CSV/JSON).
+The PNG is drawn with matplotlib (the ``plot`` extra: ``pip install 'llm_sft[plot]'``); without it
+the CSV/JSON are written and one log line says how to get the picture. Steps whose loss is NaN or
+infinite are left out of the picture (and kept, as such, in the CSV/JSON).
 """
 
 from __future__ import annotations
@@ -10,23 +10,32 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import write_atomic
-from .png import BLUE, ORANGE, line_chart
 from .trainer import StepInfo
 
+log = logging.getLogger(__name__)
+INSTALL_PLOT = "pip install 'llm_sft[plot]'"
 
-def plot_losses(history: Sequence[StepInfo], path: str | Path, use_matplotlib: bool | None = None) -> Path:
-    """Train loss per step (and eval loss where measured) as a PNG.
 
-    Args:
-        use_matplotlib: None = when importable; False = always the built-in writer.
+def _figure_class() -> Any | None:
+    """matplotlib's ``Figure`` (drawn without pyplot: no global backend or state is touched), or None."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure
+
+
+def plot_losses(history: Sequence[StepInfo], path: str | Path) -> Path:
+    """Train loss per step (and eval loss where measured) as a PNG, written atomically; needs matplotlib.
 
     Example::
 
@@ -39,51 +48,31 @@ def plot_losses(history: Sequence[StepInfo], path: str | Path, use_matplotlib: b
     evals = [(h.step, h.eval_loss) for h in history if h.eval_loss is not None and math.isfinite(h.eval_loss)]
     if not train:
         raise ValueError(f"no step has a finite loss (all {len(history)} are NaN or infinite): nothing to plot")
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # drawn aside, renamed into place
-    try:
-        _draw(train, evals, tmp, use_matplotlib)
-        write_atomic(path, tmp.read_bytes())
-    finally:
-        tmp.unlink(missing_ok=True)
+    figure = _figure_class()
+    if figure is None:
+        raise ImportError(f"plot_losses needs matplotlib: {INSTALL_PLOT}")
+    fig = figure(figsize=(6.4, 4.0), dpi=100)  # 640 x 400 pixels
+    ax = fig.subplots()
+    ax.plot(*zip(*train), label="train", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")  # drawn in memory, then renamed into place: never half a file
+    write_atomic(path, png.getvalue())
     return path
 
 
-def _draw(
-    train: list[tuple[int, float]], evals: list[tuple[int, float]], path: Path, use_matplotlib: bool | None
-) -> Path:
-    if use_matplotlib is not False:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            if use_matplotlib:
-                raise
-        else:
-            fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-            ax.plot(*zip(*train), label="train", color="tab:blue")
-            if evals:
-                ax.plot(*zip(*evals), "o-", label="eval", color="tab:orange")
-            ax.set_xlabel("step")
-            ax.set_ylabel("loss (nats / target token)")
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(path)
-            plt.close(fig)
-            return path
-    series = [("train", train, BLUE)] + ([("eval", evals, ORANGE)] if evals else [])
-    return line_chart(series, path)
-
-
-def write_loss_log(
-    history: Sequence[StepInfo], folder: str | Path, use_matplotlib: bool | None = None
-) -> dict[str, Path]:
+def write_loss_log(history: Sequence[StepInfo], folder: str | Path) -> dict[str, Path]:
     """Write ``loss_log.csv``, ``loss_log.json`` and ``loss_curve.png`` into ``folder``; their paths.
 
     Each file is written atomically. NaN / infinite losses are kept in the CSV/JSON, left out of
-    the curve and warned about; when no step has a finite loss there is no curve (no ``"png"`` key).
+    the curve and warned about. There is no curve (no ``"png"`` key) when no step has a finite
+    loss, or when matplotlib is not installed (one log line then says how to get it).
 
     Example::
 
@@ -110,8 +99,13 @@ def write_loss_log(
             "diverged (lower the learning rate, clip gradients); the curve leaves them out",
             stacklevel=2,
         )
-    if len(bad) < len(rows):
-        plot_losses(history, out["png"], use_matplotlib)
-    else:
+    if len(bad) == len(rows):
         del out["png"]
+    elif _figure_class() is None:
+        log.warning(
+            "no %s in %s: matplotlib is not installed; %s to get the picture", out["png"].name, folder, INSTALL_PLOT
+        )
+        del out["png"]
+    else:
+        plot_losses(history, out["png"])
     return out
