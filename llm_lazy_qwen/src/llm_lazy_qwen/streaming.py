@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from llm_sepweight import SepWeights, hugepage_coverage, hugepages_available
+from llm_sepweight import SepweightError, SepWeights, hugepage_coverage, hugepages_available
 
 from .budget import Item, ItemSize, MemoryPlan
 
@@ -327,9 +327,24 @@ class LayerStreamer:
         if item in self.pinned:
             if item not in self._kept:
                 self._kept[item] = self._handoff(self._load(item), keep=True)
+            self._unchanged(item)
             return self._kept[item]
         fut = self._pending.pop(item, None)
-        return self._handoff(fut.result() if fut is not None else self._load(item))
+        tensors = fut.result() if fut is not None else self._load(item)
+        self._unchanged(item, tensors)
+        return self._handoff(tensors)
+
+    def _unchanged(self, item: Item, tensors: Tensors | None = None) -> None:
+        """Check the item's file is unchanged since the folder was opened, before `tensors` read or mapped
+        earlier (a prefetch) are used: not after a re-conversion, and never touched if the file was
+        truncated meanwhile (a SIGBUS in mmap mode). A ``SepweightError`` naming the file otherwise."""
+        part, rows = self._where(item)
+        try:
+            self.source.check_unchanged(part, rows[0][0] if rows else None)
+        except SepweightError:
+            if tensors is not None:
+                self.retire(tensors)
+            raise
 
     def retire(self, tensors: Tensors, reuse: bool = True) -> None:
         """Give used weights back. Copy mode: the buffer is reused (``reuse=False`` when autograd may

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +57,35 @@ class PartWeights:
         return out
 
 
+@dataclass(frozen=True)
+class _Stamp:
+    """What one ``os.stat`` tells of a file's bytes (~1 us; no read): which file, its size, its mtime."""
+
+    inode: tuple[int, int]  # (st_dev, st_ino): a re-conversion renames a new file over the old one
+    size: int
+    mtime_ns: int  # a rewrite in place (same inode, same size)
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _Stamp:
+        return cls((st.st_dev, st.st_ino), st.st_size, st.st_mtime_ns)
+
+    def change(self, now: _Stamp | None) -> str | None:
+        """How the file changed since this stamp (None: it did not)."""
+        if now is None:
+            return "removed"
+        if now.inode != self.inode:
+            return "replaced by another file"
+        if now.size != self.size:
+            return f"now {now.size} bytes, was {self.size}"
+        return "modified in place" if now.mtime_ns != self.mtime_ns else None
+
+
 class SepWeights:
     """A sepweight folder: validated manifest plus per-part accessors for lazy consumers.
+
+    Every part file is recorded (inode, size, mtime) when the folder is opened and checked again
+    before and after each read or mapping: a file changed since (the folder re-converted, a file
+    overwritten, truncated or removed) is a :class:`SepweightError` naming it, never wrong tensors.
 
     Example::
 
@@ -71,6 +101,7 @@ class SepWeights:
         if not self.root.is_dir():
             raise SepweightError(f"{self.root}: not a directory")
         self.manifest = Manifest.read(self.root)
+        self._stamps: dict[str, _Stamp] = {}  # the files the manifest describes, as they were when opened
         for name, entry in self.manifest.files.items():
             path = self.root / name
             if not path.is_file():
@@ -78,11 +109,13 @@ class SepWeights:
                     f"{path}: listed in manifest.json ({_describe(entry.part)}) but missing; "
                     "re-run the conversion into this folder to restore it"
                 )
-            if path.stat().st_size != entry.size:
+            stamp = _Stamp.of(path.stat())
+            if stamp.size != entry.size:
                 raise SepweightError(
-                    f"{path}: {path.stat().st_size} bytes, manifest.json says {entry.size}; the file is truncated "
+                    f"{path}: {stamp.size} bytes, manifest.json says {entry.size}; the file is truncated "
                     "or was replaced: run `llm-sepweight verify` and re-convert"
                 )
+            self._stamps[name] = stamp
         self._by_part: dict[Part, str] = {e.part: n for n, e in self.manifest.files.items()}
         self._headers: dict[str, Header] = {}  # parsed once: lazy consumers re-open files every step
         self._linears: dict[Part, dict[str, QuantSpec]] = {}
@@ -93,6 +126,51 @@ class SepWeights:
             check_file_matches(path, self.manifest.files[name])
             self._headers[name] = read_header(path)
         return self._headers[name]
+
+    def _unchanged(self, name: str) -> Path:
+        """The file's path, after checking it is still the file this folder was opened with."""
+        path = self.root / name
+        try:
+            now: _Stamp | None = _Stamp.of(os.stat(path))
+        except FileNotFoundError:
+            now = None
+        change = self._stamps[name].change(now)
+        if change is not None:
+            raise SepweightError(
+                f"{path}: changed on disk while in use ({change}); the folder was re-converted, overwritten or "
+                "truncated after it was opened, and its cached headers no longer describe its bytes: "
+                "reload the model (a new SepWeights / load_part) to use the new files"
+            )
+        return path
+
+    @contextmanager
+    def _open(self, name: str) -> Iterator[tuple[Path, Header]]:
+        """(path, header) of a part file for one read or mapping, checked unchanged before and after it.
+
+        Before: the header's offsets hold for the file being opened (so a truncated file is never
+        mapped: touching pages past its end is a SIGBUS). After: it was not replaced or rewritten
+        while being read; a read that failed on a file changed meanwhile is reported as that change.
+        """
+        path = self._unchanged(name)
+        try:
+            yield path, self._header(name)
+        except (SepweightError, OSError, RuntimeError):
+            self._unchanged(name)
+            raise
+        self._unchanged(name)
+
+    def check_unchanged(self, part: Part, key: str | None = None) -> None:
+        """Raise :class:`SepweightError` if the file of `part` (of its tensor `key`, for the tied head)
+        changed on disk since this folder was opened.
+
+        For consumers holding tensors read or mapped earlier (a prefetched layer): a mapping of a file
+        truncated since then must not be touched. Reads through this object check by themselves.
+
+        Example::
+
+            weights.check_unchanged(3)   # mid.00003.safetensors is still the file that was opened
+        """
+        self._unchanged(self._resolve(part, key)[0] if key is not None else self._name(part))
 
     def _name(self, part: Part) -> str:
         name = self._by_part.get(part)
@@ -126,7 +204,8 @@ class SepWeights:
             chunk = SepWeights("qwen-sep").rows("end", "lm_head.weight", 0, 16384)  # (16384, hidden)
         """
         name, key = self._resolve(part, key)
-        return open_rows(self.root / name, self._header(name), key, start, stop, prefault)
+        with self._open(name) as (path, header):
+            return open_rows(path, header, key, start, stop, prefault)
 
     def gather_rows(self, part: Part, key: str, index: torch.Tensor) -> torch.Tensor:
         """``tensor[index]`` (rows along dim 0, any index shape) read with ``pread``; nothing is mapped.
@@ -138,7 +217,8 @@ class SepWeights:
             h = SepWeights("qwen-sep").gather_rows("begin", "embed_tokens.weight", ids)  # (B, T, hidden)
         """
         name, key = self._resolve(part, key)
-        return gather_rows(self.root / name, self._header(name), key, index)
+        with self._open(name) as (path, header):
+            return gather_rows(path, header, key, index)
 
     def read_into(
         self,
@@ -163,12 +243,13 @@ class SepWeights:
             buf = torch.empty(weights.nbytes(3), dtype=torch.uint8)
             layer = weights.read_into(3, buf)
         """
-        if rows is None:
-            name = self._name(part)
-            return read_into(self.root / name, self._header(name), buffer, threads=threads, drop_cache=drop_cache)
-        name, key = self._resolve(part, rows[0])
         how = {"threads": threads, "drop_cache": drop_cache}
-        (tensor,) = read_into(self.root / name, self._header(name), buffer, (key, rows[1], rows[2]), **how).values()
+        if rows is None:
+            with self._open(self._name(part)) as (path, header):
+                return read_into(path, header, buffer, **how)
+        name, key = self._resolve(part, rows[0])
+        with self._open(name) as (path, header):
+            (tensor,) = read_into(path, header, buffer, (key, rows[1], rows[2]), **how).values()
         return {rows[0]: tensor}  # under the requested key, also for the tied head
 
     def nbytes(self, part: Part, rows: tuple[str, int, int] | None = None) -> int:
@@ -245,21 +326,22 @@ class SepWeights:
         clean pages nobody maps are dropped: the cost is one re-read, never data.
         """
         if rows is None:
-            drop_cached(self.root / self._name(part))
+            drop_cached(self._unchanged(self._name(part)))
             return
         name, key = self._resolve(part, rows[0])
-        begin, nbytes = row_span(self.root / name, self._header(name), key, rows[1], rows[2])
-        end = begin + nbytes
-        # widened to whole 2 MiB blocks: a large folio that straddles the range is not dropped,
-        # and the blocks at the edges would stay in small pages for good
-        begin, end = begin // HUGE * HUGE, -(-end // HUGE) * HUGE
-        drop_cached(self.root / name, begin, end - begin)
+        with self._open(name) as (path, header):
+            begin, nbytes = row_span(path, header, key, rows[1], rows[2])
+            end = begin + nbytes
+            # widened to whole 2 MiB blocks: a large folio that straddles the range is not dropped,
+            # and the blocks at the edges would stay in small pages for good
+            begin, end = begin // HUGE * HUGE, -(-end // HUGE) * HUGE
+            drop_cached(path, begin, end - begin)
 
     def _read(
         self, part: Part, device: str | torch.device, dtype: torch.dtype | None, mmap: bool, prefault: bool = False
     ) -> Tensors:
-        name = self._name(part)
-        tensors = open_tensors(self.root / name, use_mmap=mmap, header=self._header(name), prefault=prefault)
+        with self._open(self._name(part)) as (path, header):
+            tensors = open_tensors(path, use_mmap=mmap, header=header, prefault=prefault)
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         if torch.device(device).type != "cpu":
