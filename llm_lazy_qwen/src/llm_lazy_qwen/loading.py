@@ -133,8 +133,11 @@ def from_pretrained(
 ) -> QwenPart:
     """Like :func:`load_part` for an HF checkpoint folder or hub id: converted once into `cache_dir`.
 
-    The conversion is resumable and skipped when already complete; only the parts in `spec` are
-    converted (and, for a hub id, downloaded).
+    The conversion is resumable; only the parts in `spec` are converted (and, for a hub id,
+    downloaded). Once complete, later calls only ``stat`` the folder (nothing is re-read, re-hashed
+    or rewritten), so several processes may call this at once (one converts, the others wait for
+    it), and a hub id keeps working offline (``HF_HUB_OFFLINE=1``) from the hub cache or, without
+    it, from the finished folder.
 
     Example::
 
