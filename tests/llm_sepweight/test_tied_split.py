@@ -86,3 +86,22 @@ def test_hub_tied_end_fetches_the_embedding_shard(qwen_checkpoints, tmp_path, fa
     assert fetched < set(weight_map.values())  # still not every shard: layers 0 and 1 are not needed
     end = sw.load(tmp_path / "sep", "2 e").end
     assert torch.equal(end["lm_head.weight"], _hf(ckpt)["lm_head.weight"])
+
+
+def test_gguf_tied_end_without_begin(tmp_path, monkeypatch):
+    """A GGUF without ``output.weight`` (tied head) split as ``"1-2 e"``: same rule, and a re-run is a no-op."""
+    pytest.importorskip("gguf")
+    from gguf_fixtures import T, linears, tiny_model, write_gguf
+
+    import llm_sepweight.writer as writer
+
+    model = tiny_model("qwen3", tied=True, seed=3)
+    path = write_gguf(model, tmp_path / "m.gguf", linears(T.F32))
+    first = sw.convert(path, tmp_path / "sep", dtype="fp32", parts="1-2 e", progress=False)
+    assert sorted(first.files) == ["begin.safetensors", "end.safetensors", "mid.00001.safetensors"]
+    head = sw.SepWeights(tmp_path / "sep").end()["lm_head.weight"]
+    torch.testing.assert_close(head, model.model.embed_tokens.weight, atol=0, rtol=0)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sep").iterdir()}
+    monkeypatch.setattr(writer.SepweightWriter, "__init__", lambda *a, **k: pytest.fail("re-converted"))
+    assert sw.convert(path, tmp_path / "sep", dtype="fp32", parts="1-2 e", progress=False) == first
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sep").iterdir()} == before

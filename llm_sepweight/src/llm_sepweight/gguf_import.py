@@ -28,7 +28,7 @@ from .gguf_config import gguf_config
 from .gguf_quant import GGUF_GROUP_SIZE, LOSSLESS_INT4, dequantized, int4_from_q4, requant_error
 from .gguf_reader import GGUFModel, GGUFTensor, classify, open_gguf, unpermute_rows
 from .gguf_tokenizer import gguf_tokenizer
-from .manifest import FileEntry, Manifest, Part, part_filename
+from .manifest import FileEntry, Manifest, Part, part_filename, read_if_complete
 from .quant import GROUP_SIZES, METHODS, QuantSpec, is_linear, quantize_linear
 from .safetensors_io import TensorSpec, open_tensors
 from .spec import PartSpec
@@ -129,7 +129,8 @@ def convert_gguf(
     model = open_gguf(src)
     config = gguf_config(model)
     tokenizer_json, tokenizer_config = gguf_tokenizer(model)
-    spec = PartSpec.parse(parts).resolve(config["num_hidden_layers"])
+    tied = bool(config.get("tie_word_embeddings"))
+    spec = PartSpec.parse(parts).resolve(config["num_hidden_layers"]).stored_parts(tied)  # a tied head needs b
     plan = _plan(model, config, spec)
     _check_plan(plan, policy)
     top = policy.manifest_entry(plan)
@@ -143,6 +144,9 @@ def convert_gguf(
         "gguf_types": _type_counts(model),
     }
     key = _resume_key(model, spec, target, policy)
+    done = read_if_complete(Path(dst))
+    if done is not None and done.source.get("resume_key") == key:  # finished: nothing to read or write
+        return done
     writer = SepweightWriter(dst, config, resume_key=key, source=source, fsync=fsync, quant=top)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.json").write_text(tokenizer_json)
