@@ -95,10 +95,14 @@ def scripted(monkeypatch, text: str) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
 
 
-@pytest.mark.parametrize("kind", ["sepweight", "hf-lazy"])
+@pytest.mark.parametrize("kind", ["sepweight", "hf-lazy", "budget"])
 def test_answer_equals_generate(chat_model, turns, capsys, tmp_path, kind):
     hf, sep, model = chat_model
-    src = [str(sep)] if kind == "sepweight" else [str(hf), "--cache-dir", str(tmp_path / "conv"), "--lazy"]
+    src = {
+        "sepweight": [str(sep)],
+        "hf-lazy": [str(hf), "--cache-dir", str(tmp_path / "conv"), "--lazy"],
+        "budget": [str(sep), "--memory-budget", "64MiB", "--max-context", "256"],
+    }[kind]
     assert main(["chat", *src, "--prompt", "Name a colour.", *GREEDY]) == 0
     ids, new, text = hf_turn(model, hf_tokenizer(hf), [{"role": "user", "content": "Name a colour."}])
     assert turns == [(ids, new + [2] * (len(new) < N))]  # Qwen2.5's default system message rendered too
@@ -175,6 +179,36 @@ def test_ctrl_c_stops_the_answer_not_the_session(chat_model, turns, capsys, monk
     out, err = capsys.readouterr()
     assert out == first + "\n" + text + "\n"
     assert "[answer stopped]" in err
+
+
+@pytest.mark.parametrize("how", [{"lazy": True}, {"memory_budget": "64MiB"}])
+def test_ctrl_c_inside_a_lazy_forward(chat_model, how):
+    """A real Ctrl-C lands inside a forward, mid-stream: the next turn still equals transformers."""
+    hf, sep, model = chat_model
+    part = load_part(sep, "f", **how)
+    tokenizer = Tokenizer.from_file(str(sep / "tokenizer.json"))
+    session = ChatSession(part, tokenizer, QWEN25, stop_ids=[2], params=SamplingParams(0), max_new_tokens=N)
+    calls = 0
+
+    def ctrl_c(module, args):
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # the third decode step, between layer 0 and layer 2
+            raise KeyboardInterrupt
+
+    hook = part.model.layers["1"].register_forward_pre_hook(ctrl_c)
+    shown = []
+    with pytest.raises(KeyboardInterrupt):
+        for chunk in session.reply("First question"):
+            shown.append(chunk)
+    hook.remove()
+    assert session.messages[-1] == {"role": "assistant", "content": "".join(shown)}
+    answer = "".join(session.reply("Second one"))
+    ids, new, text = hf_turn(
+        model, hf_tokenizer(hf), [*session.messages[:2], {"role": "user", "content": "Second one"}]
+    )
+    assert session.last_prompt_ids == ids and session.last_answer_ids == new and answer == text
+    part.close()
 
 
 def test_ctrl_c_at_the_prompt_twice_quits(chat_model, monkeypatch, capsys):
