@@ -19,12 +19,18 @@ from torch import nn
 from transformers import AutoConfig, Cache, GenerationConfig, GenerationMixin, PretrainedConfig
 from transformers.generation.utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .kv_cache import KVCache
 from .part import LogitsToKeep, QwenPart
 
 # transformers 5.x names the cache `cache` in forward() and in the outputs; 4.x `past_key_values`
 _OUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# forward() keywords of transformers' causal LMs that would change the result: refused, not ignored
+_UNSUPPORTED = ("labels", "inputs_embeds", "output_attentions", "output_hidden_states", "token_type_ids")
+# pipeline("text-generation") logs an error for a model whose class name is not in this table; a key
+# without a config class is invisible to the Auto* lookups, so the entry changes nothing else
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("llm_lazy_qwen", "PartForCausalLM")
 
 
 class PartCache(Cache):
@@ -192,7 +198,8 @@ class PartForCausalLM(nn.Module, GenerationMixin):
 
         Without a cache and unless ``use_cache=False``, a new one is made and returned, as transformers does.
         """
-        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
+        # what generate() forwards but a part does not use (tokenizer, ...) is ignored, as transformers does
+        unsupported = [k for k in _UNSUPPORTED if kwargs.get(k) is not None and kwargs.get(k) is not False]
         if unsupported:
             raise TypeError(
                 f"{type(self).__name__}.forward does not support {unsupported}: it takes token ids and returns "
