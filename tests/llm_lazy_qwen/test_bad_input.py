@@ -84,10 +84,10 @@ def test_config_errors():
     )
     with pytest.raises(ConfigError, match=r"missing required key\(s\) \['intermediate_size'\]"):
         QwenConfig.from_dict({k: v for k, v in base.items() if k != "intermediate_size"})
-    with pytest.raises(ConfigError, match="is not a dense Qwen2/Qwen2.5/Qwen3 or Llama model"):
+    with pytest.raises(ConfigError, match="is not a supported family"):
         QwenConfig.from_dict({**base, "architectures": ["GemmaForCausalLM"], "model_type": "gemma"})
-    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
-        QwenConfig.from_dict({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}})
+    with pytest.raises(ConfigError, match="rope type 'longrope' is not supported"):
+        QwenConfig.from_dict({**base, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e6}})
     with pytest.raises(ConfigError, match="not a multiple of num_key_value_heads=3"):
         QwenConfig.from_dict({**base, "num_key_value_heads": 3})
 

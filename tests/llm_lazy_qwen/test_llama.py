@@ -77,14 +77,10 @@ def _base() -> dict:
     )
 
 
-def test_llama_unsupported_fields():
-    with pytest.raises(ConfigError, match="mlp_bias=true is not supported"):
-        QwenConfig.from_dict({**_base(), "mlp_bias": True})
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}
-    with pytest.raises(ConfigError, match="rope_parameters: rope type 'llama3' is not supported"):
-        QwenConfig.from_dict({**_base(), "rope_parameters": llama3})
-    with pytest.raises(ConfigError, match="rope_scaling: rope type 'linear' is not supported"):
-        QwenConfig.from_dict({**_base(), "rope_scaling": {"type": "linear", "factor": 2.0}})
-    # attention_bias=true is Llama's bias on all four projections, as in transformers
-    cfg = QwenConfig.from_dict({**_base(), "attention_bias": True})
-    assert cfg.qkv_bias and cfg.o_bias
+def test_llama_bias_flags():
+    # attention_bias=true is Llama's bias on all four projections, mlp_bias on gate/up/down, as in transformers;
+    # their numerics, the RoPE types and the errors: test_llama_family.py, test_rope_config.py
+    cfg = QwenConfig.from_dict({**_base(), "attention_bias": True, "mlp_bias": True})
+    assert cfg.qkv_bias and cfg.o_bias and cfg.mlp_bias
+    with pytest.raises(ConfigError, match="rope_parameters: rope type 'longrope' is not supported"):
+        QwenConfig.from_dict({**_base(), "rope_parameters": {"rope_type": "longrope", "rope_theta": 5e5}})

@@ -1,4 +1,4 @@
-"""Attention and the decoder layer, equal to transformers' Qwen2/Qwen3 (eager/sdpa) implementations."""
+"""Attention and the decoder layer, equal to transformers' Qwen2/Qwen3/Llama/Mistral (eager/sdpa) implementations."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .rope import apply_rope
 
 
 class Attention(nn.Module):
-    """GQA self-attention; Qwen3 adds per-head RMSNorm on q and k before RoPE.
+    """GQA self-attention; Qwen3 adds per-head RMSNorm on q and k before RoPE (``cfg.qk_norm``).
 
     ``matmul="bsm"`` computes q/k/v and the attention products as llm_bsm_kernel bundles (bsm_path.py);
     quantized q/k/v (``QuantLinear``) are not plain ``nn.Linear`` and keep their own path.
@@ -34,8 +34,8 @@ class Attention(nn.Module):
         self.k_proj = linear(h, self.n_kv * d, cfg.qkv_bias, device)
         self.v_proj = linear(h, self.n_kv * d, cfg.qkv_bias, device)
         self.o_proj = linear(self.n_heads * d, h, cfg.o_bias, device)
-        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, device) if cfg.is_qwen3 else None
-        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, device) if cfg.is_qwen3 else None
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, device) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, device) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -91,7 +91,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.matmul = matmul
         self.self_attn = Attention(cfg, layer, device, matmul)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, device)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, device, cfg.mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
 

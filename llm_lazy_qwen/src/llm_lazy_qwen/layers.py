@@ -85,11 +85,13 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, device: torch.device | str | None = None) -> None:
+    """SwiGLU ``down(silu(gate(x)) * up(x))``; ``bias``: Llama's ``mlp_bias`` on all three."""
+
+    def __init__(self, hidden: int, inter: int, device: torch.device | str | None = None, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = linear(hidden, inter, False, device)
-        self.up_proj = linear(hidden, inter, False, device)
-        self.down_proj = linear(inter, hidden, False, device)
+        self.gate_proj = linear(hidden, inter, bias, device)
+        self.up_proj = linear(hidden, inter, bias, device)
+        self.down_proj = linear(inter, hidden, bias, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -89,7 +89,7 @@ def load_part(
         small = load_part("qwen7b-sep", "f", memory_budget="7GiB", dtype="bf16")  # a 15 GB model in 7 GiB
     """
     source = SepWeights(sepweight_dir)
-    config = QwenConfig.from_dict(source.config, source=str(Path(sepweight_dir) / "config.json"))
+    config = QwenConfig.from_folder(source)  # manifest.json's copy: the one source of truth
     part = QwenPart(
         config, spec, device=device, dtype=_dtype(dtype, source.dtype), head_chunk_size=head_chunk_size, matmul=matmul
     )

@@ -26,7 +26,7 @@ from .config import QwenConfig
 from .kv_cache import KVCache
 from .layers import RMSNorm, fits, linear, match_linears
 from .quant import dequantize_into, quant_linear, repacked, scratch_bytes
-from .rope import cos_sin, inv_freq
+from .rope import RotaryEmbedding
 from .streaming import READ_PIECE, LayerStreamer, Mode, item_size
 from .weights import assign, meta_placeholders, release
 
@@ -101,9 +101,8 @@ class QwenPart(nn.Module):
         self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, meta, matmul) for i in layers})
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, meta) if self.spec.end else None
         self.lm_head = linear(config.hidden_size, config.vocab_size, False, meta) if self.spec.end else None
-        self.register_buffer(
-            "inv_freq", inv_freq(config.head_dim or 0, float(config.rope_theta or 1e4), self.device), persistent=False
-        )
+        assert config.head_dim is not None and config.rope_parameters is not None
+        self.rotary = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings, self.device)
         self._placeholders = {i: meta_placeholders(self.model.layers[str(i)]) for i in layers}
         self._streamer: LayerStreamer | None = None
         self._source: SepWeights | None = None
@@ -348,7 +347,7 @@ class QwenPart(nn.Module):
             h = F.embedding(x.to(emb.device), emb).to(self.device, self.dtype)  # (B, T, H)
         else:
             h = x
-        cos, sin = cos_sin(position_ids, self.inv_freq, h.dtype)
+        cos, sin = self.rotary(position_ids, h.dtype)
         return h, Step(cos, sin, start, T, key_mask, cache)
 
     @contextmanager
@@ -512,10 +511,11 @@ class QwenPart(nn.Module):
                 position_ids = position_ids[None].expand(B, -1)
             if tuple(position_ids.shape) != (B, T):
                 raise ValueError(f"position_ids must be (batch={B}, seq={T}); got {tuple(position_ids.shape)}")
-        limit = self.config.max_position_embeddings
-        if int(position_ids.max()) >= limit or int(position_ids.min()) < 0:
+        limit = self.config.max_positions  # None: dynamic RoPE scaling serves any length
+        if (limit is not None and int(position_ids.max()) >= limit) or int(position_ids.min()) < 0:
+            what = "max_position_embeddings" if limit == self.config.max_position_embeddings else "YaRN's length"
             raise ValueError(
-                f"position {int(position_ids.max())} is beyond max_position_embeddings={limit} of this model "
+                f"position {int(position_ids.max())} is beyond {what}={limit} of this model "
                 "(or negative); shorten the input or crop the cache"
             )
         if cache is not None:

@@ -1,23 +1,163 @@
-"""Rotary position embedding exactly as transformers' Qwen2/Qwen3 (rotate_half layout, fp32 angles).
+"""Rotary position embedding exactly as transformers (``modeling_rope_utils.py``, rotate_half layout, fp32 angles).
 
-Dimension i pairs with i + d/2 (not interleaved pairs as in Meta/gpt-fast code).
+Dimension i pairs with i + d/2 (not interleaved pairs as in Meta/gpt-fast code). The RoPE variants are
+a table keyed by ``rope_type`` (transformers' ``ROPE_INIT_FUNCTIONS``): each returns ``(inv_freq,
+attention_factor)``; the factor multiplies cos and sin (YaRN's attention temperature, 1 elsewhere).
+``dynamic`` (NTK) recomputes ``inv_freq`` whenever a forward sees a longer sequence than the original
+``max_position_embeddings`` (:class:`RotaryEmbedding`, as transformers' ``dynamic_rope_update``).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import torch
+from torch import nn
+
+Params = Mapping[str, Any]  # the normalised rope_parameters: rope_type, rope_theta, factor, ...
+# (params, head_dim, max_position_embeddings, seq_len or None) -> (inv_freq (head_dim/2,), attention factor)
+RopeInit = Callable[[Params, int, int, Any], tuple[torch.Tensor, float]]
 
 
-def inv_freq(head_dim: int, theta: float, device: torch.device | str | None = None) -> torch.Tensor:
+def inv_freq(head_dim: int, theta: float | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     # (head_dim/2,) fp32
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
 
 
-def cos_sin(position_ids: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _default(p: Params, dim: int, max_pos: int, seq_len: int | torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    return inv_freq(dim, p["rope_theta"]), 1.0
+
+
+def _linear(p: Params, dim: int, max_pos: int, seq_len: int | torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    return inv_freq(dim, p["rope_theta"]) / p["factor"], 1.0
+
+
+def _dynamic(p: Params, dim: int, max_pos: int, seq_len: int | torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """NTK-aware: the base grows with the sequence length once it passes ``max_position_embeddings``."""
+    factor = p["factor"]
+    if seq_len is None:
+        seq_len = max_pos
+    elif isinstance(seq_len, torch.Tensor):  # at run time transformers computes the base in fp32 tensors
+        seq_len = torch.maximum(seq_len, torch.tensor(max_pos, dtype=seq_len.dtype, device=seq_len.device))
+    else:
+        seq_len = max(seq_len, max_pos)
+    base = p["rope_theta"] * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return inv_freq(dim, base), 1.0
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature ``0.1 * mscale * ln(scale) + 1`` (1 for scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(p: Params, dim: int, max_pos: int, seq_len: int | torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """Interpolate the low frequencies, keep the high ones, ramp between (beta_fast / beta_slow rotations)."""
+    base, factor, original = p["rope_theta"], p["factor"], p["original_max_position_embeddings"]
+    attention_factor = p.get("attention_factor")
+    mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+    if factor is None:
+        factor = max_pos / original
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = float(yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over `original`
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # (d/2,)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp  # 1: keep the frequency, 0: interpolate it
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv, attention_factor
+
+
+def _llama3(p: Params, dim: int, max_pos: int, seq_len: int | torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """Llama 3.1: divide long wavelengths by ``factor``, keep short ones, interpolate smoothly between."""
+    inv = inv_freq(dim, p["rope_theta"])
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_context = p["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled), 1.0
+
+
+ROPE_INIT: dict[str, RopeInit] = {
+    "default": _default,
+    "linear": _linear,
+    "dynamic": _dynamic,
+    "yarn": _yarn,
+    "llama3": _llama3,
+}
+# the keys each type reads from rope_parameters (rope_theta is always filled in)
+ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of a model's RoPE; for ``dynamic`` also the frequencies of the longest sequence seen.
+
+    Example::
+
+        rope = RotaryEmbedding({"rope_type": "default", "rope_theta": 1e4}, head_dim=64, max_position_embeddings=4096)
+        cos, sin = rope(torch.arange(5)[None], torch.float32)   # (1, 5, 64) each
+    """
+
+    def __init__(
+        self, params: Params, head_dim: int, max_position_embeddings: int, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__()
+        self.params, self.head_dim = dict(params), head_dim
+        self.rope_type = str(params["rope_type"])
+        self.original_max_seq_len = self.max_seq_len_cached = max_position_embeddings
+        inv, self.attention_scaling = ROPE_INIT[self.rope_type](self.params, head_dim, max_position_embeddings, None)
+        self.register_buffer("inv_freq", inv.to(device), persistent=False)
+        self.register_buffer("original_inv_freq", inv.clone().to(device), persistent=False)
+
+    def _dynamic_update(self, position_ids: torch.Tensor) -> None:
+        """transformers' ``dynamic_frequency_update``: grow past the cached length, reset when back inside."""
+        seq_len = torch.max(position_ids) + 1  # a tensor, as transformers computes it
+        if seq_len > self.max_seq_len_cached:
+            inv, self.attention_scaling = _dynamic(self.params, self.head_dim, self.original_max_seq_len, seq_len)
+            self.inv_freq = inv.to(self.inv_freq.device)
+            self.max_seq_len_cached = int(seq_len)
+        elif seq_len < self.original_max_seq_len < self.max_seq_len_cached:
+            self.inv_freq = self.original_inv_freq.clone()
+            self.max_seq_len_cached = self.original_max_seq_len
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, T, head_dim) in `dtype`, computed in fp32 from integer positions (B, T)."""
+        if self.rope_type == "dynamic":
+            self._dynamic_update(position_ids)
+        return cos_sin(position_ids, self.inv_freq, dtype, self.attention_scaling)
+
+
+def cos_sin(
+    position_ids: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (B, T, head_dim) in `dtype`, computed in fp32 from integer positions (B, T)."""
-    freqs = position_ids[..., None].float() * inv.to(position_ids.device)  # (B, T, d/2)
+    freqs = position_ids[..., None].float() * inv.to(position_ids.device, torch.float32)  # (B, T, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .safetensors_io import open_tensors, read_header
 from .spec import PartSpec
 
 # Architectures whose checkpoints use the model.embed_tokens / model.layers.N / model.norm / lm_head layout.
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 REQUIRED_CONFIG_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "vocab_size")
 # Copied as they are when present next to the weights.
 EXTRA_FILES = (
