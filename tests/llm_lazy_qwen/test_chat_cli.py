@@ -232,6 +232,22 @@ def test_ctrl_c_at_the_prompt_twice_quits(chat_model, monkeypatch, capsys):
     assert "unknown command /nope; the commands are /reset" in capsys.readouterr().err
 
 
+def test_a_failed_turn_is_reported_and_forgotten(chat_model, turns, capsys, monkeypatch, tmp_path):
+    hf, sep, model = chat_model
+    strict = "{% if messages[-1]['content'] == 'bad' %}{{ raise_exception('no bad words') }}{% endif %}" + QWEN25
+    (tmp_path / "strict.jinja").write_text(strict)
+    too_long = "many words " * 200  # beyond the tiny model's 256 positions
+    scripted(monkeypatch, f"bad\n{too_long}\nHi\n")
+    assert main(["chat", str(sep), "--chat-template", str(tmp_path / "strict.jinja"), *GREEDY]) == 0
+    out, err = capsys.readouterr()
+    assert "error: the chat template failed: no bad words" in err
+    assert "tokens and the model holds max_position_embeddings=256; /reset starts a new one" in err
+    assert err.count("error:") == 2
+    ids, new, text = hf_turn(model, hf_tokenizer(hf), [{"role": "user", "content": "Hi"}])
+    assert turns[-1] == (ids, new + [2] * (len(new) < N))  # neither failed turn is in the history
+    assert out == "\n\n" + text + "\n"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

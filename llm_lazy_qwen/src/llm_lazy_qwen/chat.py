@@ -58,6 +58,7 @@ class ChatSession:
         self.params = params or SamplingParams()
         self.max_new_tokens, self.generator = max_new_tokens, generator
         self.forward = CachedForward(IncrementalPart(part))  # KV cache kept across turns
+        self.max_positions = part.config.max_position_embeddings
         self.messages: list[dict[str, str]] = []
         self.last_prompt_ids: list[int] = []  # what the last turn ran: the conversation, rendered
         self.last_answer_ids: list[int] = []  # the tokens it sampled, without the stop token
@@ -82,6 +83,11 @@ class ChatSession:
         was shown; a failed turn (an exception) leaves the history as it was.
         """
         ids = self.prompt_ids(user)  # a template error is raised here, before anything changes
+        if len(ids) >= self.max_positions:
+            raise ValueError(
+                f"the conversation is {len(ids)} tokens and the model holds max_position_embeddings="
+                f"{self.max_positions}; /reset starts a new one (ChatSession.reset())"
+            )
         asked = {"role": "user", "content": user}
         self.messages.append(asked)
         self.last_prompt_ids, self.last_answer_ids = ids, []
@@ -102,7 +108,7 @@ class ChatSession:
         steps = sample_stream(
             self.forward,
             [ids],
-            self.max_new_tokens,
+            min(self.max_new_tokens, self.max_positions - len(ids)),  # the answer ends at the model's last position
             temperature=p.temperature,
             top_k=p.top_k,
             top_p=p.top_p,
@@ -222,17 +228,19 @@ def run_chat(
 
 def _answer(session: ChatSession, line: str, out: TextIO, err: TextIO, stats: bool) -> None:
     t0 = time.perf_counter()
-    stream = session.reply(line)
+    stream, note = session.reply(line), ""
     try:
         for chunk in stream:
             out.write(chunk)
             out.flush()
     except KeyboardInterrupt:
         stream.close()  # keeps what was shown in the history
-        print("\n[answer stopped]", file=err, flush=True)
+        note = "[answer stopped]"
     except ValueError as e:  # the template refused the messages, or the conversation is too long
-        print(f"\nerror: {e}", file=err, flush=True)
-    print(file=out, flush=True)
+        note = f"error: {e}"
+    print(file=out, flush=True)  # every answer ends with a newline on stdout
+    if note:
+        print(note, file=err, flush=True)
     if stats:
         n, seconds = len(session.last_answer_ids), time.perf_counter() - t0
         print(f"[{len(session.last_prompt_ids)} prompt + {n} new tokens, {seconds:.2f} s]", file=err, flush=True)
