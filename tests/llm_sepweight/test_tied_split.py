@@ -105,3 +105,16 @@ def test_gguf_tied_end_without_begin(tmp_path, monkeypatch):
     monkeypatch.setattr(writer.SepweightWriter, "__init__", lambda *a, **k: pytest.fail("re-converted"))
     assert sw.convert(path, tmp_path / "sep", dtype="fp32", parts="1-2 e", progress=False) == first
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sep").iterdir()} == before
+
+
+def test_folder_of_the_old_layout_says_what_to_do(qwen_checkpoints, tmp_path):
+    """A tied '1-3 e' folder written before the rule (no begin file) is refused with a clear error."""
+    sw.convert(qwen_checkpoints("qwen2_tied").path, tmp_path / "old", parts="1-3 e", progress=False)
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    del manifest["files"]["begin.safetensors"]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "old" / "begin.safetensors").unlink()
+    with pytest.raises(sw.SepweightError, match=r"the begin part is not stored here .*convert again"):
+        sw.SepWeights(tmp_path / "old").end()
+    with pytest.raises(sw.SepweightError, match=r"does not store the begin part \(a tied head is the embedding"):
+        sw.convert(tmp_path / "old", tmp_path / "new", parts="2 e", progress=False)

@@ -92,9 +92,10 @@ class SepweightSource:
         stored = set(layers) | ({"begin"} if begin else set()) | ({"end"} if end else set())
         for part in (["begin"] if spec.begin else []) + list(spec.layers or ()) + (["end"] if spec.end else []):
             if part not in stored:
+                why = " (a tied head is the embedding: the end part needs it)" if part == "begin" and spec.end else ""
                 raise SepweightError(
-                    f"{root}: the source folder does not store {_describe(part)} (it holds {str(self.sw.spec)!r}); "
-                    "pass parts= that it holds"
+                    f"{root}: the source folder does not store {_describe(part)}{why} (it holds "
+                    f"{str(self.sw.spec)!r}); pass parts= that it holds, or convert it again from the checkpoint"
                 )
         dtype = self.sw.dtype  # None when mixed: dequantized linears then come out in fp32
         self.compute_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
