@@ -34,11 +34,17 @@ FAMILIES: dict[str, Family] = {
     "linear": Family("llama", {"rope_type": "linear", "factor": 2.5}),
     "dynamic": Family("llama", {"rope_type": "dynamic", "factor": 2.0}, max_pos=32),
     "yarn": Family("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
-    "yarn_opts": Family("llama", {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 48, **_YARN_OPTS}),
-    "yarn_v4": Family("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, style="v4"),
+    "yarn_opts": Family(
+        "llama", {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 48, **_YARN_OPTS}
+    ),
+    "yarn_v4": Family(
+        "llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, style="v4"
+    ),
     "llama3_v4": Family("llama", {**_LLAMA3, "original_max_position_embeddings": 64}, style="v4"),
     "mistral": Family("mistral", theta=1e6, extra={"sliding_window": 4}),
-    "qwen2_yarn_v4": Family("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 1e6, "v4"),
+    "qwen2_yarn_v4": Family(
+        "qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 1e6, "v4"
+    ),
     "qwen3_dynamic": Family("qwen3", {"rope_type": "dynamic", "factor": 3.0}, 1e6, max_pos=40),
 }
 
@@ -92,8 +98,9 @@ def _to_v4(path: Path) -> None:
 
 def build_family(name: str, root: Path) -> FamilyCheckpoint:
     """Write family `name` with save_pretrained into root/name/hf and convert it into root/name/sep."""
-    import llm_sepweight as sw
     from transformers import AutoModelForCausalLM
+
+    import llm_sepweight as sw
 
     f = FAMILIES[name]
     torch.manual_seed(sum(map(ord, name)))

@@ -96,5 +96,11 @@ def test_flags_from_each_family(fam):
         False,
     )
     cfg = QwenConfig.from_json(fam("qwen2_yarn_v4").sep / "config.json")
-    assert (cfg.qkv_bias, cfg.o_bias, cfg.rope_type, cfg.rope_theta, cfg.max_positions) == (True, False, "yarn", 1e6, 256)
+    assert (cfg.qkv_bias, cfg.o_bias, cfg.rope_type, cfg.rope_theta, cfg.max_positions) == (
+        True,
+        False,
+        "yarn",
+        1e6,
+        256,
+    )
     assert QwenConfig.from_json(fam("dynamic").sep / "config.json").max_positions is None

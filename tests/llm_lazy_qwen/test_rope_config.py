@@ -20,7 +20,13 @@ ROPES = [
     {"rope_type": "linear", "factor": 1},
     {"rope_type": "dynamic", "factor": 2.0},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
-    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 3.0, "original_max_position_embeddings": 100},
+    {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 2.0,
+        "high_freq_factor": 3.0,
+        "original_max_position_embeddings": 100,
+    },
     {"rope_type": "yarn", "factor": 4.0},
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 24, "truncate": False},
     {"rope_type": "yarn", "factor": 3.0, "beta_fast": 8, "beta_slow": 2, "mscale": 1.3, "mscale_all_dim": 0.7},
@@ -68,7 +74,7 @@ def test_table_equals_transformers(rope, style):
         want_inv, want_factor = LlamaRotaryEmbedding.compute_default_rope_parameters(theirs)
     assert got_factor == want_factor
     torch.testing.assert_close(got_inv, want_inv, atol=0, rtol=0)
-    for seq_len in ([100, torch.tensor(100)] if rope_type == "dynamic" else []):  # the run-time recompute
+    for seq_len in [100, torch.tensor(100)] if rope_type == "dynamic" else []:  # the run-time recompute
         torch.testing.assert_close(
             ROPE_INIT["dynamic"](ours.rope_parameters, 24, 64, seq_len)[0],
             ROPE_INIT_FUNCTIONS["dynamic"](theirs, seq_len=seq_len)[0],
@@ -153,7 +159,9 @@ def test_unsupported_fields_are_named(extra, message):
 
 def test_unknown_architecture_is_named():
     raw = {**_base(), "architectures": ["GemmaForCausalLM"], "model_type": "gemma"}
-    with pytest.raises(ConfigError, match=r"model_type 'gemma' / architectures \['GemmaForCausalLM'\] is not a supported"):
+    with pytest.raises(
+        ConfigError, match=r"model_type 'gemma' / architectures \['GemmaForCausalLM'\] is not a supported"
+    ):
         QwenConfig.from_dict(raw)
     raw = {k: v for k, v in _base().items() if k != "model_type"} | {"architectures": ["MistralForCausalLM"]}
     assert QwenConfig.from_dict(raw).model_type == "mistral"

@@ -66,7 +66,7 @@ class QwenConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     rope_theta: float | None = None
-    rope_parameters: dict[str, Any] | None = None  # after __post_init__: the normalised one (rope_type, rope_theta, ...)
+    rope_parameters: dict[str, Any] | None = None  # after __post_init__: normalised (rope_type, rope_theta, ...)
     rope_scaling: dict[str, Any] | None = None  # v4 style; folded into rope_parameters
     original_max_position_embeddings: int | None = None  # top level (Phi3 style): wins over rope_parameters'
     partial_rotary_factor: float | None = None
