@@ -66,7 +66,7 @@ def turns(monkeypatch):
 
     def recording(forward, input_ids, *args, **kwargs):
         tokens: list[int] = []
-        seen.append((list(input_ids[0]), tokens))
+        seen.append((input_ids[0].tolist(), tokens))
         for step in real(forward, input_ids, *args, **kwargs):
             tokens.append(int(step[0]))
             yield step

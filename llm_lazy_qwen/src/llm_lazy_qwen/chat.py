@@ -58,7 +58,7 @@ class ChatSession:
         self.params = params or SamplingParams()
         self.max_new_tokens, self.generator = max_new_tokens, generator
         self.forward = CachedForward(IncrementalPart(part))  # KV cache kept across turns
-        self.max_positions = part.config.max_position_embeddings
+        self.max_positions, self.device = part.config.max_position_embeddings, part.device
         self.messages: list[dict[str, str]] = []
         self.last_prompt_ids: list[int] = []  # what the last turn ran: the conversation, rendered
         self.last_answer_ids: list[int] = []  # the tokens it sampled, without the stop token
@@ -107,7 +107,7 @@ class ChatSession:
         p = self.params
         steps = sample_stream(
             self.forward,
-            [ids],
+            torch.tensor([ids], device=self.device),  # (1, T)
             min(self.max_new_tokens, self.max_positions - len(ids)),  # the answer ends at the model's last position
             temperature=p.temperature,
             top_k=p.top_k,
