@@ -217,13 +217,11 @@ def _converted_before(
     if manifest is None or any(manifest.source.get(k) != v for k, v in request.items()):
         return None
     parts = spec.resolve(manifest.num_layers).stored_parts(manifest.tie_word_embeddings)
-    quant = {k: v for k, v in (manifest.source.get("quant") or {}).items() if k != "scale_dtype"}
-    wanted = (
-        {}
-        if settings is None
-        else {k: v for k, v in settings.manifest_entry(torch.float32).items() if k != "scale_dtype"}
-    )
-    return manifest if manifest.source.get("parts") == str(parts) and quant == wanted else None
+    stored = dict(manifest.source.get("quant") or {})
+    wanted = settings.manifest_entry(torch.float32) if settings else {}
+    for entry in (stored, wanted):
+        entry.pop("scale_dtype", None)  # follows from the dtype, compared above
+    return manifest if manifest.source.get("parts") == str(parts) and stored == wanted else None
 
 
 def _part_specs(
