@@ -25,8 +25,8 @@ from tokenizers import Tokenizer
 
 import llm_lazy_qwen.chat as chat_mod
 import llm_sepweight as sw
-from llm_lazy_qwen import load_part
-from llm_lazy_qwen.chat import ChatSession, generation_defaults, run_chat, stop_ids
+from llm_lazy_qwen import ChatSession, load_part
+from llm_lazy_qwen.chat import generation_defaults, run_chat, stop_ids
 from llm_lazy_qwen.cli import main
 from llm_sampler import SamplingParams, TextStream
 

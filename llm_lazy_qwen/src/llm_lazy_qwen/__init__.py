@@ -20,7 +20,18 @@ from .quant import QuantLinear
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``ChatSession``: imported on first use (it needs the ``[chat]`` extra's llm_sampler)."""
+    if name == "ChatSession":
+        from .chat import ChatSession
+
+        return ChatSession
+    raise AttributeError(f"module 'llm_lazy_qwen' has no attribute {name!r}")
+
+
 __all__ = [
+    "ChatSession",
     "ConfigError",
     "IncrementalPart",
     "ItemSize",
