@@ -89,6 +89,7 @@ CASES: dict[str, dict[str, Any]] = {
     "sample": dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3),
     "beams": dict(do_sample=False, num_beams=3, num_return_sequences=2),
     "prompt_lookup": dict(do_sample=False, prompt_lookup_num_tokens=3),
+    "assisted": dict(do_sample=False),  # + assistant_model
 }
 
 
@@ -99,13 +100,14 @@ def _generate(model, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Ten
 
 
 def _count_calls(monkeypatch, cls: type, names: list[str]) -> dict[str, int]:
-    """Count calls of methods of `cls` (here: that beam search reorders and prompt lookup crops *our* cache)."""
+    """Count calls of methods of `cls` that change something (here: that beam search reorders and candidate
+    decoding crops *our* cache)."""
     calls = dict.fromkeys(names, 0)
     for name in names:
         original = getattr(cls, name)
 
         def spy(self, *args, _name=name, _original=original):
-            calls[_name] += 1
+            calls[_name] += not (isinstance(args[0], int) and args[0] == 0)  # crop(0) changes nothing
             return _original(self, *args)
 
         monkeypatch.setattr(cls, name, spy)
@@ -117,13 +119,16 @@ def test_generate_equals_transformers(adapter, case, monkeypatch):
     ours, model, tok = adapter
     kwargs = CASES[case]
     batch = _batch(tok)
-    if case == "prompt_lookup":  # transformers' prompt lookup takes one row
+    if case in ("prompt_lookup", "assisted"):  # transformers' candidate decoding takes one row
         batch = {k: v[:1] for k, v in batch.items()}
+    if case == "assisted":  # another random model of the family: most candidates are rejected and cropped
+        torch.manual_seed(99)
+        kwargs = {**kwargs, "assistant_model": transformers.AutoModelForCausalLM.from_config(model.config).eval()}
     want = _generate(model, batch, **kwargs)
     calls = _count_calls(monkeypatch, PartCache, ["crop", "reorder_cache"])
     got = _generate(ours, batch, **kwargs)
     assert (calls["reorder_cache"] > 0) == (case == "beams")
-    assert (calls["crop"] > 0) == (case == "prompt_lookup")
+    assert (calls["crop"] > 0) == (case in ("prompt_lookup", "assisted"))
     assert want.shape[1] > batch["input_ids"].shape[1] + NEW // 2
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     if case == "greedy":
