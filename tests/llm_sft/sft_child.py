@@ -3,7 +3,7 @@
     python sft_child.py '{"sep": ..., "out": ..., "ckpt": ..., "batch_size": 2, ...}'
 
 Rank and world come from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as torchrun sets them.
-"kill_in_save": n makes the n-th torch.save of this process write half a file and SIGKILL the process.
+"kill_in_save": n makes the n-th checkpoint state.safetensors of this process half a file, then SIGKILLs the process.
 """
 
 import json
@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from sft_helpers import ALL7, examples, randomize_adapters
 
+import llm_sft.checkpoint
 from llm_lazy_qwen import load_part
 from llm_lora_mmap import apply_lora, mark_only_lora_trainable, save_adapter
 from llm_sft import SFTDataset, init_distributed, sft, steps_per_epoch, warmup_cosine
@@ -36,16 +37,16 @@ def train(cfg: dict) -> None:
 def _train(cfg: dict) -> None:
     rank, world = init_distributed()
     if cfg.get("kill_in_save"):
-        real_save, calls = torch.save, []
+        real_save, calls = llm_sft.checkpoint.save_safetensors, []
 
-        def save(obj, f, *args, **kwargs):
+        def save(f, *args, **kwargs):
             calls.append(f)
             if len(calls) == cfg["kill_in_save"]:
                 Path(f).write_bytes(b"half a checkpoint")
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real_save(obj, f, *args, **kwargs)
+            return real_save(f, *args, **kwargs)
 
-        torch.save = save
+        llm_sft.checkpoint.save_safetensors = save
     torch.manual_seed(cfg["seed"])
     part = load_part(cfg["sep"], "f", lazy=cfg["lazy"], prefetch=0, head_chunk_size=100)
     apply_lora(part, ALL7, r=4, lora_alpha=8, lora_dropout=cfg["dropout"])

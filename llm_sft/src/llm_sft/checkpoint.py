@@ -2,11 +2,18 @@
 
 A checkpoint is a folder ``step-00000042/`` holding
 
-- ``state.pt``: trainable parameters by name, optimizer and scheduler state, every rank's RNG
-  state (tensors and plain containers only: read back with ``torch.load(weights_only=True)``);
+- ``state.safetensors``: every tensor of the training state (trainable parameters by name,
+  optimizer state such as AdamW's ``exp_avg`` / ``exp_avg_sq`` / ``step``, every rank's RNG state
+  as uint8 tensors), under flat keys that follow the nesting: ``trainable.<name>``,
+  ``optimizer.state.<param index>.<name>``, ``rng.cpu.<rank>``, ``rng.cuda.<rank>``;
+- ``state.json``: the rest of the state (optimizer ``param_groups``, scheduler state, ...) with
+  ``{"$tensor": key}`` where a tensor was (see :func:`_to_json`);
 - ``progress.json``: data position (epoch, batches done in it), global step, the settings that
   must not change on resume, and the loss log so far;
 - ``adapter/``: the adapter in PEFT's format (when the model has LoRA layers), for use as is.
+
+No pickle: a checkpoint of an older llm_sft (``state.pt``) is still read, with
+``torch.load(weights_only=True)``, and the next checkpoint is written in the format above.
 
 A rename of a complete folder is atomic, so a folder named ``step-*`` is always complete: a run
 killed while writing leaves a ``tmp-*`` folder that the next save removes, and resuming picks the
@@ -16,6 +23,7 @@ highest step. Older checkpoints are deleted after the new one is in place.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,10 +32,15 @@ from typing import Any
 
 import torch
 
-from llm_sepweight import atomic_write_bytes
+from llm_sepweight import atomic_write_bytes, load_safetensors, save_safetensors
 
-STATE, PROGRESS, ADAPTER = "state.pt", "progress.json", "adapter"
+STATE_TENSORS, STATE_JSON, PROGRESS, ADAPTER = "state.safetensors", "state.json", "progress.json", "adapter"
+LEGACY_STATE = "state.pt"  # older llm_sft's torch.save (pickle); read with torch.load(weights_only=True) only
+STATE_FORMAT = "llm_sft.checkpoint.state/1"
 _STEP = re.compile(r"step-(\d{8})")
+_SCALARS = (bool, int, float, str, type(None))
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -49,6 +62,111 @@ def _fsync_tree(root: Path) -> None:
     """Files first, then their folders: after this the whole tree is on disk."""
     for path in sorted(root.rglob("*"), reverse=True) + [root]:
         _fsync_dir(path)
+
+
+def _join(key: str, part: object) -> str:
+    return f"{key}.{part}" if key else str(part)
+
+
+def _to_json(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` as plain JSON, its tensors moved into ``tensors`` under flat keys that follow the nesting.
+
+    A tensor becomes ``{"$tensor": key}``, a tuple ``{"$tuple": [...]}``, and a dict whose keys are
+    not all strings free of ``$`` (the optimizer's ``state`` is keyed by parameter index)
+    ``{"$items": [[k, v], ...]}``, so that everything reads back as the same type.
+    """
+    if isinstance(obj, torch.Tensor):
+        name, n = key, 1
+        while name in tensors:  # "a.b" + "c" and "a" + "b.c" would meet: keep both
+            name, n = f"{key}#{n}", n + 1
+        tensors[name] = obj
+        return {"$tensor": name}
+    if type(obj) in _SCALARS:  # exact types: a numpy scalar or an IntEnum would not read back as itself
+        return obj
+    if isinstance(obj, list | tuple):
+        items = [_to_json(v, _join(key, i), tensors) for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else {"$tuple": items}
+    if isinstance(obj, dict):  # an OrderedDict reads back as a dict (load_state_dict takes either)
+        if all(type(k) is str and not k.startswith("$") for k in obj):
+            return {k: _to_json(v, _join(key, k), tensors) for k, v in obj.items()}
+        for k in obj:
+            if type(k) not in _SCALARS:
+                raise TypeError(f"checkpoint state {key!r}: a dict key {k!r} ({type(k).__name__}) cannot be stored")
+        return {"$items": [[k, _to_json(v, _join(key, k), tensors)] for k, v in obj.items()]}
+    msg = (
+        f"checkpoint state {key!r}: a {type(obj).__name__} cannot be stored "
+        "(tensors, numbers, strings, None, lists, tuples and dicts only)"
+    )
+    raise TypeError(msg)
+
+
+def _from_json(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`_to_json`; takes each tensor out of ``tensors``."""
+    if isinstance(obj, list):
+        return [_from_json(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1 and "$tensor" in obj:
+        if obj["$tensor"] not in tensors:
+            raise ValueError(f"tensor {obj['$tensor']!r} is not in {STATE_TENSORS}")
+        return tensors.pop(obj["$tensor"])
+    if len(obj) == 1 and "$tuple" in obj:
+        return tuple(_from_json(v, tensors) for v in obj["$tuple"])
+    if len(obj) == 1 and "$items" in obj:
+        return {k: _from_json(v, tensors) for k, v in obj["$items"]}
+    return {k: _from_json(v, tensors) for k, v in obj.items()}
+
+
+def _write_state(folder: Path, state: dict[str, Any]) -> None:
+    """``state.safetensors`` (its tensors, in their own dtypes) and ``state.json`` (the rest) in ``folder``."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _to_json(state, "", tensors)
+    save_safetensors(folder / STATE_TENSORS, tensors, metadata={"format": "pt"}, fsync=False)  # fsynced with the folder
+    (folder / STATE_JSON).write_text(json.dumps({"format": STATE_FORMAT, "state": skeleton}, indent=1) + "\n")
+
+
+def _damaged(path: Path, file: Path, why: object) -> ValueError:
+    return ValueError(
+        f"{file}: this checkpoint cannot be read ({why}); delete {path} to resume from the one before it "
+        "(if kept: keep_checkpoints > 1), or start afresh with resume=False (--no-resume)"
+    )
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    tensors_file, json_file, legacy = path / STATE_TENSORS, path / STATE_JSON, path / LEGACY_STATE
+    if not tensors_file.exists() and legacy.is_file():
+        log.warning(
+            "%s: a checkpoint of an older llm_sft (%s): read with torch.load(weights_only=True); "
+            "the next checkpoint is written as %s + %s",
+            path,
+            LEGACY_STATE,
+            STATE_TENSORS,
+            STATE_JSON,
+        )
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated zip, or a pickle that weights_only refuses
+            raise _damaged(path, legacy, e) from e
+    for file in (tensors_file, json_file):
+        if not file.is_file():
+            raise _damaged(path, file, "the file is missing")
+    try:
+        tensors = load_safetensors(tensors_file, use_mmap=False)  # fresh memory: the optimizer keeps these tensors
+    except (ValueError, OSError) as e:  # SepweightError: truncated, bad header, ...
+        # its message names the file too and suggests a re-download, which fits weights, not a checkpoint
+        why = str(e).removeprefix(f"{tensors_file}: ").split(". The file is truncated or corrupted")[0]
+        raise _damaged(path, tensors_file, why) from e
+    try:
+        doc = json.loads(json_file.read_text())
+        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+            found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"format {found!r}, expected {STATE_FORMAT!r}")
+        state = _from_json(doc["state"], tensors)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
+        raise _damaged(path, json_file, e) from e
+    if tensors:
+        raise _damaged(path, tensors_file, f"tensors {sorted(tensors)[:3]} are not named in {STATE_JSON}")
+    return state
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
@@ -73,7 +191,7 @@ def save_checkpoint(
     write_adapter: Any = None,
     keep: int = 1,
 ) -> Path:
-    """Write ``state`` (tensors) and ``progress`` (JSON) as checkpoint ``step``, atomically.
+    """Write ``state`` (tensors in nested dicts/lists) and ``progress`` (JSON) as checkpoint ``step``, atomically.
 
     Args:
         write_adapter: optional ``f(folder)`` writing the PEFT adapter into ``folder``.
@@ -85,11 +203,15 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f"tmp-{step:08d}-{os.getpid()}"
     tmp.mkdir()
-    torch.save(state, tmp / STATE)
-    (tmp / PROGRESS).write_text(json.dumps(progress, indent=1) + "\n")
-    if write_adapter is not None:
-        write_adapter(tmp / ADAPTER)
-    _fsync_tree(tmp)
+    try:
+        _write_state(tmp, state)
+        (tmp / PROGRESS).write_text(json.dumps(progress, indent=1) + "\n")
+        if write_adapter is not None:
+            write_adapter(tmp / ADAPTER)
+        _fsync_tree(tmp)
+    except Exception:  # e.g. a state that cannot be stored: leave nothing behind (a kill leaves tmp-*)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = root / f"step-{step:08d}"
     if final.exists():  # the same step saved again (e.g. after a resume): replace it
         shutil.rmtree(final)
@@ -117,10 +239,22 @@ def remove_checkpoints(checkpoint_dir: str | Path) -> int:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(state, progress)`` of a checkpoint folder; tensors are loaded with ``weights_only=True``."""
+    """``(state, progress)`` of a checkpoint folder, tensors on CPU in the dtypes they were saved in.
+
+    A damaged or incomplete folder is a ``ValueError`` naming the file; an older llm_sft's ``state.pt``
+    is read with ``torch.load(weights_only=True)`` (logged).
+
+    Example::
+
+        state, progress = load_checkpoint(latest_checkpoint("out/checkpoints"))
+        state["optimizer"]["state"][0]["exp_avg"]       # AdamW's first moment of parameter 0
+    """
     path = Path(path)
-    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
-    progress = json.loads((path / PROGRESS).read_text())
+    state = _read_state(path)
+    try:
+        progress = json.loads((path / PROGRESS).read_text())
+    except (ValueError, OSError) as e:
+        raise _damaged(path, path / PROGRESS, e) from e
     return state, progress
 
 
