@@ -104,6 +104,7 @@ class PartForCausalLM(nn.Module, GenerationMixin):
     main_input_name = "input_ids"
     base_model_prefix = "part"
     _auto_class = None
+    _is_stateful = False  # transformers 4.x: a KV cache that can be cropped
     hf_quantizer = None
 
     def __init__(self, part: QwenPart, config: PretrainedConfig, generation_config: GenerationConfig) -> None:
