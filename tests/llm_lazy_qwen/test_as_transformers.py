@@ -262,6 +262,11 @@ def test_adapter_errors(sep, monkeypatch):
         ours(ids, output_attentions=True)
     with pytest.raises(TypeError, match=r"does not support \['labels'\]"):
         ours(ids, labels=ids)
+    assert ours.to("cpu") is ours and ours.to(torch.float32) is ours  # what pipelines call: a no-op
+    with pytest.raises(ValueError, match=r"a part on cpu in torch.float32; load it where you want it instead"):
+        ours.to("meta")
+    with pytest.raises(ValueError, match=r"load_part\(folder, 'f', device=..., dtype=...\)"):
+        ours.to(torch.bfloat16)
     # transformers is an optional extra: a clear error when it is missing
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.delitem(sys.modules, "llm_lazy_qwen.hf_model", raising=False)

@@ -121,6 +121,17 @@ class PartForCausalLM(nn.Module, GenerationMixin):
     def dtype(self) -> torch.dtype:
         return self.part.dtype
 
+    def to(self, *args: Any, **kwargs: Any) -> PartForCausalLM:
+        """A no-op for the part's own device and dtype (pipelines call it); anything else is refused:
+        a part, lazy ones included, is placed when loaded."""
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        if (device is not None and torch.device(device) != self.device) or (dtype is not None and dtype != self.dtype):
+            raise ValueError(
+                f"this model is a part on {self.device} in {self.dtype}; load it where you want it instead: "
+                f"load_part(folder, 'f', device=..., dtype=...), then as_transformers(part)"
+            )
+        return self
+
     @classmethod
     def can_generate(cls) -> bool:
         return True
