@@ -41,7 +41,7 @@ _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atten
 # what each family's transformers config class defaults a key to when config.json lacks it
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {"max_position_embeddings": 32768},
-    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
+    "qwen3": {"max_position_embeddings": 32768},
     "llama": {"max_position_embeddings": 2048},
     "mistral": {"max_position_embeddings": 4096 * 32, "sliding_window": 4096},
 }
@@ -91,8 +91,8 @@ class QwenConfig:
             self.mlp_bias = False
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim is None:  # as transformers: Qwen3Config defaults to 128, the others derive it
+            self.head_dim = 128 if self.model_type == "qwen3" else self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
