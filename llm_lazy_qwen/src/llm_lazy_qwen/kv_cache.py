@@ -12,6 +12,8 @@ rolling buffer that assumes one token per step.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 
@@ -43,8 +45,14 @@ class FullLayerCache:
         positions = torch.arange(end, device=k.device)
         return self.k[:, :, :end], self.v[:, :, :end], positions
 
+    def slots_to_crop(self, length: int) -> int:
+        """0: every length can be cropped back to (the keys are all kept)."""
+        return 0
+
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
+        if self.length == 0:
+            self.k = self.v = None  # as new: the next call may have another batch size
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.k is not None and self.v is not None:
@@ -84,20 +92,21 @@ class RingLayerCache:
         self.length = start + T
         return keys, values, positions
 
-    def crop(self, length: int) -> None:
-        if length >= self.length or self.pos is None:
-            self.length = min(self.length, length)
-            return
+    def slots_to_crop(self, length: int) -> int:
+        """0 if the ring can go back to `length` tokens, else the extra slots that would have allowed it."""
+        if length >= self.length or length == 0 or self.pos is None:
+            return 0
         # the next query (index `length`) needs indices length-W+1 .. length-1; they must still be here
         needed = set(range(max(0, length - self.window + 1), length))
-        have = set(self.pos.tolist())
-        if not needed <= have:
-            raise ValueError(
-                f"cannot crop the sliding-window cache back to {length} tokens: the keys it needs were "
-                f"overwritten; create the cache with extra_slots >= {self.length - length} to allow this rollback"
-            )
-        self.pos[self.pos >= length] = -1
-        self.length = length
+        return 0 if needed <= set(self.pos.tolist()) else self.length - length
+
+    def crop(self, length: int) -> None:
+        assert self.slots_to_crop(length) == 0, (length, self.length)
+        if length == 0:
+            self.k = self.v = self.pos = None  # as new: the next call may have another batch size
+        elif length < self.length and self.pos is not None:
+            self.pos[self.pos >= length] = -1
+        self.length = min(self.length, length)
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.k is not None and self.v is not None:
@@ -112,7 +121,10 @@ class KVCache:
 
     Create it with ``part.new_cache()``; pass it to every forward call of that part.
     ``seq_len`` is the number of cache indices seen; ``crop(n)`` forgets everything from index n
-    (speculative decoding, prefix reuse).
+    (speculative decoding, prefix reuse); ``crop(0)`` makes it as new.
+
+    A call counts only once it has finished (:meth:`commit`): a call refused for its input changes
+    nothing, and keys stored by a call that failed midway are rolled back by the next call.
     """
 
     def __init__(self, windows: dict[int, int | None], extra_window_slots: int = 0) -> None:
@@ -124,17 +136,77 @@ class KVCache:
         self.next_position: torch.Tensor | None = None  # (B,) RoPE position of the next real token
 
     def crop(self, length: int) -> None:
+        """Forget every cache index from `length` on; all layers or none (a refused crop changes nothing).
+
+        Example::
+
+            cache.crop(cache.seq_len - 3)   # drop the last 3 tokens (rejected drafts)
+        """
+        length = operator.index(length)  # an int (numpy and 0-d integer tensors too); a TypeError otherwise
         if length < 0:
             raise ValueError(f"crop length must be >= 0, got {length}")
+        keep = min(length, self.seq_len)  # layers may also hold keys of a call that failed midway
+        short = max(c.slots_to_crop(keep) for c in self.layers.values()) if self.layers else 0
+        if short:
+            raise ValueError(
+                f"cannot crop the sliding-window cache back to {length} tokens: the keys it needs were "
+                f"overwritten; nothing was cropped (the cache still holds {self.seq_len} tokens). To allow this rollback "
+                f"create the cache with extra_slots >= {short}: part.new_cache(extra_window_slots={short})"
+            )
         for c in self.layers.values():
-            c.crop(length)
-        if length < self.seq_len:
+            c.crop(keep)
+        if keep == 0:
+            self.key_mask = self.next_position = None  # as new
+        elif keep < self.seq_len:
             if self.key_mask is not None:
-                self.key_mask = self.key_mask[:, :length]
+                self.key_mask = self.key_mask[:, :keep]
                 self.next_position = self.key_mask.long().sum(-1)
             elif self.next_position is not None:
-                self.next_position = torch.full_like(self.next_position, length)
-        self.seq_len = min(self.seq_len, length)
+                self.next_position = torch.full_like(self.next_position, keep)
+        self.seq_len = keep
+
+    def start_call(self, layer_ids: list[int], batch: int) -> int:
+        """The cache index a call of `batch` rows on the part holding `layer_ids` starts at.
+
+        Checks that the cache fits the call (a ValueError, nothing changed, if not) and rolls back
+        keys that a call which failed midway left in some layers.
+        """
+        if sorted(self.layers) != sorted(layer_ids):
+            raise ValueError(
+                f"this cache was made for layers {sorted(self.layers)}, but the part holds layers "
+                f"{sorted(layer_ids)}: make each part's cache with its own new_cache()"
+            )
+        rows = self.next_position.shape[0] if self.next_position is not None else None
+        if self.seq_len and rows is not None and rows != batch:
+            raise ValueError(
+                f"this cache holds {rows} rows; the input has {batch}: select rows with cache.reorder(index), "
+                "or start over with cache.crop(0) or a new cache"
+            )
+        if any(c.length != self.seq_len for c in self.layers.values()):
+            self._roll_back()
+        return self.seq_len
+
+    def _roll_back(self) -> None:
+        """Drop keys past ``seq_len`` (stored by a call that never finished)."""
+        short = max(c.slots_to_crop(self.seq_len) for c in self.layers.values())
+        if short:
+            raise ValueError(
+                f"a call on this cache failed midway, after its sliding-window layers had overwritten keys the "
+                f"cache needs: start over with cache.crop(0) or a new cache (one made with "
+                f"new_cache(extra_window_slots={short}) survives such a call)"
+            )
+        for c in self.layers.values():
+            c.crop(self.seq_len)
+
+    def commit(self, start: int, length: int, key_mask: torch.Tensor | None, next_position: torch.Tensor) -> None:
+        """Close a call of `length` tokens from `start`: it counts from now on."""
+        short = sorted(i for i, c in self.layers.items() if c.length != start + length)
+        if start != self.seq_len or short:
+            raise ValueError(
+                f"cannot close a call of {length} tokens from cache index {start} on a cache of {self.seq_len} "
+                f"with layers {short} not run: run_layer every layer of the part between prepare and finish"
+            )
+        self.seq_len, self.key_mask, self.next_position = start + length, key_mask, next_position
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select / reorder batch rows (beam search, dropping finished rows)."""

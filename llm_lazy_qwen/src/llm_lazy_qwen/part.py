@@ -7,11 +7,14 @@ Parameter names mirror transformers (``model.embed_tokens``, ``model.layers.{i}`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,21 @@ from .weights import assign, meta_placeholders, release
 
 LogitsToKeep = int | slice | torch.Tensor | None
 logger = logging.getLogger("llm_lazy_qwen")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _serialised(method: Callable[Concatenate[QwenPart, P], R]) -> Callable[Concatenate[QwenPart, P], R]:
+    """Run a method of a lazy part under its lock: concurrent calls take turns (see ``materialized``)."""
+
+    @functools.wraps(method)
+    def run(self: QwenPart, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self._lock is None:  # in RAM: a call changes nothing shared, calls run side by side
+            return method(self, *args, **kwargs)
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 @dataclass
@@ -44,6 +62,7 @@ class Step:
     length: int  # T
     key_mask: torch.Tensor | None  # (B, start + T) bool, None = no padding
     cache: KVCache | None
+    next_position: torch.Tensor | None = None  # (B,) the cache's after the step (committed by finish)
 
 
 class QwenPart(nn.Module):
@@ -109,6 +128,10 @@ class QwenPart(nn.Module):
         self._head_spec: QuantSpec | None = None  # a quantized head (load_weights)
         self._head_chunk = head_chunk_size  # multiple of 64 for an int4 head in a kernel layout
         self._head_views: tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]] | None = None
+        # lazy: calls swap streamed weights into the shared modules, so they take turns (re-entrant:
+        # forward -> run_layer -> materialized); _held: layers materialized now (by the lock's holder)
+        self._lock: threading.RLock | None = None
+        self._held: set[int] = set()
 
     # ------------------------------------------------------------------------------- weights
     @property
@@ -171,6 +194,7 @@ class QwenPart(nn.Module):
                     assign(self.lm_head, repacked(head, stored, self.lm_head), "end part")
             del end
         if lazy:
+            self._lock = self._lock or threading.RLock()
             self._streamer = LayerStreamer(
                 source,
                 self._stream_order(),
@@ -289,6 +313,7 @@ class QwenPart(nn.Module):
         return KVCache({i: self.config.window(i) for i in self.layer_ids}, extra_window_slots)
 
     # ------------------------------------------------------------------------------- forward
+    @_serialised
     def forward(
         self,
         x: torch.Tensor | None = None,
@@ -317,6 +342,8 @@ class QwenPart(nn.Module):
         """
         x, cache = _keyword_inputs(x, input_ids, cache, past_key_values)
         h, step = self.prepare(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
+        if self.spec.end:
+            _select(h[..., :1], logits_to_keep)  # a bad logits_to_keep is refused before any layer runs
         for i in self.layer_ids:
             h = self.run_layer(i, h, step)
         return self.finish(h, step, logits_to_keep)
@@ -335,9 +362,10 @@ class QwenPart(nn.Module):
     ) -> tuple[torch.Tensor, Step]:
         """Validate the input, embed token ids (begin part) and compute RoPE / masks once."""
         B, T = self._check_input(x)
-        start = cache.seq_len if cache is not None else 0
+        # nothing is stored in the cache before finish(): a call refused here leaves it as it was
+        start = cache.start_call(self.layer_ids, B) if cache is not None else 0
         new_mask, key_mask = self._masks(attention_mask, cache, B, T, start, x.device)
-        position_ids = self._positions(position_ids, cache, new_mask, B, T, start, x.device)
+        position_ids, next_position = self._positions(position_ids, cache, new_mask, B, T, start, x.device)
         if self.spec.begin and self._streamer is not None:
             # lazy: pread just these tokens' rows; a mapping of the embedding would pull whole
             # (up to 2 MiB) pages of it into RSS per token
@@ -348,7 +376,7 @@ class QwenPart(nn.Module):
         else:
             h = x
         cos, sin = self.rotary(position_ids, h.dtype)
-        return h, Step(cos, sin, start, T, key_mask, cache)
+        return h, Step(cos, sin, start, T, key_mask, cache, next_position)
 
     @contextmanager
     def materialized(self, i: int) -> Iterator[nn.Module]:
@@ -358,20 +386,28 @@ class QwenPart(nn.Module):
 
             with part.materialized(3) as layer:
                 out = layer(h, step.cos, step.sin, step.start)
+
+        A lazy part's calls take turns: other threads wait until the layer is released.
         """
         layer = self._layer(i)
-        if self._streamer is None:
+        if self._streamer is None or self._lock is None:
             yield layer
             return
-        weights = self._streamer.get(i)
-        assign(layer, weights, f"layer {i}", self._placeholders[i].keys())
-        try:
-            yield layer
-        finally:
-            release(layer, self._placeholders[i])
-            # with autograd on, the graph may keep views of the weights: never reuse that buffer
-            self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
-            del weights
+        with self._lock:
+            if i in self._held:  # nested in this thread: the weights are in place already
+                yield layer
+                return
+            weights = self._streamer.get(i)
+            assign(layer, weights, f"layer {i}", self._placeholders[i].keys())
+            self._held.add(i)
+            try:
+                yield layer
+            finally:
+                self._held.discard(i)
+                release(layer, self._placeholders[i])
+                # with autograd on, the graph may keep views of the weights: never reuse that buffer
+                self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
+                del weights
 
     def run_layer(self, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
         """One decoder layer: (B, T, H) -> (B, T, H), updating its cache."""
@@ -416,19 +452,21 @@ class QwenPart(nn.Module):
                 yield v0, v1, dequantize_into(t["qweight"], t["scales"], self._head_spec, self.dtype)
 
     def finish(self, h: torch.Tensor, step: Step, logits_to_keep: LogitsToKeep = None) -> torch.Tensor:
-        """Close the step: advance the cache; with the end part, final norm + head on the kept positions."""
+        """Close the step: with the end part, final norm + head on the kept positions; then the cache
+        counts the step (a step that fails before this point is rolled back by the next one)."""
+        if self.spec.end:
+            h = self.model.norm(_select(h, logits_to_keep))
+            out = h.new_empty(*h.shape[:-1], self.config.vocab_size)  # (B, T_keep, V) in the compute dtype
+            for v0, v1, t in self._head_items():
+                if self._head_spec is None:
+                    out[..., v0:v1] = F.linear(h, t["weight"])
+                else:  # the int kernel for decode rows, dequantize + GEMM for more
+                    out[..., v0:v1] = quant_linear(h, t["qweight"], t["scales"], None, self._head_spec)
+            h = out
         if step.cache is not None:
-            step.cache.seq_len = step.start + step.length
-        if not self.spec.end:
-            return h
-        h = self.model.norm(_select(h, logits_to_keep))
-        out = h.new_empty(*h.shape[:-1], self.config.vocab_size)  # (B, T_keep, V) in the compute dtype
-        for v0, v1, t in self._head_items():
-            if self._head_spec is None:
-                out[..., v0:v1] = F.linear(h, t["weight"])
-            else:  # the int kernel for decode rows, dequantize + GEMM for more
-                out[..., v0:v1] = quant_linear(h, t["qweight"], t["scales"], None, self._head_spec)
-        return out
+            assert step.next_position is not None
+            step.cache.commit(step.start, step.length, step.key_mask, step.next_position)
+        return h
 
     # ------------------------------------------------------------------------------- inputs
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
@@ -482,8 +520,6 @@ class QwenPart(nn.Module):
         if past is None:
             past = torch.ones(B, start, dtype=torch.bool, device=device)
         key_mask = torch.cat([past, new], dim=1)
-        if cache is not None:
-            cache.key_mask = key_mask
         return new, (None if bool(key_mask.all()) else key_mask)
 
     def _positions(
@@ -495,7 +531,8 @@ class QwenPart(nn.Module):
         T: int,
         start: int,
         device: torch.device,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RoPE positions (B, T), and the cache's next position after them (None without a cache)."""
         base = cache.next_position if cache is not None and cache.next_position is not None else None
         if position_ids is None:
             if base is None:
@@ -518,14 +555,14 @@ class QwenPart(nn.Module):
                 f"position {int(position_ids.max())} is beyond {what}={limit} of this model "
                 "(or negative); shorten the input or crop the cache"
             )
-        if cache is not None:
-            if new_mask is None:
-                cache.next_position = position_ids[:, -1] + 1
-            else:  # rows whose new tokens are all padding keep their previous next position
-                last = position_ids.masked_fill(~new_mask, -1).max(-1).values + 1
-                prev = base if base is not None else torch.full((B,), start, dtype=torch.long, device=device)
-                cache.next_position = torch.where(new_mask.any(-1), last, prev)
-        return position_ids
+        if cache is None:
+            return position_ids, None
+        if new_mask is None:
+            return position_ids, position_ids[:, -1] + 1
+        # rows whose new tokens are all padding keep their previous next position
+        last = position_ids.masked_fill(~new_mask, -1).max(-1).values + 1
+        prev = base if base is not None else torch.full((B,), start, dtype=torch.long, device=device)
+        return position_ids, torch.where(new_mask.any(-1), last, prev)
 
     def close(self) -> None:
         """Stop the prefetch thread (lazy parts)."""
@@ -565,4 +602,9 @@ def _select(h: torch.Tensor, keep: LogitsToKeep) -> torch.Tensor:
         return h[:, -keep:]
     if isinstance(keep, slice):
         return h[:, keep]
+    T = h.shape[1]
+    if not keep.dtype.is_floating_point and keep.dtype != torch.bool and keep.numel():
+        lo, hi = int(keep.min()), int(keep.max())
+        if lo < -T or hi >= T:
+            raise ValueError(f"logits_to_keep indices must be in [-{T}, {T}) (positions of this call); got {lo}..{hi}")
     return h[:, keep.to(h.device)]

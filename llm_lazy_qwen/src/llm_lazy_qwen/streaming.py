@@ -163,6 +163,10 @@ class LayerStreamer:
         self._ready: dict[int, torch.cuda.Event] = {}
         self._copied: dict[int, torch.cuda.Event] = {}
         self._last: Item | None = None  # the previous request: tells the direction of traversal
+        # get / retire / close may come from several threads (and retire from the worker's callbacks):
+        # this guards their bookkeeping (_pending, _kept, _last). Never held while waiting for the worker.
+        self._state = threading.RLock()
+        self._closed = False
 
     # ------------------------------------------------------------------------------- sizes
     def _where(self, item: Item) -> tuple[int | str, Rows | None]:
@@ -313,23 +317,28 @@ class LayerStreamer:
         """
         if item not in self._index:
             raise KeyError(f"{item!r} is not streamed by this part")
-        n = len(self.order)
-        backward = n > 2 and self._last is not None and self._index[item] == (self._index[self._last] - 1) % n
-        self._last = item
-        window = self._window(item, -1 if backward else 1)
-        for other in [i for i in self._pending if i != item and i not in window]:
-            fut = self._pending.pop(other)
-            if not fut.cancel():  # already loading or loaded: hand its buffer back when done
-                fut.add_done_callback(lambda f: None if f.exception() else self.retire(f.result()))
-        for nxt in window:
-            if nxt not in self._pending:
-                self._pending[nxt] = self._pool.submit(self._load, nxt)
-        if item in self.pinned:
-            if item not in self._kept:
-                self._kept[item] = self._handoff(self._load(item), keep=True)
+        with self._state:
+            n = len(self.order)
+            backward = n > 2 and self._last is not None and self._index[item] == (self._index[self._last] - 1) % n
+            self._last = item
+            window = [] if self._closed else self._window(item, -1 if backward else 1)  # closed: no worker
+            for other in [i for i in self._pending if i != item and i not in window]:
+                fut = self._pending.pop(other)
+                if not fut.cancel():  # already loading or loaded: hand its buffer back when done
+                    fut.add_done_callback(lambda f: None if f.exception() else self.retire(f.result()))
+            for nxt in window:
+                if nxt not in self._pending:
+                    self._pending[nxt] = self._pool.submit(self._load, nxt)
+            if item in self.pinned:
+                if item not in self._kept:
+                    self._kept[item] = self._handoff(self._load(item), keep=True)
+                kept = self._kept[item]
+            else:
+                kept = None
+                fut = self._pending.pop(item, None)
+        if kept is not None:
             self._unchanged(item)
-            return self._kept[item]
-        fut = self._pending.pop(item, None)
+            return kept
         tensors = fut.result() if fut is not None else self._load(item)
         self._unchanged(item, tensors)
         return self._handoff(tensors)
@@ -350,22 +359,27 @@ class LayerStreamer:
         """Give used weights back. Copy mode: the buffer is reused (``reuse=False`` when autograd may
         still hold views of it: then a fresh buffer replaces it). Mmap mode: the worker drops the
         views, so unmapping happens off the compute thread. Pinned items are kept."""
-        if any(tensors is kept for kept in self._kept.values()):
-            return
-        self._ready.pop(id(tensors), None)  # a prefetch dropped unused: never used off the side stream
-        buf = self._buffer_of.pop(id(tensors), None)
-        if buf is not None:
-            if reuse:
-                self._free.put(buf)
+        with self._state:
+            if any(tensors is kept for kept in self._kept.values()):
+                return
+            self._ready.pop(id(tensors), None)  # a prefetch dropped unused: never used off the side stream
+            buf = self._buffer_of.pop(id(tensors), None)
+            if buf is not None:
+                if reuse:
+                    self._free.put(buf)
+                else:
+                    with self._lock:
+                        self._allocated -= 1  # autograd owns it now; a new buffer will be allocated
+            elif self._closed:
+                tensors.clear()  # the worker is gone: unmap here
             else:
-                with self._lock:
-                    self._allocated -= 1  # autograd owns it now; a new buffer will be allocated
-        else:
-            self._pool.submit(tensors.clear)
+                self._pool.submit(tensors.clear)
 
     def close(self) -> None:
-        self._kept.clear()
-        for fut in self._pending.values():
-            fut.cancel()
-        self._pending.clear()
-        self._pool.shutdown(wait=True)
+        with self._state:
+            self._closed = True
+            self._kept.clear()
+            for fut in self._pending.values():
+                fut.cancel()
+            self._pending.clear()
+        self._pool.shutdown(wait=True)  # its callbacks retire what it was loading: not under _state
