@@ -125,7 +125,8 @@ class PartForCausalLM(nn.Module, GenerationMixin):
         """A no-op for the part's own device and dtype (pipelines call it); anything else is refused:
         a part, lazy ones included, is placed when loaded."""
         device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
-        if (device is not None and torch.device(device) != self.device) or (dtype is not None and dtype != self.dtype):
+        moved = device is not None and not _same_device(torch.device(device), self.device)
+        if moved or (dtype is not None and dtype != self.dtype):
             raise ValueError(
                 f"this model is a part on {self.device} in {self.dtype}; load it where you want it instead: "
                 f"load_part(folder, 'f', device=..., dtype=...), then as_transformers(part)"
@@ -229,6 +230,11 @@ class PartForCausalLM(nn.Module, GenerationMixin):
             input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=kv, logits_to_keep=logits_to_keep
         )
         return CausalLMOutputWithPast(logits=logits, **{_OUT_CACHE: given})
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a and b are one device: "cuda" and "cuda:0" are, unless both name different indices."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def hf_config(part: QwenPart) -> tuple[PretrainedConfig, GenerationConfig]:
