@@ -105,7 +105,11 @@ def _coverage(tensors: Tensors) -> float | None:
 
 
 class LayerStreamer:
-    """Hands out weights in a fixed cyclic order, keeping `prefetch` upcoming items in flight."""
+    """Hands out weights in a fixed cyclic order, keeping `prefetch` upcoming items in flight.
+
+    ``get`` / ``retire`` may be called from several threads: each ``get`` returns weights of its own
+    (or the shared ones of a pinned item) until they are retired.
+    """
 
     def __init__(
         self,
