@@ -241,7 +241,7 @@ def test_a_failed_turn_is_reported_and_forgotten(chat_model, turns, capsys, monk
     assert main(["chat", str(sep), "--chat-template", str(tmp_path / "strict.jinja"), *GREEDY]) == 0
     out, err = capsys.readouterr()
     assert "error: the chat template failed: no bad words" in err
-    assert "tokens and the model holds max_position_embeddings=256; /reset starts a new one" in err
+    assert "tokens and the model serves at most 256 positions; /reset starts a new one" in err
     assert err.count("error:") == 2
     ids, new, text = hf_turn(model, hf_tokenizer(hf), [{"role": "user", "content": "Hi"}])
     assert turns[-1] == (ids, new + [2] * (len(new) < N))  # neither failed turn is in the history

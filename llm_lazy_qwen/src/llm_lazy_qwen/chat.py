@@ -58,7 +58,8 @@ class ChatSession:
         self.params = params or SamplingParams()
         self.max_new_tokens, self.generator = max_new_tokens, generator
         self.forward = CachedForward(IncrementalPart(part))  # KV cache kept across turns
-        self.max_positions, self.device = part.config.max_position_embeddings, part.device
+        # the longest sequence the model serves (YaRN stretches it; dynamic NTK has no limit)
+        self.max_positions, self.device = part.config.max_positions or sys.maxsize, part.device
         self.messages: list[dict[str, str]] = []
         self.last_prompt_ids: list[int] = []  # what the last turn ran: the conversation, rendered
         self.last_answer_ids: list[int] = []  # the tokens it sampled, without the stop token
@@ -85,8 +86,8 @@ class ChatSession:
         ids = self.prompt_ids(user)  # a template error is raised here, before anything changes
         if len(ids) >= self.max_positions:
             raise ValueError(
-                f"the conversation is {len(ids)} tokens and the model holds max_position_embeddings="
-                f"{self.max_positions}; /reset starts a new one (ChatSession.reset())"
+                f"the conversation is {len(ids)} tokens and the model serves at most "
+                f"{self.max_positions} positions; /reset starts a new one (ChatSession.reset())"
             )
         asked = {"role": "user", "content": user}
         self.messages.append(asked)
