@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -57,27 +57,32 @@ class PartWeights:
         return out
 
 
-@dataclass(frozen=True)
-class _Stamp:
-    """What one ``os.stat`` tells of a file's bytes (~1 us; no read): which file, its size, its mtime."""
+class _Stamp(NamedTuple):
+    """What one ``os.stat`` tells of a file's bytes (no read): which file, its size, its mtime."""
 
-    inode: tuple[int, int]  # (st_dev, st_ino): a re-conversion renames a new file over the old one
+    dev: int
+    inode: int  # a re-conversion renames a new file over the old one
     size: int
     mtime_ns: int  # a rewrite in place (same inode, same size)
 
-    @classmethod
-    def of(cls, st: os.stat_result) -> _Stamp:
-        return cls((st.st_dev, st.st_ino), st.st_size, st.st_mtime_ns)
 
-    def change(self, now: _Stamp | None) -> str | None:
-        """How the file changed since this stamp (None: it did not)."""
-        if now is None:
-            return "removed"
-        if now.inode != self.inode:
-            return "replaced by another file"
-        if now.size != self.size:
-            return f"now {now.size} bytes, was {self.size}"
-        return "modified in place" if now.mtime_ns != self.mtime_ns else None
+def _stamp(path: str) -> _Stamp | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return _Stamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _change(was: _Stamp, now: _Stamp | None) -> str:
+    """How a file changed (``was != now``), in words."""
+    if now is None:
+        return "removed"
+    if (now.dev, now.inode) != (was.dev, was.inode):
+        return "replaced by another file"
+    if now.size != was.size:
+        return f"now {now.size} bytes, was {was.size}"
+    return "modified in place"
 
 
 class SepWeights:
@@ -101,21 +106,22 @@ class SepWeights:
         if not self.root.is_dir():
             raise SepweightError(f"{self.root}: not a directory")
         self.manifest = Manifest.read(self.root)
-        self._stamps: dict[str, _Stamp] = {}  # the files the manifest describes, as they were when opened
+        # the files the manifest describes, as they were when opened: (path, stamp) by name
+        self._stamps: dict[str, tuple[str, _Stamp]] = {}
         for name, entry in self.manifest.files.items():
             path = self.root / name
-            if not path.is_file():
+            stamp = _stamp(str(path))
+            if stamp is None or not path.is_file():
                 raise SepweightError(
                     f"{path}: listed in manifest.json ({_describe(entry.part)}) but missing; "
                     "re-run the conversion into this folder to restore it"
                 )
-            stamp = _Stamp.of(path.stat())
             if stamp.size != entry.size:
                 raise SepweightError(
                     f"{path}: {stamp.size} bytes, manifest.json says {entry.size}; the file is truncated "
                     "or was replaced: run `llm-sepweight verify` and re-convert"
                 )
-            self._stamps[name] = stamp
+            self._stamps[name] = (str(path), stamp)
         self._by_part: dict[Part, str] = {e.part: n for n, e in self.manifest.files.items()}
         self._headers: dict[str, Header] = {}  # parsed once: lazy consumers re-open files every step
         self._linears: dict[Part, dict[str, QuantSpec]] = {}
@@ -127,24 +133,20 @@ class SepWeights:
             self._headers[name] = read_header(path)
         return self._headers[name]
 
-    def _unchanged(self, name: str) -> Path:
-        """The file's path, after checking it is still the file this folder was opened with."""
-        path = self.root / name
-        try:
-            now: _Stamp | None = _Stamp.of(os.stat(path))
-        except FileNotFoundError:
-            now = None
-        change = self._stamps[name].change(now)
-        if change is not None:
+    def _unchanged(self, name: str) -> str:
+        """The file's path, after checking it is still the file this folder was opened with (one stat)."""
+        path, was = self._stamps[name]
+        now = _stamp(path)
+        if now != was:
             raise SepweightError(
-                f"{path}: changed on disk while in use ({change}); the folder was re-converted, overwritten or "
-                "truncated after it was opened, and its cached headers no longer describe its bytes: "
-                "reload the model (a new SepWeights / load_part) to use the new files"
+                f"{path}: changed on disk while in use ({_change(was, now)}); the folder was re-converted, "
+                "overwritten or truncated after it was opened, and its cached headers no longer describe its "
+                "bytes: reload the model (a new SepWeights / load_part) to use the new files"
             )
         return path
 
     @contextmanager
-    def _open(self, name: str) -> Iterator[tuple[Path, Header]]:
+    def _open(self, name: str) -> Iterator[tuple[str, Header]]:
         """(path, header) of a part file for one read or mapping, checked unchanged before and after it.
 
         Before: the header's offsets hold for the file being opened (so a truncated file is never
