@@ -81,10 +81,12 @@ def test_layer_file_truncated_in_place_raises_naming_it(folder, mode):
     part.close()
 
 
-def test_truncated_layer_already_prefetched_raises_instead_of_sigbus(folder):
-    """mmap mode prefetches the next token's first layer (mapped, every page in) right after a forward.
-    Truncating its file then made touching those pages a SIGBUS that killed the process; the part
-    checks the file again when it hands the item out. In a child process, so a crash fails only this test."""
+@pytest.mark.parametrize("name", ["mid.00000", "end"])
+def test_truncated_file_already_mapped_raises_instead_of_sigbus(folder, name):
+    """mmap mode prefetches the next token's first layer (mapped, every page in) right after a forward,
+    and the final norm was a mapped view of end.safetensors. Truncating such a file made touching those
+    pages a SIGBUS that killed the process; now the part checks a prefetched item's file again when it
+    hands it out, and holds the norm in memory. In a child process, so a crash fails only this test."""
     path, _ = folder
     script = textwrap.dedent(
         f"""
@@ -97,8 +99,7 @@ def test_truncated_layer_already_prefetched_raises_instead_of_sigbus(folder):
         part(ids)
         for prefetch in part._streamer._pending.values():  # wait until layer 0 of the next forward is mapped
             prefetch.result()
-        name = {str(path / "mid.00000.safetensors")!r}
-        os.truncate(name, 4096)
+        os.truncate({str(path / f"{name}.safetensors")!r}, 4096)
         try:
             part(ids)
         except sw.SepweightError as e:
@@ -107,7 +108,7 @@ def test_truncated_layer_already_prefetched_raises_instead_of_sigbus(folder):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"child died (rc {done.returncode}): {done.stderr[-2000:]}"
-    assert re.search("ERROR: " + _changed(path / "mid.00000.safetensors", r"now 4096 bytes, was \d+"), done.stdout)
+    assert re.search("ERROR: " + _changed(path / f"{name}.safetensors", r"now 4096 bytes, was \d+"), done.stdout)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

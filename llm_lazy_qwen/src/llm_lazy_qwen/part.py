@@ -183,7 +183,10 @@ class QwenPart(nn.Module):
             self.model.embed_tokens.weight = nn.Parameter(emb if lazy else prep(emb), requires_grad=False)
         if self.spec.end:
             end = source.end()
-            self.model.norm.weight = nn.Parameter(prep(end["norm.weight"]), requires_grad=False)
+            # lazy: a copy, so a forward touches no mapping but the streamer's, whose files it checks
+            # first (pages of a file truncated since it was mapped are a SIGBUS)
+            norm = prep(end["norm.weight"])
+            self.model.norm.weight = nn.Parameter(norm.clone() if lazy else norm, requires_grad=False)
             if not lazy:
                 if self.config.tie_word_embeddings and self.spec.begin:
                     self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, as transformers
