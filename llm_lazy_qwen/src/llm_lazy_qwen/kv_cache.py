@@ -134,6 +134,7 @@ class KVCache:
         self.seq_len = 0
         self.key_mask: torch.Tensor | None = None  # (B, seq_len) bool: False for padding
         self.next_position: torch.Tensor | None = None  # (B,) RoPE position of the next real token
+        self.rope_length: int | None = None  # dynamic RoPE: this sequence's history (rope.dynamic_length)
 
     def crop(self, length: int) -> None:
         """Forget every cache index from `length` on; all layers or none (a refused crop changes nothing).
@@ -156,7 +157,7 @@ class KVCache:
         for c in self.layers.values():
             c.crop(keep)
         if keep == 0:
-            self.key_mask = self.next_position = None  # as new
+            self.key_mask = self.next_position = self.rope_length = None  # as new
         elif keep < self.seq_len:
             if self.key_mask is not None:
                 self.key_mask = self.key_mask[:, :keep]
@@ -198,7 +199,14 @@ class KVCache:
         for c in self.layers.values():
             c.crop(self.seq_len)
 
-    def commit(self, start: int, length: int, key_mask: torch.Tensor | None, next_position: torch.Tensor) -> None:
+    def commit(
+        self,
+        start: int,
+        length: int,
+        key_mask: torch.Tensor | None,
+        next_position: torch.Tensor,
+        rope_length: int | None = None,
+    ) -> None:
         """Close a call of `length` tokens from `start`: it counts from now on."""
         short = sorted(i for i, c in self.layers.items() if c.length != start + length)
         if start != self.seq_len or short:
@@ -207,6 +215,7 @@ class KVCache:
                 f"with layers {short} not run: run_layer every layer of the part between prepare and finish"
             )
         self.seq_len, self.key_mask, self.next_position = start + length, key_mask, next_position
+        self.rope_length = rope_length
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select / reorder batch rows (beam search, dropping finished rows)."""

@@ -63,6 +63,7 @@ class Step:
     key_mask: torch.Tensor | None  # (B, start + T) bool, None = no padding
     cache: KVCache | None
     next_position: torch.Tensor | None = None  # (B,) the cache's after the step (committed by finish)
+    rope_length: int | None = None  # dynamic RoPE: the cache's history after the step (committed by finish)
 
 
 class QwenPart(nn.Module):
@@ -378,8 +379,10 @@ class QwenPart(nn.Module):
             h = F.embedding(x.to(emb.device), emb).to(self.device, self.dtype)  # (B, T, H)
         else:
             h = x
-        cos, sin = self.rotary(position_ids, h.dtype)
-        return h, Step(cos, sin, start, T, key_mask, cache, next_position)
+        # dynamic RoPE: a sequence's history is its cache's; calls without one share the module's
+        rope_length = self.rotary.length_for(position_ids, cache.rope_length) if cache is not None else None
+        cos, sin = self.rotary(position_ids, h.dtype, rope_length)
+        return h, Step(cos, sin, start, T, key_mask, cache, next_position, rope_length)
 
     @contextmanager
     def materialized(self, i: int) -> Iterator[nn.Module]:
@@ -468,7 +471,7 @@ class QwenPart(nn.Module):
             h = out
         if step.cache is not None:
             assert step.next_position is not None
-            step.cache.commit(step.start, step.length, step.key_mask, step.next_position)
+            step.cache.commit(step.start, step.length, step.key_mask, step.next_position, step.rope_length)
         return h
 
     # ------------------------------------------------------------------------------- inputs

@@ -3,13 +3,18 @@
 Dimension i pairs with i + d/2 (not interleaved pairs as in Meta/gpt-fast code). The RoPE variants are
 a table keyed by ``rope_type`` (transformers' ``ROPE_INIT_FUNCTIONS``): each returns ``(inv_freq,
 attention_factor)``; the factor multiplies cos and sin (YaRN's attention temperature, 1 elsewhere).
-``dynamic`` (NTK) recomputes ``inv_freq`` whenever a forward sees a longer sequence than the original
-``max_position_embeddings`` (:class:`RotaryEmbedding`, as transformers' ``dynamic_rope_update``).
+``dynamic`` (NTK) uses the frequencies of the longest sequence seen since the last reset once past the
+original ``max_position_embeddings`` (transformers' ``dynamic_rope_update``). That history belongs to a
+sequence: a KV cache carries it (:meth:`RotaryEmbedding.length_for`), calls without a cache share the
+module's, as transformers; the frequencies of a call are a pure function of its length, so calls on one
+part run side by side.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -113,8 +118,35 @@ ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 
+def dynamic_length(seen: int, seq_len: int, original: int) -> int:
+    """The length whose NTK frequencies a call of `seq_len` positions uses, given `seen`, the length of
+    the previous call (`original` for none): transformers' ``dynamic_frequency_update`` as a pure function.
+
+    It grows past `seen`, keeps `seen` while ``seq_len >= original`` and resets to `original` below
+    (`original` itself: the initial frequencies). The result is the next call's `seen`.
+
+    Example::
+
+        dynamic_length(32, 50, 32), dynamic_length(50, 40, 32), dynamic_length(50, 12, 32)   # 50, 50, 32
+    """
+    if seq_len > seen:
+        return seq_len
+    return original if seq_len < original else seen
+
+
+@functools.lru_cache(maxsize=64)
+def _ntk_inv_freq(theta: float, factor: float, dim: int, original: int, length: int) -> torch.Tensor:
+    """NTK frequencies for `length` (> original), computed as transformers does at run time: from an int64
+    length tensor (so in fp32), bit for bit. Shared between calls: never modify the result."""
+    return _dynamic({"rope_theta": theta, "factor": factor}, dim, original, torch.tensor(length))[0]
+
+
+# guards the read-modify-write of a module's history (an int); never held across a forward
+_HISTORY_LOCK = threading.Lock()
+
+
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables of a model's RoPE; for ``dynamic`` also the frequencies of the longest sequence seen.
+    """cos/sin tables of a model's RoPE; for ``dynamic`` also the history of calls without a KV cache.
 
     Example::
 
@@ -128,27 +160,53 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.params, self.head_dim = dict(params), head_dim
         self.rope_type = str(params["rope_type"])
+        # dynamic: the length of the last call without a cache (transformers' module state)
         self.original_max_seq_len = self.max_seq_len_cached = max_position_embeddings
         inv, self.attention_scaling = ROPE_INIT[self.rope_type](self.params, head_dim, max_position_embeddings, None)
-        self.register_buffer("inv_freq", inv.to(device), persistent=False)
-        self.register_buffer("original_inv_freq", inv.clone().to(device), persistent=False)
+        self.register_buffer("original_inv_freq", inv.to(device), persistent=False)
 
-    def _dynamic_update(self, position_ids: torch.Tensor) -> None:
-        """transformers' ``dynamic_frequency_update``: grow past the cached length, reset when back inside."""
-        seq_len = torch.max(position_ids) + 1  # a tensor, as transformers computes it
-        if seq_len > self.max_seq_len_cached:
-            inv, self.attention_scaling = _dynamic(self.params, self.head_dim, self.original_max_seq_len, seq_len)
-            self.inv_freq = inv.to(self.inv_freq.device)
-            self.max_seq_len_cached = int(seq_len)
-        elif seq_len < self.original_max_seq_len < self.max_seq_len_cached:
-            self.inv_freq = self.original_inv_freq.clone()
-            self.max_seq_len_cached = self.original_max_seq_len
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """(head_dim/2,) the frequencies of the last call without a KV cache (transformers' ``inv_freq``)."""
+        return self.frequencies(self.max_seq_len_cached)
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (B, T, head_dim) in `dtype`, computed in fp32 from integer positions (B, T)."""
-        if self.rope_type == "dynamic":
-            self._dynamic_update(position_ids)
-        return cos_sin(position_ids, self.inv_freq, dtype, self.attention_scaling)
+    def frequencies(self, length: int | None) -> torch.Tensor:
+        """(head_dim/2,) fp32 frequencies for a dynamic length from :meth:`length_for` (None, or any
+        length for the other RoPE types: the fixed ones)."""
+        if self.rope_type != "dynamic" or length is None or length <= self.original_max_seq_len:
+            return self.original_inv_freq
+        p = self.params
+        inv = _ntk_inv_freq(p["rope_theta"], p["factor"], self.head_dim, self.original_max_seq_len, length)
+        return inv.to(self.original_inv_freq.device)
+
+    def length_for(self, position_ids: torch.Tensor, seen: int | None) -> int | None:
+        """The dynamic length of a call at `position_ids` (B, T) on a sequence whose previous call had
+        `seen` (None: a new sequence); None for the other RoPE types. Store it for the sequence's next call.
+
+        Example::
+
+            length = rope.length_for(position_ids, cache_length)   # changes nothing
+            cos, sin = rope(position_ids, torch.float32, length)
+        """
+        if self.rope_type != "dynamic":
+            return None
+        seq_len = int(position_ids.max()) + 1  # as transformers: padding positions count too
+        original = self.original_max_seq_len
+        return dynamic_length(original if seen is None else seen, seq_len, original)
+
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, T, head_dim) in `dtype`, computed in fp32 from integer positions (B, T).
+
+        Dynamic RoPE: `length` from :meth:`length_for` (calls with a KV cache); None advances the
+        module's own history, as transformers (calls without a cache)."""
+        if self.rope_type == "dynamic" and length is None:
+            seq_len = int(position_ids.max()) + 1
+            with _HISTORY_LOCK:
+                length = dynamic_length(self.max_seq_len_cached, seq_len, self.original_max_seq_len)
+                self.max_seq_len_cached = length
+        return cos_sin(position_ids, self.frequencies(length), dtype, self.attention_scaling)
 
 
 def cos_sin(
