@@ -19,7 +19,7 @@ from llm_lora_mmap import (
     read_adapter,
     save_adapter,
 )
-from llm_sepweight import safetensors_io
+from llm_sepweight import safetensors_write
 
 
 def test_saved_files_are_peft_layout(sep, tmp_path):
@@ -170,8 +170,8 @@ def test_save_is_atomic(sep, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed in the middle of writing the data
         return real(t, dtype)
 
-    real = safetensors_io._chunks  # llm_sepweight's writer converts and writes each tensor in chunks
-    monkeypatch.setattr(safetensors_io, "_chunks", crash_after_two_tensors)
+    real = safetensors_write._chunks  # llm_sepweight's writer converts and writes each tensor in chunks
+    monkeypatch.setattr(safetensors_write, "_chunks", crash_after_two_tensors)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(part, tmp_path / "ad")
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == before  # the old adapter, intact

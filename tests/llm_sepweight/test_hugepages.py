@@ -65,10 +65,10 @@ def test_coverage_of_a_large_file(tmp_path):
 
 def test_prefault_falls_back_on_kernels_without_populate_read(sep, monkeypatch):
     """Before Linux 5.14 madvise(MADV_POPULATE_READ) fails with EINVAL: MAP_POPULATE is used instead."""
-    from llm_sepweight import safetensors_io
+    from llm_sepweight import safetensors_read
 
     path, ckpt = sep("qwen2")
-    monkeypatch.setattr(safetensors_io, "_MADV_POPULATE_READ", 0x7FFF)  # an advice no kernel knows
+    monkeypatch.setattr(safetensors_read, "_MADV_POPULATE_READ", 0x7FFF)  # an advice no kernel knows
     layer = SepWeights(path).layer(2, prefault=True)
     want = ckpt.model.state_dict()
     for k, v in layer.items():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llm_sepweight as sw
-from llm_sepweight import safetensors_io
+from llm_sepweight import safetensors_io, safetensors_read
 
 
 def _check(weights, threads, drop_cache, slack):
@@ -29,7 +29,7 @@ def _check(weights, threads, drop_cache, slack):
 @pytest.mark.parametrize(("drop_cache", "slack"), [(False, 0), (True, 0), (True, sw.SepWeights.READ_SLACK)])
 def test_read_into_threads_drop_and_direct_equal_one_reader(sep, monkeypatch, threads, drop_cache, slack):
     """Small pieces force many slices per reader, cut at page boundaries inside tensors."""
-    monkeypatch.setattr(safetensors_io, "_PIECE", 8192)
+    monkeypatch.setattr(safetensors_read, "_PIECE", 8192)
     path, _ = sep("qwen2")
     _check(sw.SepWeights(path), threads, drop_cache, slack)
 

@@ -94,7 +94,7 @@ def test_sigkill_mid_conversion_then_resume(qwen_checkpoints, tmp_path):
         f"""
         import os, signal
         import llm_sepweight as sw
-        import llm_sepweight.safetensors_io as io
+        import llm_sepweight.safetensors_write as io
         calls = 0
         real = io._bytes_view
         def view(t):

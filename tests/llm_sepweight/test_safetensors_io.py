@@ -58,7 +58,7 @@ def test_mmap_views_are_copy_on_write(tmp_path):
 
 
 def test_dtype_conversion_in_chunks_is_exact(monkeypatch):
-    import llm_sepweight.safetensors_io as io_mod
+    import llm_sepweight.safetensors_write as io_mod
 
     monkeypatch.setattr(io_mod, "_CHUNK_BYTES", 64)  # force many chunks
     src = torch.randn(1000)

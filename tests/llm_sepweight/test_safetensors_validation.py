@@ -214,7 +214,7 @@ def test_save_safetensors_reads_back_in_safetensors(tmp_path):
 
 def test_save_safetensors_is_atomic(tmp_path, monkeypatch):
     """A write killed halfway through the data leaves the old file, whole, and no temp file."""
-    import llm_sepweight.safetensors_io as io_mod
+    import llm_sepweight.safetensors_write as io_mod
 
     path = sw.save_safetensors(tmp_path / "w.safetensors", {"w": torch.zeros(8)})
     before = path.read_bytes()
