@@ -10,6 +10,16 @@ Example:
 
 from .blas import backend, backend_info
 from .bundled import bsm
+from .quant_gemv import int4_matmul, int8_matmul, prepare_int4_scales, quant_gemv_isa
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "backend", "backend_info", "bsm"]
+__all__ = [
+    "__version__",
+    "backend",
+    "backend_info",
+    "bsm",
+    "int4_matmul",
+    "int8_matmul",
+    "prepare_int4_scales",
+    "quant_gemv_isa",
+]

@@ -1,0 +1,469 @@
+/* Decode GEMV for quantized linears: y[M, N] = x[M, K] @ dequant(W)^T, accumulated in fp32.
+ *
+ * W as llm_sepweight's QUANT_FORMAT.md stores it:
+ *   int8: q int8 [N, K] row-major, w[n, k] = q[n, k] * scale[n];
+ *   int4: q uint8 [N, K/2] in a layout (below), w[n, k] = q[n, k] * s[n, k/g] + o[n, k/g], where the
+ *         caller prepared s and o (= zero - 8 * scale) as fp32 [2G, N]: row 2j = s of group j, 2j+1 = o.
+ * int4 layouts: "half" (aten_cpu_avx2, BN 32; aten_cpu_avx512, BN 64): bytes [N/BN, K, BN/2], byte j
+ * of a (block, k) holds rows (j, j + BN/2) as (low, high) nibble; "pairs" (aten_cpu_default, BN 32):
+ * rows (2j, 2j + 1); "rows": q[n, k/2], low nibble = even k.
+ *
+ * Each kernel has a portable scalar version and an AVX2+FMA one (compiled with a target attribute, so the
+ * module itself needs no -march flag), chosen at run time. Work is split over N with OpenMP (static
+ * chunks of 32-row units, so each thread streams a contiguous slice of W); x is converted to fp32 once.
+ *
+ * Packed layouts (half / pairs): one unit is 32 output rows whose nibbles are 16 bytes per k. Per group
+ * of g values, acc[row] = sum_k x[k] * q[row, k] (q as float, exact), then
+ *   y[row] += s[row, grp] * acc[row] + o[row, grp] * sum_k x[k],
+ * which equals sum_k x[k] * (q * s + o) up to rounding. "rows": each row's groups in turn, the same sums.
+ */
+#ifndef LLM_BSM_KERNEL_QUANT_H
+#define LLM_BSM_KERNEL_QUANT_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define QK_X86 1
+#include <immintrin.h>
+#define QK_TARGET __attribute__((target("avx2,fma")))
+#define QK_INLINE QK_TARGET static inline __attribute__((always_inline))
+#else
+#define QK_X86 0
+#endif
+
+enum { QK_SCALAR = 0, QK_AVX2 = 1 };
+enum { QK_HALF = 0, QK_PAIRS = 1, QK_ROWS = 2 };
+#define QK_MCHUNK 8 /* x rows per pass over a unit (the unit's y accumulators live on the stack) */
+
+static int qk_have_avx2(void) {
+#if QK_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+static inline float qk_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline int64_t qk_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ------------------------------------------------------------------------------------------ inputs */
+
+typedef struct {
+    int64_t M, N, K, g, G; /* G = K / g groups */
+    const uint8_t *q;
+    const float *sz;  /* int4: [2G, N] (s, o) rows; int8: scales [N] */
+    float *x;         /* [M, K] fp32 */
+    float *xsum;      /* int4: [M, G] sums of x per group */
+    float *xe, *xo;   /* int4 "rows": [M, K/2] x at even / odd k */
+    float *y;         /* [M, N] */
+    int layout;
+    int64_t bn;
+} qk_args;
+
+/* x (fp32 or bf16) into a[..] fp32, plus the per-group sums / even-odd split int4 needs; 0 or -1 (memory). */
+static int qk_prepare_x(qk_args *a, const void *x, int x_bf16, int int4) {
+    int64_t M = a->M, K = a->K, m, k, j;
+    a->x = (float *)malloc((size_t)(M * K) * sizeof(float) + 64);
+    a->xsum = NULL;
+    a->xe = a->xo = NULL;
+    if (a->x == NULL) return -1;
+    if (x_bf16) {
+        const uint16_t *h = (const uint16_t *)x;
+        for (m = 0; m < M * K; m++) a->x[m] = qk_bf16(h[m]);
+    } else {
+        memcpy(a->x, x, (size_t)(M * K) * sizeof(float));
+    }
+    if (!int4) return 0;
+    a->xsum = (float *)malloc((size_t)(M * a->G) * sizeof(float) + 64);
+    if (a->xsum == NULL) return -1;
+    for (m = 0; m < M; m++)
+        for (j = 0; j < a->G; j++) {
+            float s = 0.0f;
+            for (k = 0; k < a->g; k++) s += a->x[m * K + j * a->g + k];
+            a->xsum[m * a->G + j] = s;
+        }
+    if (a->layout != QK_ROWS) return 0;
+    a->xe = (float *)malloc((size_t)(M * K / 2) * sizeof(float) + 64);
+    a->xo = (float *)malloc((size_t)(M * K / 2) * sizeof(float) + 64);
+    if (a->xe == NULL || a->xo == NULL) return -1;
+    for (m = 0; m < M * K / 2; m++) {
+        a->xe[m] = a->x[2 * m];
+        a->xo[m] = a->x[2 * m + 1];
+    }
+    return 0;
+}
+
+static void qk_free_x(qk_args *a) {
+    free(a->x);
+    free(a->xsum);
+    free(a->xe);
+    free(a->xo);
+}
+
+/* --------------------------------------------------------------------------- int4, packed layouts */
+
+/* Unit u: 32 rows. Output slot i < 16 is row rowA + i, slot i >= 16 is row rowB + i - 16. */
+typedef struct {
+    const uint8_t *base; /* byte 0 of k = 0 */
+    int64_t kstride;     /* bytes from one k to the next */
+    int64_t rowA, rowB;
+} qk_unit;
+
+static inline void qk_unit_of(const qk_args *a, int64_t u, qk_unit *un) {
+    int64_t per = a->bn / 32, b = u / per, c = u % per;
+    un->base = a->q + b * a->K * (a->bn / 2) + 16 * c;
+    un->kstride = a->bn / 2;
+    if (a->layout == QK_HALF) {
+        un->rowA = b * a->bn + 16 * c;
+        un->rowB = b * a->bn + a->bn / 2 + 16 * c;
+    } else {
+        un->rowA = b * a->bn;
+        un->rowB = b * a->bn + 16;
+    }
+}
+
+static inline int64_t qk_slot_row(const qk_unit *un, int i) { return i < 16 ? un->rowA + i : un->rowB + i - 16; }
+
+static void qk_int4_unit_scalar(const qk_args *a, int64_t u) {
+    qk_unit un;
+    qk_unit_of(a, u, &un);
+    int64_t M = a->M, K = a->K, g = a->g, G = a->G, N = a->N, m0, m, grp, k;
+    int i, j, half = a->layout == QK_HALF;
+    float yacc[QK_MCHUNK][32], acc[32];
+    for (m0 = 0; m0 < M; m0 += QK_MCHUNK) {
+        int64_t mc = qk_min(QK_MCHUNK, M - m0);
+        memset(yacc, 0, sizeof yacc);
+        for (grp = 0; grp < G; grp++) {
+            const float *s = a->sz + 2 * grp * N, *o = s + N;
+            for (m = 0; m < mc; m++) {
+                const float *xm = a->x + (m0 + m) * K + grp * g;
+                memset(acc, 0, sizeof acc);
+                for (k = 0; k < g; k++) {
+                    const uint8_t *p = un.base + (grp * g + k) * un.kstride;
+                    float xv = xm[k];
+                    for (j = 0; j < 16; j++) {
+                        float lo = (float)(p[j] & 15), hi = (float)(p[j] >> 4);
+                        acc[half ? j : 2 * j] += xv * lo;
+                        acc[half ? 16 + j : 2 * j + 1] += xv * hi;
+                    }
+                }
+                float xs = a->xsum[(m0 + m) * G + grp];
+                for (i = 0; i < 32; i++) {
+                    int64_t r = qk_slot_row(&un, i);
+                    yacc[m][i] += s[r] * acc[i] + o[r] * xs;
+                }
+            }
+        }
+        for (m = 0; m < mc; m++)
+            for (i = 0; i < 32; i++) a->y[(m0 + m) * N + qk_slot_row(&un, i)] = yacc[m][i];
+    }
+}
+
+#if QK_X86
+/* 16 bytes -> 4 x 8 floats: v0 = low nibbles of bytes 0..7, v1 = their high nibbles, v2 / v3 bytes 8..15. */
+QK_INLINE void qk_nibbles(const uint8_t *p, __m256 *v0, __m256 *v1, __m256 *v2, __m256 *v3) {
+    const __m256i mask = _mm256_set1_epi32(15);
+    __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    *v0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, mask));
+    *v1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
+    *v2 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, mask));
+    *v3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+}
+
+/* (lanes of rows 0,2,..,14; lanes of rows 1,3,..,15) -> (rows 0..7; rows 8..15) */
+QK_INLINE void qk_interleave(__m256 e, __m256 o, __m256 *r0, __m256 *r1) {
+    __m256 lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o); /* rows 0-3|8-11, 4-7|12-15 */
+    *r0 = _mm256_permute2f128_ps(lo, hi, 0x20);
+    *r1 = _mm256_permute2f128_ps(lo, hi, 0x31);
+}
+
+/* yacc[slots] += s * acc + o * xs for one group; acc in qk_nibbles' order (v0..v3). */
+QK_INLINE void qk_epilogue(int half, const qk_unit *un, __m256 v0, __m256 v1, __m256 v2, __m256 v3,
+                           const float *s, const float *o, float xs, float *yacc) {
+    __m256 r0, r1, r2, r3, xv = _mm256_set1_ps(xs);
+    if (half) {
+        r0 = v0, r1 = v2, r2 = v1, r3 = v3;
+    } else {
+        qk_interleave(v0, v1, &r0, &r1);
+        qk_interleave(v2, v3, &r2, &r3);
+    }
+    const float *sa = s + un->rowA, *sb = s + un->rowB, *oa = o + un->rowA, *ob = o + un->rowB;
+#define QK_EPI(R, SP, OP, Y)                                                                             \
+    _mm256_storeu_ps(Y, _mm256_fmadd_ps(_mm256_loadu_ps(SP), R,                                          \
+                                        _mm256_fmadd_ps(_mm256_loadu_ps(OP), xv, _mm256_loadu_ps(Y))))
+    QK_EPI(r0, sa, oa, yacc);
+    QK_EPI(r1, sa + 8, oa + 8, yacc + 8);
+    QK_EPI(r2, sb, ob, yacc + 16);
+    QK_EPI(r3, sb + 8, ob + 8, yacc + 24);
+#undef QK_EPI
+}
+
+/* One group of one unit for x rows m (and m + 1 when two): acc over the group's k, then the epilogue. */
+QK_INLINE void qk_int4_group_avx2(const qk_args *a, const qk_unit *un, int64_t grp, int64_t m, const int two,
+                                  float *y0, float *y1) {
+    int64_t K = a->K, g = a->g, k = 0;
+    const float *x0 = a->x + m * K + grp * g, *x1 = x0 + K;
+    const uint8_t *p = un->base + grp * g * un->kstride;
+    __m256 v0, v1, v2, v3;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0; /* x row m, in qk_nibbles' order */
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;                  /* x row m + 1 */
+    if (!two) {
+        /* One x row: each 8-byte half of the 16 in turn, two k per step, so that 4 independent FMA
+         * chains (low / high nibbles at even / odd k) hide the FMA latency without spilling registers. */
+        const __m256i mask = _mm256_set1_epi32(15);
+        int h;
+        for (h = 0; h < 2; h++) {
+            __m256 le = _mm256_setzero_ps(), he = le, lo = le, ho = le;
+            const uint8_t *ph = p + 8 * h;
+            for (k = 0; k + 1 < g; k += 2, ph += 2 * un->kstride) {
+                __m256 xa = _mm256_broadcast_ss(x0 + k), xb = _mm256_broadcast_ss(x0 + k + 1);
+                __m256i ba = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)ph));
+                __m256i bb = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ph + un->kstride)));
+                le = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(ba, mask)), xa, le);
+                he = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(ba, 4)), xa, he);
+                lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bb, mask)), xb, lo);
+                ho = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bb, 4)), xb, ho);
+            }
+            for (; k < g; k++, ph += un->kstride) {
+                __m256 xa = _mm256_broadcast_ss(x0 + k);
+                __m256i ba = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)ph));
+                le = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(ba, mask)), xa, le);
+                he = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(ba, 4)), xa, he);
+            }
+            if (h == 0)
+                a0 = _mm256_add_ps(le, lo), a1 = _mm256_add_ps(he, ho);
+            else
+                a2 = _mm256_add_ps(le, lo), a3 = _mm256_add_ps(he, ho);
+        }
+    } else {
+        for (; k < g; k++, p += un->kstride) {
+            __m256 xa = _mm256_broadcast_ss(x0 + k), xb = _mm256_broadcast_ss(x1 + k);
+            qk_nibbles(p, &v0, &v1, &v2, &v3);
+            a0 = _mm256_fmadd_ps(v0, xa, a0), a1 = _mm256_fmadd_ps(v1, xa, a1);
+            a2 = _mm256_fmadd_ps(v2, xa, a2), a3 = _mm256_fmadd_ps(v3, xa, a3);
+            b0 = _mm256_fmadd_ps(v0, xb, b0), b1 = _mm256_fmadd_ps(v1, xb, b1);
+            b2 = _mm256_fmadd_ps(v2, xb, b2), b3 = _mm256_fmadd_ps(v3, xb, b3);
+        }
+    }
+    const float *s = a->sz + 2 * grp * a->N, *o = s + a->N;
+    int half = a->layout == QK_HALF;
+    qk_epilogue(half, un, a0, a1, a2, a3, s, o, a->xsum[m * a->G + grp], y0);
+    if (two) qk_epilogue(half, un, b0, b1, b2, b3, s, o, a->xsum[(m + 1) * a->G + grp], y1);
+}
+
+QK_TARGET static void qk_int4_unit_avx2(const qk_args *a, int64_t u) {
+    qk_unit un;
+    qk_unit_of(a, u, &un);
+    int64_t M = a->M, N = a->N, m0, m, grp;
+    int i;
+    float yacc[QK_MCHUNK][32];
+    for (m0 = 0; m0 < M; m0 += QK_MCHUNK) {
+        int64_t mc = qk_min(QK_MCHUNK, M - m0);
+        memset(yacc, 0, sizeof yacc);
+        for (grp = 0; grp < a->G; grp++) {
+            /* x rows in pairs: the group's 16 * g bytes stay in L1 for the second and later pairs */
+            for (m = 0; m + 1 < mc; m += 2) qk_int4_group_avx2(a, &un, grp, m0 + m, 1, yacc[m], yacc[m + 1]);
+            if (m < mc) qk_int4_group_avx2(a, &un, grp, m0 + m, 0, yacc[m], NULL);
+        }
+        for (m = 0; m < mc; m++)
+            for (i = 0; i < 32; i++) a->y[(m0 + m) * N + qk_slot_row(&un, i)] = yacc[m][i];
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------------------------- int4, "rows" */
+
+static void qk_int4_row_scalar(const qk_args *a, int64_t n) {
+    int64_t K = a->K, g = a->g, G = a->G, N = a->N, m, grp, k;
+    const uint8_t *row = a->q + n * (K / 2);
+    for (m = 0; m < a->M; m++) {
+        const float *xm = a->x + m * K;
+        float total = 0.0f;
+        for (grp = 0; grp < G; grp++) {
+            float acc = 0.0f;
+            for (k = grp * g; k < grp * g + g; k += 2) {
+                uint8_t b = row[k / 2];
+                acc += xm[k] * (float)(b & 15) + xm[k + 1] * (float)(b >> 4);
+            }
+            total += a->sz[2 * grp * N + n] * acc + a->sz[(2 * grp + 1) * N + n] * a->xsum[m * G + grp];
+        }
+        a->y[m * N + n] = total;
+    }
+}
+
+#if QK_X86
+QK_INLINE float qk_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+QK_TARGET static void qk_int4_row_avx2(const qk_args *a, int64_t n) {
+    int64_t K = a->K, g = a->g, G = a->G, N = a->N, h = K / 2, m, grp, k;
+    const uint8_t *row = a->q + n * h;
+    const __m256i mask = _mm256_set1_epi32(15);
+    for (m = 0; m < a->M; m++) {
+        const float *xe = a->xe + m * h, *xo = a->xo + m * h, *xm = a->x + m * K;
+        __m256 total = _mm256_setzero_ps();
+        float offset = 0.0f;
+        for (grp = 0; grp < G; grp++) {
+            __m256 acc = _mm256_setzero_ps();
+            float tail = 0.0f;
+            int64_t j = grp * g / 2, end = j + g / 2; /* bytes of this group */
+            for (; j + 8 <= end; j += 8) {            /* 8 bytes = 16 values: low nibbles even k */
+                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + j)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, mask)), _mm256_loadu_ps(xe + j), acc);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), _mm256_loadu_ps(xo + j), acc);
+            }
+            for (k = 2 * j; k < grp * g + g; k += 2)
+                tail += xm[k] * (float)(row[k / 2] & 15) + xm[k + 1] * (float)(row[k / 2] >> 4);
+            __m256 sv = _mm256_set1_ps(a->sz[2 * grp * N + n]);
+            total = _mm256_fmadd_ps(acc, sv, total);
+            offset += a->sz[2 * grp * N + n] * tail + a->sz[(2 * grp + 1) * N + n] * a->xsum[m * G + grp];
+        }
+        a->y[m * N + n] = qk_hsum(total) + offset;
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------- int8 */
+
+/* Rows n0..n0+3 (clamped to N - 1: a short last unit computes the last row again and drops it). */
+static void qk_int8_unit_scalar(const qk_args *a, int64_t u) {
+    int64_t K = a->K, N = a->N, m, k, r;
+    const int8_t *q = (const int8_t *)a->q;
+    for (r = 4 * u; r < qk_min(4 * u + 4, N); r++)
+        for (m = 0; m < a->M; m++) {
+            const float *xm = a->x + m * K;
+            const int8_t *w = q + r * K;
+            float acc = 0.0f;
+            for (k = 0; k < K; k++) acc += xm[k] * (float)w[k];
+            a->y[m * N + r] = acc * a->sz[r];
+        }
+}
+
+#if QK_X86
+QK_INLINE __m256 qk_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+QK_TARGET static void qk_int8_unit_avx2(const qk_args *a, int64_t u) {
+    int64_t K = a->K, N = a->N, m, k, r, n0 = 4 * u;
+    const int8_t *q = (const int8_t *)a->q;
+    const int8_t *w0 = q + qk_min(n0, N - 1) * K, *w1 = q + qk_min(n0 + 1, N - 1) * K;
+    const int8_t *w2 = q + qk_min(n0 + 2, N - 1) * K, *w3 = q + qk_min(n0 + 3, N - 1) * K;
+    float out[2][4];
+    for (m = 0; m < a->M; m += 2) {
+        int two = m + 1 < a->M;
+        const float *x0 = a->x + m * K, *x1 = two ? x0 + K : x0;
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0; /* row r, x row m */
+        __m256 d0 = c0, d1 = c0, d2 = c0, d3 = c0;                  /* row r, x row m + 1 (or m, k + 8) */
+        k = 0;
+        if (!two) {
+            for (; k + 16 <= K; k += 16) {
+                __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x0 + k + 8);
+                c0 = _mm256_fmadd_ps(qk_i8(w0 + k), xa, c0), d0 = _mm256_fmadd_ps(qk_i8(w0 + k + 8), xb, d0);
+                c1 = _mm256_fmadd_ps(qk_i8(w1 + k), xa, c1), d1 = _mm256_fmadd_ps(qk_i8(w1 + k + 8), xb, d1);
+                c2 = _mm256_fmadd_ps(qk_i8(w2 + k), xa, c2), d2 = _mm256_fmadd_ps(qk_i8(w2 + k + 8), xb, d2);
+                c3 = _mm256_fmadd_ps(qk_i8(w3 + k), xa, c3), d3 = _mm256_fmadd_ps(qk_i8(w3 + k + 8), xb, d3);
+            }
+            c0 = _mm256_add_ps(c0, d0), c1 = _mm256_add_ps(c1, d1);
+            c2 = _mm256_add_ps(c2, d2), c3 = _mm256_add_ps(c3, d3);
+            d0 = d1 = d2 = d3 = _mm256_setzero_ps();
+        }
+        for (; k + 8 <= K; k += 8) {
+            __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x1 + k);
+            __m256 v0 = qk_i8(w0 + k), v1 = qk_i8(w1 + k), v2 = qk_i8(w2 + k), v3 = qk_i8(w3 + k);
+            c0 = _mm256_fmadd_ps(v0, xa, c0), c1 = _mm256_fmadd_ps(v1, xa, c1);
+            c2 = _mm256_fmadd_ps(v2, xa, c2), c3 = _mm256_fmadd_ps(v3, xa, c3);
+            if (two) {
+                d0 = _mm256_fmadd_ps(v0, xb, d0), d1 = _mm256_fmadd_ps(v1, xb, d1);
+                d2 = _mm256_fmadd_ps(v2, xb, d2), d3 = _mm256_fmadd_ps(v3, xb, d3);
+            }
+        }
+        out[0][0] = qk_hsum(c0), out[0][1] = qk_hsum(c1), out[0][2] = qk_hsum(c2), out[0][3] = qk_hsum(c3);
+        out[1][0] = qk_hsum(d0), out[1][1] = qk_hsum(d1), out[1][2] = qk_hsum(d2), out[1][3] = qk_hsum(d3);
+        for (; k < K; k++) {
+            out[0][0] += x0[k] * w0[k], out[0][1] += x0[k] * w1[k];
+            out[0][2] += x0[k] * w2[k], out[0][3] += x0[k] * w3[k];
+            out[1][0] += x1[k] * w0[k], out[1][1] += x1[k] * w1[k];
+            out[1][2] += x1[k] * w2[k], out[1][3] += x1[k] * w3[k];
+        }
+        for (r = 0; r < 4 && n0 + r < N; r++) {
+            a->y[m * N + n0 + r] = out[0][r] * a->sz[n0 + r];
+            if (two) a->y[(m + 1) * N + n0 + r] = out[1][r] * a->sz[n0 + r];
+        }
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------------------------ drivers */
+
+/* y = x @ dequant(W)^T for int4 W; returns 0, or -1 when memory ran out. Called without the GIL. */
+static int qk_int4(int isa, int layout, int64_t bn, int64_t M, int64_t N, int64_t K, int64_t g, const void *x,
+                   int x_bf16, const uint8_t *q, const float *sz, float *y, int nthreads) {
+    qk_args a = {0};
+    a.M = M, a.N = N, a.K = K, a.g = g, a.G = K / g, a.q = q, a.sz = sz, a.y = y, a.layout = layout, a.bn = bn;
+    if (qk_prepare_x(&a, x, x_bf16, 1) != 0) {
+        qk_free_x(&a);
+        return -1;
+    }
+    int64_t units = layout == QK_ROWS ? N : N / 32, u;
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && units > 1)
+    for (u = 0; u < units; u++) {
+#if QK_X86
+        if (isa == QK_AVX2) {
+            if (layout == QK_ROWS)
+                qk_int4_row_avx2(&a, u);
+            else
+                qk_int4_unit_avx2(&a, u);
+            continue;
+        }
+#endif
+        if (layout == QK_ROWS)
+            qk_int4_row_scalar(&a, u);
+        else
+            qk_int4_unit_scalar(&a, u);
+    }
+    qk_free_x(&a);
+    return 0;
+}
+
+/* y = x @ (q * scales[:, None])^T for int8 W [N, K]; returns 0, or -1 when memory ran out. */
+static int qk_int8(int isa, int64_t M, int64_t N, int64_t K, const void *x, int x_bf16, const int8_t *q,
+                   const float *scales, float *y, int nthreads) {
+    qk_args a = {0};
+    a.M = M, a.N = N, a.K = K, a.q = (const uint8_t *)q, a.sz = scales, a.y = y;
+    if (qk_prepare_x(&a, x, x_bf16, 0) != 0) {
+        qk_free_x(&a);
+        return -1;
+    }
+    int64_t units = (N + 3) / 4, u;
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && units > 1)
+    for (u = 0; u < units; u++) {
+#if QK_X86
+        if (isa == QK_AVX2) {
+            qk_int8_unit_avx2(&a, u);
+            continue;
+        }
+#endif
+        qk_int8_unit_scalar(&a, u);
+    }
+    qk_free_x(&a);
+    return 0;
+}
+
+#endif

@@ -1,0 +1,37 @@
+# Decode GEMV for quantized linears (included by _kernel.pyx): thin entry points over `_quant.h`, which
+# holds the loops (scalar and AVX2+FMA, chosen at run time) and their OpenMP split over output rows.
+# `quant_gemv.py` validates every argument and passes data pointers; nothing here checks them again.
+
+cdef extern from "_quant.h" nogil:
+    int qk_have_avx2()
+    int qk_int4(int isa, int layout, int64_t bn, int64_t M, int64_t N, int64_t K, int64_t g, const void *x,
+                int x_bf16, const unsigned char *q, const float *sz, float *y, int nthreads)
+    int qk_int8(int isa, int64_t M, int64_t N, int64_t K, const void *x, int x_bf16, const signed char *q,
+                const float *scales, float *y, int nthreads)
+
+
+def quant_have_avx2() -> bool:
+    """True when this CPU (and OS) runs the AVX2+FMA loops."""
+    return bool(qk_have_avx2())
+
+
+def int4_gemv(int isa, int layout, int64_t bn, int64_t M, int64_t N, int64_t K, int64_t g, size_t x,
+              int x_bf16, size_t q, size_t sz, size_t y, int nthreads) -> None:
+    """y[M, N] (fp32) = x[M, K] @ dequant(q)^T; sz is the prepared fp32 [2K/g, N]; GIL released."""
+    cdef int err
+    with nogil:
+        err = qk_int4(isa, layout, bn, M, N, K, g, <const void *>x, x_bf16, <const unsigned char *>q,
+                      <const float *>sz, <float *>y, nthreads)
+    if err != 0:
+        raise MemoryError("int4_gemv: could not allocate the fp32 copy of x")
+
+
+def int8_gemv(int isa, int64_t M, int64_t N, int64_t K, size_t x, int x_bf16, size_t q, size_t scales,
+              size_t y, int nthreads) -> None:
+    """y[M, N] (fp32) = x[M, K] @ (q * scales[:, None])^T; GIL released."""
+    cdef int err
+    with nogil:
+        err = qk_int8(isa, M, N, K, <const void *>x, x_bf16, <const signed char *>q, <const float *>scales,
+                      <float *>y, nthreads)
+    if err != 0:
+        raise MemoryError("int8_gemv: could not allocate the fp32 copy of x")
