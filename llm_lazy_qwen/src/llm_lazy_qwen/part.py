@@ -26,14 +26,15 @@ from .block import DecoderLayer
 from .bsm_path import Matmul, check_matmul
 from .budget import MemoryPlan, parse_size, plan_memory, runtime_bytes
 from .config import QwenConfig
+from .head import HeadMixin, LogitsToKeep, select_positions
+from .inputs import check_input, keyword_inputs, masks, positions
 from .kv_cache import KVCache
 from .layers import RMSNorm, fits, linear, match_linears
-from .quant import dequantize_into, quant_linear, repacked, scratch_bytes
+from .quant import repacked, scratch_bytes
 from .rope import RotaryEmbedding
 from .streaming import READ_PIECE, LayerStreamer, Mode, item_size
 from .weights import assign, meta_placeholders, release
 
-LogitsToKeep = int | slice | torch.Tensor | None
 logger = logging.getLogger("llm_lazy_qwen")
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -66,7 +67,7 @@ class Step:
     rope_length: int | None = None  # dynamic RoPE: the cache's history after the step (committed by finish)
 
 
-class QwenPart(nn.Module):
+class QwenPart(HeadMixin, nn.Module):
     """Embedding (``b``), layers ``[a, b)`` and/or final norm + head (``e``) of a Qwen model.
 
     ``forward`` takes token ids (B, T) when the part holds the begin part, hidden states (B, T, H)
@@ -122,7 +123,9 @@ class QwenPart(nn.Module):
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, meta) if self.spec.end else None
         self.lm_head = linear(config.hidden_size, config.vocab_size, False, meta) if self.spec.end else None
         assert config.head_dim is not None and config.rope_parameters is not None
-        self.rotary = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings, self.device)
+        self.rotary = RotaryEmbedding(
+            config.rope_parameters, config.head_dim, config.max_position_embeddings, self.device
+        )
         self._placeholders = {i: meta_placeholders(self.model.layers[str(i)]) for i in layers}
         self._streamer: LayerStreamer | None = None
         self._source: SepWeights | None = None
@@ -344,10 +347,10 @@ class QwenPart(nn.Module):
                 is accepted and changes nothing: a part uses the cache passed to it and never makes
                 one (``as_transformers(part)`` gives the full transformers interface).
         """
-        x, cache = _keyword_inputs(x, input_ids, cache, past_key_values)
+        x, cache = keyword_inputs(x, input_ids, cache, past_key_values)
         h, step = self.prepare(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
         if self.spec.end:
-            _select(h[..., :1], logits_to_keep)  # a bad logits_to_keep is refused before any layer runs
+            select_positions(h[..., :1], logits_to_keep)  # a bad logits_to_keep is refused before any layer runs
         for i in self.layer_ids:
             h = self.run_layer(i, h, step)
         return self.finish(h, step, logits_to_keep)
@@ -365,11 +368,11 @@ class QwenPart(nn.Module):
         cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, Step]:
         """Validate the input, embed token ids (begin part) and compute RoPE / masks once."""
-        B, T = self._check_input(x)
+        B, T = check_input(x, self.config, self.spec.begin, self.layer_ids)
         # nothing is stored in the cache before finish(): a call refused here leaves it as it was
         start = cache.start_call(self.layer_ids, B) if cache is not None else 0
-        new_mask, key_mask = self._masks(attention_mask, cache, B, T, start, x.device)
-        position_ids, next_position = self._positions(position_ids, cache, new_mask, B, T, start, x.device)
+        new_mask, key_mask = masks(attention_mask, cache, B, T, start, x.device)
+        position_ids, next_position = positions(position_ids, cache, new_mask, B, T, start, x.device, self.config)
         if self.spec.begin and self._streamer is not None:
             # lazy: pread just these tokens' rows; a mapping of the embedding would pull whole
             # (up to 2 MiB) pages of it into RSS per token
@@ -421,196 +424,17 @@ class QwenPart(nn.Module):
         with self.materialized(i) as layer:
             return layer(h, step.cos, step.sin, step.start, layer_cache, step.key_mask)
 
-    def _head_items(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-        """``(v0, v1, {"weight": W[v0:v1]})`` per vocabulary chunk, or rows v0:v1 of ``qweight`` and its
-        scales for a quantized head (streamed when lazy; in RAM the same views each call, so the
-        kernels' prepared scales are cached)."""
-        V, chunk, spec = self.config.vocab_size, self._head_chunk, self._head_spec
-        if spec is None:
-            stored = {"weight": "lm_head.weight"}
-        else:
-            stored = {"qweight": "lm_head.qweight", "scales": f"lm_head.{spec.scales_key}"}
-        if self._streamer is None and spec is not None:
-            q = self.lm_head.qweight
-            if self._head_views is None or self._head_views[0] is not q:
-                s = self.lm_head.scale_tensor()
-                views = {v0: {"qweight": q[v0 : v0 + chunk], "scales": s[v0 : v0 + chunk]} for v0 in range(0, V, chunk)}
-                self._head_views = (q, views)
-        for v0 in range(0, V, chunk):
-            v1 = min(V, v0 + chunk)
-            if self._streamer is None:
-                yield v0, v1, self._head_views[1][v0] if spec is not None else {"weight": self.lm_head.weight[v0:v1]}
-                continue
-            weights = self._streamer.get((v0, v1))
-            try:
-                yield v0, v1, {k: weights[key] for k, key in stored.items()}
-            finally:
-                self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
-                del weights
-
-    def head_chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(v0, v1, lm_head.weight[v0:v1])`` for each vocabulary chunk (streamed when lazy); a quantized
-        head's chunks are dequantized (a new tensor in the compute dtype each)."""
-        for v0, v1, t in self._head_items():
-            if self._head_spec is None:
-                yield v0, v1, t["weight"]
-            else:
-                yield v0, v1, dequantize_into(t["qweight"], t["scales"], self._head_spec, self.dtype)
-
     def finish(self, h: torch.Tensor, step: Step, logits_to_keep: LogitsToKeep = None) -> torch.Tensor:
         """Close the step: with the end part, final norm + head on the kept positions; then the cache
         counts the step (a step that fails before this point is rolled back by the next one)."""
         if self.spec.end:
-            h = self.model.norm(_select(h, logits_to_keep))
-            out = h.new_empty(*h.shape[:-1], self.config.vocab_size)  # (B, T_keep, V) in the compute dtype
-            for v0, v1, t in self._head_items():
-                if self._head_spec is None:
-                    out[..., v0:v1] = F.linear(h, t["weight"])
-                else:  # the int kernel for decode rows, dequantize + GEMM for more
-                    out[..., v0:v1] = quant_linear(h, t["qweight"], t["scales"], None, self._head_spec)
-            h = out
+            h = self._logits(h, logits_to_keep)
         if step.cache is not None:
             assert step.next_position is not None
             step.cache.commit(step.start, step.length, step.key_mask, step.next_position, step.rope_length)
         return h
 
-    # ------------------------------------------------------------------------------- inputs
-    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if self.spec.begin:
-            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
-                raise ValueError(
-                    f"this part holds the embedding ('b'), so it takes token ids of shape (batch, seq) "
-                    f"int64; got {tuple(x.shape)} {x.dtype}"
-                )
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
-                raise ValueError(
-                    f"token ids must be in [0, vocab_size={self.config.vocab_size}); got {int(x.min())}..{int(x.max())}"
-                )
-        else:
-            H = self.config.hidden_size
-            if x.dim() != 3 or x.shape[-1] != H or not x.is_floating_point():
-                first = self.layer_ids[0] if self.layer_ids else "the end part"
-                raise ValueError(
-                    f"this part starts at layer {first}, so it takes hidden states of shape (batch, seq, "
-                    f"hidden_size={H}); got {tuple(x.shape)} {x.dtype}"
-                )
-        if x.shape[1] == 0:
-            raise ValueError("input has no positions (seq length 0)")
-        return x.shape[0], x.shape[1]
-
-    def _masks(
-        self,
-        attention_mask: torch.Tensor | None,
-        cache: KVCache | None,
-        B: int,
-        T: int,
-        start: int,
-        device: torch.device,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(mask of the new tokens (B, T), key mask over all cache indices (B, start+T)); None = no padding."""
-        new: torch.Tensor | None = None
-        if attention_mask is not None:
-            m = attention_mask.to(device=device, dtype=torch.bool)
-            if m.dim() != 2 or m.shape[0] != B or m.shape[1] not in (T, start + T):
-                raise ValueError(
-                    f"attention_mask must be (batch={B}, {T}) or (batch={B}, past+new={start + T}); got {tuple(m.shape)}"
-                )
-            new = m[:, -T:]
-        past = cache.key_mask if cache is not None else None
-        if new is None and past is None:
-            return None, None
-        if new is None:
-            new = torch.ones(B, T, dtype=torch.bool, device=device)
-        if past is None:
-            past = torch.ones(B, start, dtype=torch.bool, device=device)
-        key_mask = torch.cat([past, new], dim=1)
-        return new, (None if bool(key_mask.all()) else key_mask)
-
-    def _positions(
-        self,
-        position_ids: torch.Tensor | None,
-        cache: KVCache | None,
-        new_mask: torch.Tensor | None,
-        B: int,
-        T: int,
-        start: int,
-        device: torch.device,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """RoPE positions (B, T), and the cache's next position after them (None without a cache)."""
-        base = cache.next_position if cache is not None and cache.next_position is not None else None
-        if position_ids is None:
-            if base is None:
-                base = torch.full((B,), start, dtype=torch.long, device=device)
-            if new_mask is None:
-                position_ids = base[:, None] + torch.arange(T, device=device)[None]
-            else:  # count only real tokens; padding gets position 1 (as transformers' generate)
-                position_ids = base[:, None] + new_mask.long().cumsum(-1) - 1
-                position_ids = position_ids.masked_fill(~new_mask, 1)
-        else:
-            position_ids = position_ids.to(device=device, dtype=torch.long)
-            if position_ids.dim() == 1:
-                position_ids = position_ids[None].expand(B, -1)
-            if tuple(position_ids.shape) != (B, T):
-                raise ValueError(f"position_ids must be (batch={B}, seq={T}); got {tuple(position_ids.shape)}")
-        limit = self.config.max_positions  # None: dynamic RoPE scaling serves any length
-        if (limit is not None and int(position_ids.max()) >= limit) or int(position_ids.min()) < 0:
-            what = "max_position_embeddings" if limit == self.config.max_position_embeddings else "YaRN's length"
-            raise ValueError(
-                f"position {int(position_ids.max())} is beyond {what}={limit} of this model "
-                "(or negative); shorten the input or crop the cache"
-            )
-        if cache is None:
-            return position_ids, None
-        if new_mask is None:
-            return position_ids, position_ids[:, -1] + 1
-        # rows whose new tokens are all padding keep their previous next position
-        last = position_ids.masked_fill(~new_mask, -1).max(-1).values + 1
-        prev = base if base is not None else torch.full((B,), start, dtype=torch.long, device=device)
-        return position_ids, torch.where(new_mask.any(-1), last, prev)
-
     def close(self) -> None:
         """Stop the prefetch thread (lazy parts)."""
         if self._streamer is not None:
             self._streamer.close()
-
-
-def _keyword_inputs(
-    x: torch.Tensor | None,
-    input_ids: torch.Tensor | None,
-    cache: KVCache | None,
-    past_key_values: KVCache | None,
-) -> tuple[torch.Tensor, KVCache | None]:
-    """The input and cache of a forward call given positionally or under transformers' names."""
-    if x is not None and input_ids is not None:
-        raise TypeError("give the input once: positionally or as input_ids=, not both")
-    x = x if x is not None else input_ids
-    if x is None:
-        raise TypeError("forward() needs the input: token ids or hidden states, positionally or as input_ids=")
-    if cache is not None and past_key_values is not None:
-        raise TypeError("give the KV cache once: as cache= or as past_key_values=, not both")
-    cache = cache if cache is not None else past_key_values
-    if cache is not None and not isinstance(cache, KVCache):
-        raise TypeError(
-            f"the KV cache must be a KVCache from part.new_cache(), got {type(cache).__name__}; "
-            "for transformers' generate() use llm_lazy_qwen.as_transformers(part)"
-        )
-    return x, cache
-
-
-def _select(h: torch.Tensor, keep: LogitsToKeep) -> torch.Tensor:
-    if keep is None or (isinstance(keep, int) and keep == 0):
-        return h  # 0: every position, as transformers' logits_to_keep
-    if isinstance(keep, int):
-        if keep < 0:
-            raise ValueError(f"logits_to_keep must be >= 0 (0: all positions, n: the last n), got {keep}")
-        return h[:, -keep:]
-    if isinstance(keep, slice):
-        return h[:, keep]
-    T = h.shape[1]
-    if not keep.dtype.is_floating_point and keep.dtype != torch.bool and keep.numel():
-        lo, hi = int(keep.min()), int(keep.max())
-        if lo < -T or hi >= T:
-            raise ValueError(f"logits_to_keep indices must be in [-{T}, {T}) (positions of this call); got {lo}..{hi}")
-    return h[:, keep.to(h.device)]
