@@ -7,6 +7,9 @@ result within rounding; tests compare both with ``llm_sepweight.dequantize`` + `
   row only, where torch's kernels have no fast path): ``aten._weight_int8pack_mm`` /
   ``aten._weight_int4pack_mm_for_cpu``, which read the integers as stored (int4: only in this CPU's
   layout, :func:`llm_sepweight.int4_layout`).
+- **bsm GEMV** (with the optional ``[bsm]`` extra, llm_bsm_kernel): its int4 / int8 decode loops (AVX2)
+  take every product of at most :func:`bsm_max_rows` rows they can compute (any int4 layout, fp32 or
+  bf16 activations), before either path above; see :func:`bsm_max_rows` for the rule.
 - **dequantize** (more rows: prefill; and wherever no kernel fits: the ``rows`` layout, another CPU's
   layout, CUDA, a torch without the ops): W into a per-thread reused buffer, then the ordinary GEMM,
   in fp32 on CPUs without native bf16 matmul (AVX2 / AVX512 without BF16: there bf16 GEMM ran 4x
@@ -41,6 +44,11 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_ROWS_NATIVE_BF16 = 8
 _MAX_ROWS_OTHER = 128
 _MAX_ROWS_NOT_BF16 = 1
+# llm_bsm_kernel's GEMV (AVX2 loops, fp32 FMA) against torch's kernels, 3584 x 3584, one core, AMD EPYC AVX2
+# (benchmarks/bench_quant_gemv.py, BENCHMARKS.md): faster at every row count up to 64 (int4 1.4-1.6x, int8
+# 1.2-1.5x with bf16 x; 20-70x with fp32 x), and faster than dequantize + GEMM up to 64 (int8: 28 vs 31 ms
+# at 64). Its cost grows linearly with the rows, a GEMM's does not: decode and short prompts only.
+_BSM_MAX_ROWS = 32
 
 
 @functools.cache
@@ -65,6 +73,41 @@ def kernel_max_rows(dtype: torch.dtype = torch.bfloat16) -> int:
     if dtype != torch.bfloat16:
         return _MAX_ROWS_NOT_BF16
     return _MAX_ROWS_NATIVE_BF16 if native_bf16() else _MAX_ROWS_OTHER
+
+
+@functools.cache
+def _bsm() -> Any:
+    """llm_bsm_kernel when installed with its compiled AVX2 GEMV loops, else None (an optional extra)."""
+    try:
+        import llm_bsm_kernel as bk
+    except ImportError:
+        return None
+    gemv_isa = getattr(bk, "quant_gemv_isa", None)
+    return bk if gemv_isa is not None and gemv_isa() == "avx2" else None
+
+
+def bsm_max_rows(dtype: torch.dtype = torch.bfloat16) -> int:
+    """Rows up to which a quantized linear takes llm_bsm_kernel's GEMV on this CPU for activations in
+    `dtype`; 0 where it does not (not installed, no AVX2, fp16, or bf16 on a CPU with native bf16).
+
+    The rule: fp32 everywhere (torch's int kernels have no vectorised fp32 path: 20-70x slower here);
+    bf16 only where bf16 is emulated (AVX2, AVX512 without BF16), as torch's kernels use AMX / AVX512-BF16.
+    """
+    if _bsm() is None or dtype not in (torch.float32, torch.bfloat16):
+        return 0
+    if dtype == torch.bfloat16 and native_bf16():
+        return 0
+    return _BSM_MAX_ROWS
+
+
+def _use_bsm(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """The one place that decides: llm_bsm_kernel's GEMV computes this (M, K) product."""
+    return (
+        x2.shape[0] <= bsm_max_rows(x2.dtype)
+        and x2.device.type == "cpu"
+        and qweight.device.type == "cpu"
+        and qweight.is_contiguous()
+    )
 
 
 # ----------------------------------------------------------------------------------- dequantize
@@ -152,13 +195,16 @@ _prepared: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _prepared_lock = threading.Lock()
 
 
-def _kernel_scales(scales: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
-    """Scales as the kernel takes them (x's dtype; int4 transposed to ``[K/g, N, 2]``), cached per tensor."""
+def _kernel_scales(scales: torch.Tensor, spec: QuantSpec, dtype: torch.dtype | str) -> torch.Tensor:
+    """Scales as the kernel takes them, cached per tensor: torch's (`dtype` = x's dtype; int4 transposed
+    to ``[K/g, N, 2]``) or llm_bsm_kernel's (`dtype` = "bsm": fp32; int4 ``prepare_int4_scales``)."""
     with _prepared_lock:
         per_dtype = _prepared.get(scales)
         if per_dtype is not None and dtype in per_dtype:
             return per_dtype[dtype]
-    if spec.scheme == "int8":
+    if dtype == "bsm":
+        out = scales.float().contiguous() if spec.scheme == "int8" else _bsm().prepare_int4_scales(scales)
+    elif spec.scheme == "int8":
         out = scales.to(dtype).contiguous()  # (N,)
     else:
         out = scales.to(dtype).transpose(0, 1).contiguous()  # (N, K/g, 2) -> (K/g, N, 2)
@@ -188,7 +234,20 @@ def _this_layout() -> str:
     return int4_layout()  # asks torch for the CPU capability: once, not per product
 
 
+def _bsm_matmul(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """(M, K) @ W.T through llm_bsm_kernel's GEMV; (M, N) in x's dtype."""
+    s = _kernel_scales(scales, spec, "bsm")
+    if spec.scheme == "int8":
+        out: torch.Tensor = _bsm().int8_matmul(x2, qweight, s)
+    else:
+        out = _bsm().int4_matmul(x2, qweight, s, spec.group_size, spec.layout)
+    return out
+
+
 def _kernel(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The int kernel for few rows: llm_bsm_kernel's where :func:`_use_bsm` says so, else torch's."""
+    if _use_bsm(x2, qweight):
+        return _bsm_matmul(x2, qweight, scales, spec)
     s = _kernel_scales(scales, spec, x2.dtype)
     if spec.scheme == "int8":
         return torch.ops.aten._weight_int8pack_mm(x2, qweight, s)  # (M, K) x (N, K) -> (M, N)
@@ -223,7 +282,9 @@ def _forward(
     K = x.shape[-1]
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
     if x2.shape[0] <= kernel_max_rows(x2.dtype) and kernel_fits(x2, qweight, spec):
-        y = _kernel(x2, qweight, scales, spec)
+        y = _kernel(x2, qweight, scales, spec)  # llm_bsm_kernel's or torch's
+    elif _use_bsm(x2, qweight):  # where torch's kernel is not taken (fp32 past one row, another layout)
+        y = _bsm_matmul(x2, qweight, scales, spec)
     else:
         y = _dequant_matmul(x2, qweight, scales, spec)
     if bias is not None:
