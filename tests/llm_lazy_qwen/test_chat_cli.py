@@ -25,8 +25,8 @@ from tokenizers import Tokenizer
 
 import llm_lazy_qwen.chat as chat_mod
 import llm_sepweight as sw
-from llm_lazy_qwen import ChatSession, load_part
-from llm_lazy_qwen.chat import generation_defaults, run_chat, stop_ids
+from llm_lazy_qwen import ChatSession, eos_token_ids, load_part
+from llm_lazy_qwen.chat import generation_defaults, run_chat
 from llm_lazy_qwen.cli import main
 from llm_sampler import SamplingParams, TextStream
 
@@ -301,7 +301,7 @@ def test_gguf_model_is_converted_once_next_to_it(tmp_path, turns, capsys):
 def test_sampling_defaults_seed_and_stops(chat_model, tmp_path, capsys):
     hf, sep, _ = chat_model
     tokenizer = Tokenizer.from_file(str(sep / "tokenizer.json"))
-    assert stop_ids(sep, tokenizer, None) == [2]  # generation_config's eos_token_id; <|im_end|> is the same
+    assert eos_token_ids(sep, tokenizer) == [2]  # generation_config's eos_token_id; <|im_end|> is the same
     session = ChatSession(load_part(sep), tokenizer, QWEN25, params=SamplingParams(0), max_new_tokens=N)
     answer = "".join(session.reply("Hi"))
     first = session.last_answer_ids[0]

@@ -11,6 +11,7 @@ q4 = load_part("qwen-sep-int4", "f", lazy=True)    # a quantized folder: QuantLi
 from .budget import ItemSize, MemoryPlan, Runtime, parse_size, plan_memory
 from .chat_template import read_chat_template, read_special_tokens, render_chat
 from .config import ConfigError, QwenConfig
+from .eos import eos_token_ids
 from .hf_compat import as_transformers
 from .incremental import IncrementalPart
 from .kv_cache import KVCache
@@ -43,6 +44,7 @@ __all__ = [
     "Runtime",
     "Step",
     "as_transformers",
+    "eos_token_ids",
     "from_pretrained",
     "load_part",
     "parse_size",

@@ -20,7 +20,7 @@ import torch
 
 from llm_sampler import CachedForward, SamplingParams, TextStream, sample_stream
 
-from .chat_template import read_special_tokens, render_chat
+from .chat_template import render_chat
 from .incremental import IncrementalPart
 from .part import QwenPart
 
@@ -130,18 +130,6 @@ class ChatSession:
         tail = text.flush()
         if tail:
             yield tail
-
-
-def stop_ids(folder: str | Path, tokenizer: Any, config_eos: int | list[int] | None) -> list[int]:
-    """What ends an answer: generation_config.json's ``eos_token_id`` (else config.json's) and the
-    tokenizer's ``eos_token`` (the template's end of turn, e.g. ``<|im_end|>``)."""
-    gen = Path(folder) / "generation_config.json"
-    eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id") if gen.is_file() else None
-    eos = config_eos if eos is None else eos
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    end = read_special_tokens(folder).get("eos_token")
-    end_id = tokenizer.token_to_id(end) if end else None
-    return ids + ([end_id] if end_id is not None and end_id not in ids else [])
 
 
 def generation_defaults(folder: str | Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 
 from .budget import parse_size
 from .chat_template import CHATML, read_chat_template, read_special_tokens
+from .eos import eos_token_ids
 from .loading import cache_folder, from_pretrained, load_part
 from .part import QwenPart
 
@@ -132,7 +133,7 @@ def _tokenizer(folder: Path) -> Any:
 def _session(args: argparse.Namespace, part: QwenPart, folder: Path) -> Any:
     from llm_sampler import SamplingParams
 
-    from .chat import ChatSession, generation_defaults, stop_ids
+    from .chat import ChatSession, generation_defaults
 
     tokenizer = _tokenizer(folder)
     if args.chat_template is not None:
@@ -150,7 +151,7 @@ def _session(args: argparse.Namespace, part: QwenPart, folder: Path) -> Any:
         tokenizer,
         template,
         special_tokens=read_special_tokens(folder),
-        stop_ids=stop_ids(folder, tokenizer, part.config.eos_token_id),
+        stop_ids=eos_token_ids(folder, tokenizer),
         system=args.system,
         params=SamplingParams(**settings),
         max_new_tokens=args.max_new_tokens,

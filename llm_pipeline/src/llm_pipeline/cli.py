@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llm_lazy_qwen import QwenConfig, parse_size
+from llm_lazy_qwen import eos_token_ids, parse_size
 from llm_sampler import pad_left
 from llm_sepweight import SepWeights
 
@@ -181,14 +181,6 @@ def _tokenizer(model: Path) -> Any:
     return Tokenizer.from_file(str(path))
 
 
-def _eos(model: Path, config: QwenConfig) -> list[int]:
-    """eos_token_id of generation_config.json (what generate uses), else of config.json."""
-    gen = model / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
-    eos = config.eos_token_id if eos is None else eos
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
 def _generate(args: argparse.Namespace) -> None:
     model = Path(args.model)
     # everything a rank can get wrong is checked on every rank before anyone waits for the others
@@ -235,7 +227,8 @@ def _drive(pipe: Pipeline, args: argparse.Namespace, prompts: list[list[int]]) -
     tok = _tokenizer(model) if args.prompt else None
     if tok is not None:
         prompts = [tok.encode(t).ids for t in args.prompt]
-    stops = args.stop_tokens if args.stop_tokens is not None else _eos(model, config)
+    # generation_config.json's eos_token_id (what generate uses), else the config's
+    stops = args.stop_tokens if args.stop_tokens is not None else eos_token_ids(model)
     stops = [] if args.ignore_eos else stops
     pad = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
     ids, mask = pad_left(prompts, pad_token_id=pad)  # (B, T), left padding
