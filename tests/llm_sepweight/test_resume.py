@@ -124,7 +124,7 @@ def test_sigkill_mid_conversion_then_resume(qwen_checkpoints, tmp_path):
 def test_two_writers_on_one_folder(tmp_path):
     cfg = {"architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 1, "hidden_size": 4, "vocab_size": 4}
     first = sw.SepweightWriter(tmp_path / "sep", cfg)
-    with pytest.raises(sw.SepweightError, match="another process is writing into this folder"):
-        sw.SepweightWriter(tmp_path / "sep", cfg)
+    with pytest.raises(sw.SepweightError, match="this thread already has an unfinished SepweightWriter on this folder"):
+        sw.SepweightWriter(tmp_path / "sep", cfg)  # another process's is FolderBusy (test_folder_lock.py)
     first.finish()
     sw.SepweightWriter(tmp_path / "sep", cfg).finish()  # the lock is released by finish()

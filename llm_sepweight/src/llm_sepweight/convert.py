@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import is_tied, open_checkpoint, read_config
 from .errors import SepweightError
+from .folder_lock import claim_folder, finished_conversion
 from .hub import fetch, looks_like_repo_id
 from .manifest import FORMAT_VERSION, Manifest, Part, read_if_complete
 from .quant import GROUP_SIZES, METHODS, SCHEMES, QuantSpec, default_scale_dtype, is_linear, quantize_linear
@@ -28,7 +28,7 @@ from .quant_pack import int4_layout
 from .safetensors_io import TensorSpec
 from .sources import HFSource, SepweightSource, Source, is_sepweight_folder
 from .spec import PartSpec
-from .writer import FolderBusy, SepweightWriter, wait_for_writer
+from .writer import SepweightWriter
 
 log = logging.getLogger(__name__)
 
@@ -152,43 +152,36 @@ def convert(
     source, spec = _open_source(root, spec)
     order: list[Part] = (["begin"] if spec.begin else []) + list(spec.layers or ()) + (["end"] if spec.end else [])
     key = _resume_key(source, spec, target, settings)
-    done = _finished(dst, key)
+    done = finished_conversion(dst, key)
     if done is not None:  # the same conversion is complete: nothing is read, written or re-hashed
         source.release()
         return done
     scale_dtype = _preflight(source, order, settings, target)
     quant_entry = settings.manifest_entry(scale_dtype) if settings and scale_dtype else None
-    while True:
-        try:
-            writer = SepweightWriter(
-                dst,
-                source.config,
-                resume_key=key,
-                source={**request, "parts": str(spec), "quant": quant_entry},
-                fsync=fsync,
-                quant=quant_entry,
-            )
-            break
-        except FolderBusy:  # another process converts into dst: wait, then it may be what we want
-            if progress:
-                print(f"{dst}: another process is converting into this folder; waiting for it", file=sys.stderr)
-            wait_for_writer(dst)
-            done = _finished(dst, key)
-            if done is not None:
-                source.release()
-                return done
-    for extra in source.extra_files():
-        writer.copy_extra(extra)
-    total = sum(_out_bytes(source, p, target) for p in order)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {dst}", disable=not progress) as bar:
-        for part in order:
-            if not writer.done(part):
-                specs, entries = _part_specs(source, part, target, settings, scale_dtype)
-                writer.write(part, specs, quant=entries)
-                del specs
-            bar.update(_out_bytes(source, part, target))
-    source.release()
-    return writer.finish()
+    about = {**request, "parts": str(spec), "quant": quant_entry}
+    # another process converting into dst is waited for: it may be this same conversion
+    got = claim_folder(
+        dst,
+        key,
+        lambda: SepweightWriter(dst, source.config, resume_key=key, source=about, fsync=fsync, quant=quant_entry),
+        progress=progress,
+    )
+    if isinstance(got, Manifest):
+        source.release()
+        return got
+    with got as writer:  # a failed run releases the folder's lock at once
+        for extra in source.extra_files():
+            writer.copy_extra(extra)
+        total = sum(_out_bytes(source, p, target) for p in order)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {dst}", disable=not progress) as bar:
+            for part in order:
+                if not writer.done(part):
+                    specs, entries = _part_specs(source, part, target, settings, scale_dtype)
+                    writer.write(part, specs, quant=entries)
+                    del specs
+                bar.update(_out_bytes(source, part, target))
+        source.release()
+        return writer.finish()
 
 
 def _open_source(root: Path, spec: PartSpec) -> tuple[Source, PartSpec]:
@@ -201,12 +194,6 @@ def _open_source(root: Path, spec: PartSpec) -> tuple[Source, PartSpec]:
     config = read_config(root / "config.json")
     spec = spec.resolve(int(config["num_hidden_layers"])).stored_parts(is_tied(config))
     return HFSource(open_checkpoint(root, spec), spec), spec
-
-
-def _finished(dst: Path, key: str) -> Manifest | None:
-    """The manifest of a complete conversion with this resume key in `dst` (stat only), else None."""
-    manifest = read_if_complete(dst)
-    return manifest if manifest is not None and manifest.source.get("resume_key") == key else None
 
 
 def _converted_before(

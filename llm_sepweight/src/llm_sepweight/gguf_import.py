@@ -24,11 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import SepweightError
+from .folder_lock import claim_folder
 from .gguf_config import gguf_config
 from .gguf_quant import GGUF_GROUP_SIZE, LOSSLESS_INT4, dequantized, int4_from_q4, requant_error
 from .gguf_reader import GGUFModel, GGUFTensor, classify, open_gguf, unpermute_rows
 from .gguf_tokenizer import gguf_tokenizer
-from .manifest import FileEntry, Manifest, Part, part_filename, read_if_complete
+from .manifest import FileEntry, Manifest, Part, part_filename
 from .quant import GROUP_SIZES, METHODS, QuantSpec, is_linear, quantize_linear
 from .safetensors_io import TensorSpec, open_tensors
 from .spec import PartSpec
@@ -144,42 +145,48 @@ def convert_gguf(
         "gguf_types": _type_counts(model),
     }
     key = _resume_key(model, spec, target, policy)
-    done = read_if_complete(Path(dst))
-    if done is not None and done.source.get("resume_key") == key:  # finished: nothing to read or write
-        return done
-    writer = SepweightWriter(dst, config, resume_key=key, source=source, fsync=fsync, quant=top)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "tokenizer.json").write_text(tokenizer_json)
-        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-        writer.copy_extra(Path(tmp) / "tokenizer.json")
-        writer.copy_extra(Path(tmp) / "tokenizer_config.json")
-    errors: dict[str, dict[str, Any]] = {}
-    for part in tqdm(list(plan), desc=f"convert -> {dst}", disable=not progress):
-        if writer.done(part):
-            name = part_filename(part)
-            errors.update(
-                _previous_errors(model, config, part, plan[part], policy, writer.root / name, writer.files[name])
+    # finished: nothing to read or write; another process converting into dst is waited for (as convert)
+    got = claim_folder(
+        Path(dst),
+        key,
+        lambda: SepweightWriter(dst, config, resume_key=key, source=source, fsync=fsync, quant=top),
+        progress=progress,
+    )
+    if isinstance(got, Manifest):
+        return got
+    with got as writer:  # a failed run releases the folder's lock at once
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "tokenizer.json").write_text(tokenizer_json)
+            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+            writer.copy_extra(Path(tmp) / "tokenizer.json")
+            writer.copy_extra(Path(tmp) / "tokenizer_config.json")
+        errors: dict[str, dict[str, Any]] = {}
+        for part in tqdm(list(plan), desc=f"convert -> {dst}", disable=not progress):
+            if writer.done(part):
+                name = part_filename(part)
+                errors.update(
+                    _previous_errors(model, config, part, plan[part], policy, writer.root / name, writer.files[name])
+                )
+                continue
+            result = _convert_part(model, config, part, plan[part], target, policy)
+            specs = [TensorSpec(k, v, v.dtype) for k, v in result.tensors.items()]
+            writer.write(part, specs, quant=result.quant)
+            errors.update(result.errors)
+        if errors:
+            worst_key, worst = max(errors.items(), key=lambda kv: kv[1]["rel_rms_err"])
+            log.warning(
+                "%s: re-quantized %d tensor(s) of a GGUF quantization; worst relative RMS error %.3g "
+                "(%s: %s -> %s, max |dw| %.3g); all in manifest.json source.requantized",
+                src,
+                len(errors),
+                worst["rel_rms_err"],
+                worst_key,
+                worst["from"],
+                worst["to"],
+                worst["max_abs_err"],
             )
-            continue
-        result = _convert_part(model, config, part, plan[part], target, policy)
-        specs = [TensorSpec(k, v, v.dtype) for k, v in result.tensors.items()]
-        writer.write(part, specs, quant=result.quant)
-        errors.update(result.errors)
-    if errors:
-        worst_key, worst = max(errors.items(), key=lambda kv: kv[1]["rel_rms_err"])
-        log.warning(
-            "%s: re-quantized %d tensor(s) of a GGUF quantization; worst relative RMS error %.3g "
-            "(%s: %s -> %s, max |dw| %.3g); all in manifest.json source.requantized",
-            src,
-            len(errors),
-            worst["rel_rms_err"],
-            worst_key,
-            worst["from"],
-            worst["to"],
-            worst["max_abs_err"],
-        )
-    writer.source["requantized"] = dict(sorted(errors.items()))
-    return writer.finish()
+        writer.source["requantized"] = dict(sorted(errors.items()))
+        return writer.finish()
 
 
 def _plan(model: GGUFModel, config: dict[str, Any], spec: PartSpec) -> dict[Part, dict[str, GGUFTensor]]:

@@ -6,23 +6,19 @@ import json
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from types import TracebackType
+from typing import Any
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locking, single writer assumed
-    fcntl = None  # type: ignore[assignment]
-
 from .atomic import atomic_write, atomic_write_bytes
 from .errors import SepweightError
+from .folder_lock import FolderLock
 from .manifest import FORMAT_VERSION, MANIFEST, PLAIN_VERSION, FileEntry, Manifest, Part, part_filename
 from .quant import QuantSpec
 from .safetensors_io import TensorSpec, read_header, sha256_file, write_file
 
 JOURNAL = ".sepweight-journal.json"
-LOCK = ".sepweight.lock"
 
 
 class SepweightWriter:
@@ -31,6 +27,9 @@ class SepweightWriter:
     Every file is written atomically (temp + rename). Progress is journaled after each file, so a run
     killed at any point and started again with the same ``resume_key`` skips every file whose checksum
     still matches and rewrites the rest. While writing, the folder has no manifest and loaders refuse it.
+    One writer per folder (folder_lock.py): another process's raises :class:`FolderBusy`, a second one
+    in the same thread a :class:`SepweightError`. Used as a context manager, the lock is released on
+    leaving the block (:meth:`close`) even when the folder is left unfinished.
 
     Example::
 
@@ -59,14 +58,18 @@ class SepweightWriter:
         self.quant = dict(quant) if quant is not None else None  # the manifest's top-level "quant"
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_folder(self.root)
-        for stale in self.root.glob(".*.tmp-*"):  # left by a killed writer; never part of the folder
-            stale.unlink(missing_ok=True)
-        self.files: dict[str, FileEntry] = {}
-        self.extra_files: dict[str, dict[str, Any]] = {}
-        self._previous = self._recover()
-        (self.root / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until finish()
-        self._save_journal()
+        self._lock = FolderLock(self.root)
+        try:
+            for stale in self.root.glob(".*.tmp-*"):  # left by a killed writer; never part of the folder
+                stale.unlink(missing_ok=True)
+            self.files: dict[str, FileEntry] = {}
+            self.extra_files: dict[str, dict[str, Any]] = {}
+            self._previous = self._recover()
+            (self.root / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until finish()
+            self._save_journal()
+        except BaseException:
+            self.close()  # a writer that failed to start holds nothing
+            raise
 
     # ------------------------------------------------------------------------------------ resume
     def _recover(self) -> dict[str, dict[str, Any]]:
@@ -169,35 +172,18 @@ class SepweightWriter:
         )
         atomic_write_bytes(self.root / MANIFEST, manifest.to_json().encode(), fsync=self.fsync)
         (self.root / JOURNAL).unlink(missing_ok=True)
-        self._lock.close()
+        self.close()
         return manifest
 
+    def close(self) -> None:
+        """Release the folder's lock without finishing: the folder stays incomplete, a later run resumes it."""
+        self._lock.release()
 
-class FolderBusy(SepweightError):
-    """Another process holds the folder's writer lock (:func:`wait_for_writer` waits for it)."""
+    def __enter__(self) -> SepweightWriter:
+        return self
 
-
-def _lock_folder(root: Path) -> BinaryIO:
-    """An exclusive advisory lock, held until finish() or process exit (the kernel drops it on kill)."""
-    f = open(root / LOCK, "wb")  # noqa: SIM115 - held for the writer's lifetime
-    if fcntl is None:
-        return f
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise FolderBusy(f"{root}: another process is writing into this folder; wait for it to finish") from None
-    return f
-
-
-def wait_for_writer(root: Path) -> None:
-    """Block until no process holds ``root``'s writer lock (at once when none does)."""
-    path = root / LOCK
-    if fcntl is None or not path.is_file():
-        return
-    with open(path, "rb") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # granted once the writer's exclusive lock is released
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
 
 
 def write_part_file(
