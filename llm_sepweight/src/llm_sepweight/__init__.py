@@ -22,7 +22,7 @@ from .spec import PartSpec
 from .verify import VerifyReport, verify
 from .writer import SepweightWriter, save_part
 
-__version__ = "0.11.0"
+__version__ = "0.12.0"
 
 
 def __getattr__(name: str) -> object:
