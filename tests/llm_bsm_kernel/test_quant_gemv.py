@@ -60,7 +60,7 @@ def test_int4_equals_dequantize_matmul(layout, dtype, isa):
     isa = _isa(isa)
     shapes = ROWS_SHAPES if layout == "rows" else INT4_SHAPES
     for N, K, g in shapes:
-        packed, sz, w = _int4(N, K, g, layout, seed=N + K)
+        packed, sz, w = _int4(N, K, g, layout, seed=N + K, scale_dtype=dtype)  # bf16 scales with bf16 x
         prepared = bk.prepare_int4_scales(sz)
         for M in range(1, 9):
             x = _x(M, K, dtype, seed=M)
@@ -200,12 +200,12 @@ _X = torch.ones(2, 128)
         (
             {"scales": _SZ.reshape(64, 8)},
             ValueError,
-            r"scales must be the stored \[N, K/g, 2\] = \[64, 4, 2\] or prepare_int4_scales' fp32 \[2K/g, N\] = \[8, 64\], got torch.float32 \[64, 8\]",
+            r"scales must be the stored \[N, K/g, 2\] = \[64, 4, 2\] or prepare_int4_scales' fp32 / bf16 \[2K/g, N\] = \[8, 64\], got torch.float32 \[64, 8\]",
         ),
         (
-            {"scales": bk.prepare_int4_scales(_SZ).bfloat16()},
+            {"scales": bk.prepare_int4_scales(_SZ).half()},
             ValueError,
-            r"prepare_int4_scales' fp32 \[2K/g, N\] = \[8, 64\], got torch.bfloat16",
+            r"prepare_int4_scales' fp32 / bf16 \[2K/g, N\] = \[8, 64\], got torch.float16",
         ),
         ({"scales": bk.prepare_int4_scales(_SZ).T.contiguous().T}, ValueError, r"scales \[8, 64\] is not contiguous"),
         ({"num_threads": 0}, ValueError, r"num_threads must be a positive int or None, got 0"),
@@ -246,7 +246,9 @@ def test_int8_bad_input(kwargs, error, match):
 
 def test_prepare_int4_scales_layout_and_errors():
     sz = torch.tensor([[[2.0, 1.0], [3.0, -1.0]]])  # N=1, G=2
-    assert bk.prepare_int4_scales(sz).tolist() == [[2.0], [1.0 - 16.0], [3.0], [-1.0 - 24.0]]
+    assert bk.prepare_int4_scales(sz).tolist() == [[2.0], [1.0], [3.0], [-1.0]]  # (2G, N): scales, zeros per group
+    assert bk.prepare_int4_scales(sz.bfloat16()).dtype == torch.bfloat16  # exact: no bigger than stored
+    assert bk.prepare_int4_scales(sz.half()).dtype == torch.float32
     with pytest.raises(
         ValueError, match=r"scales_and_zeros must be a float \[N, K/g, 2\] tensor, got torch.float32 \[1, 4\]"
     ):

@@ -36,6 +36,7 @@ def int4_gemv(
     x_bf16: int,
     q: int,
     sz: int,
+    sz_bf16: int,
     y: int,
     nthreads: int,
 ) -> None: ...

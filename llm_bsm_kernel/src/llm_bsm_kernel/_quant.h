@@ -2,8 +2,8 @@
  *
  * W as llm_sepweight's QUANT_FORMAT.md stores it:
  *   int8: q int8 [N, K] row-major, w[n, k] = q[n, k] * scale[n];
- *   int4: q uint8 [N, K/2] in a layout (below), w[n, k] = q[n, k] * s[n, k/g] + o[n, k/g], where the
- *         caller prepared s and o (= zero - 8 * scale) as fp32 [2G, N]: row 2j = s of group j, 2j+1 = o.
+ *   int4: q uint8 [N, K/2] in a layout (below), w[n, k] = (q[n, k] - 8) * s[n, k/g] + z[n, k/g], where the
+ *         caller laid s and z out as [2G, N] (fp32 or bf16): row 2j = the scales of group j, 2j+1 its zeros.
  * int4 layouts: "half" (aten_cpu_avx2, BN 32; aten_cpu_avx512, BN 64): bytes [N/BN, K, BN/2], byte j
  * of a (block, k) holds rows (j, j + BN/2) as (low, high) nibble; "pairs" (aten_cpu_default, BN 32):
  * rows (2j, 2j + 1); "rows": q[n, k/2], low nibble = even k.
@@ -13,9 +13,9 @@
  * chunks of 32-row units, so each thread streams a contiguous slice of W); x is converted to fp32 once.
  *
  * Packed layouts (half / pairs): one unit is 32 output rows whose nibbles are 16 bytes per k. Per group
- * of g values, acc[row] = sum_k x[k] * q[row, k] (q as float, exact), then
- *   y[row] += s[row, grp] * acc[row] + o[row, grp] * sum_k x[k],
- * which equals sum_k x[k] * (q * s + o) up to rounding. "rows": each row's groups in turn, the same sums.
+ * of g values, acc[row] = sum_k x[k] * q[row, k] (q as float, exact), then with xs = sum_k x[k]
+ *   y[row] += s[row, grp] * (acc[row] - 8 xs) + z[row, grp] * xs,
+ * which equals sum_k x[k] * ((q - 8) * s + z) up to rounding. "rows": each row's groups in turn, the same.
  */
 #ifndef LLM_BSM_KERNEL_QUANT_H
 #define LLM_BSM_KERNEL_QUANT_H
@@ -55,12 +55,18 @@ static inline float qk_bf16(uint16_t h) {
 
 static inline int64_t qk_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* Element i of the scales: fp32 or bf16. */
+static inline float qk_sz(const void *sz, int bf16, int64_t i) {
+    return bf16 ? qk_bf16(((const uint16_t *)sz)[i]) : ((const float *)sz)[i];
+}
+
 /* ------------------------------------------------------------------------------------------ inputs */
 
 typedef struct {
     int64_t M, N, K, g, G; /* G = K / g groups */
     const uint8_t *q;
-    const float *sz;  /* int4: [2G, N] (s, o) rows; int8: scales [N] */
+    const void *sz;   /* int4: [2G, N] (s, z) rows, fp32 or bf16 (sz_bf16); int8: fp32 scales [N] */
+    int sz_bf16;
     float *x;         /* [M, K] fp32 */
     float *xsum;      /* int4: [M, G] sums of x per group */
     float *xe, *xo;   /* int4 "rows": [M, K/2] x at even / odd k */
@@ -143,7 +149,7 @@ static void qk_int4_unit_scalar(const qk_args *a, int64_t u) {
         int64_t mc = qk_min(QK_MCHUNK, M - m0);
         memset(yacc, 0, sizeof yacc);
         for (grp = 0; grp < G; grp++) {
-            const float *s = a->sz + 2 * grp * N, *o = s + N;
+            int64_t s0 = 2 * grp * N, z0 = s0 + N; /* element offsets of this group's scales, zeros */
             for (m = 0; m < mc; m++) {
                 const float *xm = a->x + (m0 + m) * K + grp * g;
                 memset(acc, 0, sizeof acc);
@@ -159,7 +165,8 @@ static void qk_int4_unit_scalar(const qk_args *a, int64_t u) {
                 float xs = a->xsum[(m0 + m) * G + grp];
                 for (i = 0; i < 32; i++) {
                     int64_t r = qk_slot_row(&un, i);
-                    yacc[m][i] += s[r] * acc[i] + o[r] * xs;
+                    yacc[m][i] += qk_sz(a->sz, a->sz_bf16, s0 + r) * (acc[i] - 8.0f * xs) +
+                                  qk_sz(a->sz, a->sz_bf16, z0 + r) * xs;
                 }
             }
         }
@@ -187,24 +194,30 @@ QK_INLINE void qk_interleave(__m256 e, __m256 o, __m256 *r0, __m256 *r1) {
     *r1 = _mm256_permute2f128_ps(lo, hi, 0x31);
 }
 
-/* yacc[slots] += s * acc + o * xs for one group; acc in qk_nibbles' order (v0..v3). */
+/* 8 scales from element i: fp32, or bf16 widened (the bits shifted into the high half). */
+QK_INLINE __m256 qk_load8(const void *sz, int bf16, int64_t i) {
+    if (!bf16) return _mm256_loadu_ps((const float *)sz + i);
+    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+/* yacc[slots] += s * (acc - 8 xs) + z * xs for one group; acc in qk_nibbles' order (v0..v3). */
 QK_INLINE void qk_epilogue(int half, const qk_unit *un, __m256 v0, __m256 v1, __m256 v2, __m256 v3,
-                           const float *s, const float *o, float xs, float *yacc) {
-    __m256 r0, r1, r2, r3, xv = _mm256_set1_ps(xs);
+                           const void *sz, int bf16, int64_t s0, int64_t z0, float xs, float *yacc) {
+    __m256 r0, r1, r2, r3, xv = _mm256_set1_ps(xs), x8 = _mm256_set1_ps(8.0f * xs);
     if (half) {
         r0 = v0, r1 = v2, r2 = v1, r3 = v3;
     } else {
         qk_interleave(v0, v1, &r0, &r1);
         qk_interleave(v2, v3, &r2, &r3);
     }
-    const float *sa = s + un->rowA, *sb = s + un->rowB, *oa = o + un->rowA, *ob = o + un->rowB;
-#define QK_EPI(R, SP, OP, Y)                                                                             \
-    _mm256_storeu_ps(Y, _mm256_fmadd_ps(_mm256_loadu_ps(SP), R,                                          \
-                                        _mm256_fmadd_ps(_mm256_loadu_ps(OP), xv, _mm256_loadu_ps(Y))))
-    QK_EPI(r0, sa, oa, yacc);
-    QK_EPI(r1, sa + 8, oa + 8, yacc + 8);
-    QK_EPI(r2, sb, ob, yacc + 16);
-    QK_EPI(r3, sb + 8, ob + 8, yacc + 24);
+#define QK_EPI(R, ROW, Y)                                                                                \
+    _mm256_storeu_ps(Y, _mm256_fmadd_ps(qk_load8(sz, bf16, s0 + (ROW)), _mm256_sub_ps(R, x8),            \
+                                        _mm256_fmadd_ps(qk_load8(sz, bf16, z0 + (ROW)), xv, _mm256_loadu_ps(Y))))
+    QK_EPI(r0, un->rowA, yacc);
+    QK_EPI(r1, un->rowA + 8, yacc + 8);
+    QK_EPI(r2, un->rowB, yacc + 16);
+    QK_EPI(r3, un->rowB + 8, yacc + 24);
 #undef QK_EPI
 }
 
@@ -255,10 +268,10 @@ QK_INLINE void qk_int4_group_avx2(const qk_args *a, const qk_unit *un, int64_t g
             b2 = _mm256_fmadd_ps(v2, xb, b2), b3 = _mm256_fmadd_ps(v3, xb, b3);
         }
     }
-    const float *s = a->sz + 2 * grp * a->N, *o = s + a->N;
+    int64_t s0 = 2 * grp * a->N, z0 = s0 + a->N;
     int half = a->layout == QK_HALF;
-    qk_epilogue(half, un, a0, a1, a2, a3, s, o, a->xsum[m * a->G + grp], y0);
-    if (two) qk_epilogue(half, un, b0, b1, b2, b3, s, o, a->xsum[(m + 1) * a->G + grp], y1);
+    qk_epilogue(half, un, a0, a1, a2, a3, a->sz, a->sz_bf16, s0, z0, a->xsum[m * a->G + grp], y0);
+    if (two) qk_epilogue(half, un, b0, b1, b2, b3, a->sz, a->sz_bf16, s0, z0, a->xsum[(m + 1) * a->G + grp], y1);
 }
 
 QK_TARGET static void qk_int4_unit_avx2(const qk_args *a, int64_t u) {
@@ -295,7 +308,9 @@ static void qk_int4_row_scalar(const qk_args *a, int64_t n) {
                 uint8_t b = row[k / 2];
                 acc += xm[k] * (float)(b & 15) + xm[k + 1] * (float)(b >> 4);
             }
-            total += a->sz[2 * grp * N + n] * acc + a->sz[(2 * grp + 1) * N + n] * a->xsum[m * G + grp];
+            float xs = a->xsum[m * G + grp];
+            total += qk_sz(a->sz, a->sz_bf16, 2 * grp * N + n) * (acc - 8.0f * xs) +
+                     qk_sz(a->sz, a->sz_bf16, (2 * grp + 1) * N + n) * xs;
         }
         a->y[m * N + n] = total;
     }
@@ -328,9 +343,9 @@ QK_TARGET static void qk_int4_row_avx2(const qk_args *a, int64_t n) {
             }
             for (k = 2 * j; k < grp * g + g; k += 2)
                 tail += xm[k] * (float)(row[k / 2] & 15) + xm[k + 1] * (float)(row[k / 2] >> 4);
-            __m256 sv = _mm256_set1_ps(a->sz[2 * grp * N + n]);
-            total = _mm256_fmadd_ps(acc, sv, total);
-            offset += a->sz[2 * grp * N + n] * tail + a->sz[(2 * grp + 1) * N + n] * a->xsum[m * G + grp];
+            float sc = qk_sz(a->sz, a->sz_bf16, 2 * grp * N + n), xs = a->xsum[m * G + grp];
+            total = _mm256_fmadd_ps(acc, _mm256_set1_ps(sc), total);
+            offset += sc * (tail - 8.0f * xs) + qk_sz(a->sz, a->sz_bf16, (2 * grp + 1) * N + n) * xs;
         }
         a->y[m * N + n] = qk_hsum(total) + offset;
     }
@@ -349,7 +364,7 @@ static void qk_int8_unit_scalar(const qk_args *a, int64_t u) {
             const int8_t *w = q + r * K;
             float acc = 0.0f;
             for (k = 0; k < K; k++) acc += xm[k] * (float)w[k];
-            a->y[m * N + r] = acc * a->sz[r];
+            a->y[m * N + r] = acc * ((const float *)a->sz)[r];
         }
 }
 
@@ -400,9 +415,10 @@ QK_TARGET static void qk_int8_unit_avx2(const qk_args *a, int64_t u) {
             out[1][0] += x1[k] * w0[k], out[1][1] += x1[k] * w1[k];
             out[1][2] += x1[k] * w2[k], out[1][3] += x1[k] * w3[k];
         }
+        const float *sc = (const float *)a->sz;
         for (r = 0; r < 4 && n0 + r < N; r++) {
-            a->y[m * N + n0 + r] = out[0][r] * a->sz[n0 + r];
-            if (two) a->y[(m + 1) * N + n0 + r] = out[1][r] * a->sz[n0 + r];
+            a->y[m * N + n0 + r] = out[0][r] * sc[n0 + r];
+            if (two) a->y[(m + 1) * N + n0 + r] = out[1][r] * sc[n0 + r];
         }
     }
 }
@@ -412,9 +428,10 @@ QK_TARGET static void qk_int8_unit_avx2(const qk_args *a, int64_t u) {
 
 /* y = x @ dequant(W)^T for int4 W; returns 0, or -1 when memory ran out. Called without the GIL. */
 static int qk_int4(int isa, int layout, int64_t bn, int64_t M, int64_t N, int64_t K, int64_t g, const void *x,
-                   int x_bf16, const uint8_t *q, const float *sz, float *y, int nthreads) {
+                   int x_bf16, const uint8_t *q, const void *sz, int sz_bf16, float *y, int nthreads) {
     qk_args a = {0};
-    a.M = M, a.N = N, a.K = K, a.g = g, a.G = K / g, a.q = q, a.sz = sz, a.y = y, a.layout = layout, a.bn = bn;
+    a.M = M, a.N = N, a.K = K, a.g = g, a.G = K / g, a.q = q, a.sz = sz, a.sz_bf16 = sz_bf16, a.y = y;
+    a.layout = layout, a.bn = bn;
     if (qk_prepare_x(&a, x, x_bf16, 1) != 0) {
         qk_free_x(&a);
         return -1;

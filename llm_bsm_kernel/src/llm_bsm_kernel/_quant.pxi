@@ -5,7 +5,7 @@
 cdef extern from "_quant.h" nogil:
     int qk_have_avx2()
     int qk_int4(int isa, int layout, int64_t bn, int64_t M, int64_t N, int64_t K, int64_t g, const void *x,
-                int x_bf16, const unsigned char *q, const float *sz, float *y, int nthreads)
+                int x_bf16, const unsigned char *q, const void *sz, int sz_bf16, float *y, int nthreads)
     int qk_int8(int isa, int64_t M, int64_t N, int64_t K, const void *x, int x_bf16, const signed char *q,
                 const float *scales, float *y, int nthreads)
 
@@ -16,12 +16,12 @@ def quant_have_avx2() -> bool:
 
 
 def int4_gemv(int isa, int layout, int64_t bn, int64_t M, int64_t N, int64_t K, int64_t g, size_t x,
-              int x_bf16, size_t q, size_t sz, size_t y, int nthreads) -> None:
-    """y[M, N] (fp32) = x[M, K] @ dequant(q)^T; sz is the prepared fp32 [2K/g, N]; GIL released."""
+              int x_bf16, size_t q, size_t sz, int sz_bf16, size_t y, int nthreads) -> None:
+    """y[M, N] (fp32) = x[M, K] @ dequant(q)^T; sz is the prepared [2K/g, N] (fp32 or bf16); GIL released."""
     cdef int err
     with nogil:
         err = qk_int4(isa, layout, bn, M, N, K, g, <const void *>x, x_bf16, <const unsigned char *>q,
-                      <const float *>sz, <float *>y, nthreads)
+                      <const void *>sz, sz_bf16, <float *>y, nthreads)
     if err != 0:
         raise MemoryError("int4_gemv: could not allocate the fp32 copy of x")
 

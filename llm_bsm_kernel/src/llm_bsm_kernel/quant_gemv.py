@@ -12,8 +12,9 @@ x is fp32 or bf16 ``[M, K]``, accumulated in fp32; y ``[M, N]`` comes back in x'
 output rows with OpenMP with the GIL released. They are made for decode (M of 1 to 8): every row of x
 reads W again from L1/L2, so their cost grows with M where a GEMM's does not.
 
-int4 scales are used as fp32 ``[2 K/g, N]`` (scale and ``zero - 8 * scale`` per group):
-:func:`prepare_int4_scales` makes that once; passing the stored ``[N, K/g, 2]`` prepares it per call.
+int4 scales are read as ``[2 K/g, N]`` (the scales and zeros of group j in rows 2j, 2j + 1; fp32 or bf16, no
+bigger than the stored tensor): :func:`prepare_int4_scales` makes that once; passing the stored
+``[N, K/g, 2]`` prepares it per call.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def quant_gemv_isa(isa: Isa = "auto") -> str | None:
 
 
 def prepare_int4_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """The stored ``[N, K/g, 2]`` scales and zeros as the int4 loops read them: fp32 ``[2 K/g, N]``,
-    row ``2j`` the scales of group j, row ``2j + 1`` its offsets ``zero - 8 * scale``. Cache it per weight.
+    """The stored ``[N, K/g, 2]`` scales and zeros as the int4 loops read them: ``[2 K/g, N]``, row ``2j``
+    the scales of group j, row ``2j + 1`` its zeros; bf16 stays bf16 (exact), other dtypes become fp32.
+    Cache it per weight.
 
     Example:
         >>> sz = prepare_int4_scales(scales_and_zeros)  # once per weight
@@ -100,9 +102,8 @@ def prepare_int4_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
     if scales_and_zeros.dim() != 3 or scales_and_zeros.shape[2] != 2 or not scales_and_zeros.is_floating_point():
         message = f"scales_and_zeros must be a float [N, K/g, 2] tensor, got {scales_and_zeros.dtype} {list(scales_and_zeros.shape)}"
         raise ValueError(message)
-    sz = scales_and_zeros.float()
-    s, z = sz[..., 0], sz[..., 1]  # (N, G)
-    out = torch.stack([s, z - 8 * s], 0).permute(2, 0, 1)  # (G, 2, N)
+    dtype = torch.bfloat16 if scales_and_zeros.dtype == torch.bfloat16 else torch.float32
+    out = scales_and_zeros.to(dtype).permute(1, 2, 0)  # (N, G, 2) -> (G, 2, N)
     return out.contiguous().view(-1, scales_and_zeros.shape[0])  # (2G, N)
 
 
@@ -187,9 +188,9 @@ def int4_matmul(
         if tuple(scales.shape) != (N, G, 2):
             raise ValueError(f"{fn}: scales_and_zeros must be [N, K/g, 2] = {[N, G, 2]}, got {list(scales.shape)}")
         scales = prepare_int4_scales(scales)
-    elif tuple(scales.shape) != (2 * G, N) or scales.dtype != torch.float32:
+    elif tuple(scales.shape) != (2 * G, N) or scales.dtype not in (torch.float32, torch.bfloat16):
         message = (
-            f"{fn}: scales must be the stored [N, K/g, 2] = {[N, G, 2]} or prepare_int4_scales' fp32 "
+            f"{fn}: scales must be the stored [N, K/g, 2] = {[N, G, 2]} or prepare_int4_scales' fp32 / bf16 "
             f"[2K/g, N] = {[2 * G, N]}, got {scales.dtype} {list(scales.shape)}"
         )
         raise ValueError(message)
@@ -201,7 +202,7 @@ def int4_matmul(
     if M and N:
         kernel.int4_gemv(
             isa_code, code, bn, M, N, K, group_size, x.data_ptr(), int(x.dtype == torch.bfloat16),
-            qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), threads,
+            qweight.data_ptr(), scales.data_ptr(), int(scales.dtype == torch.bfloat16), y.data_ptr(), threads,
         )  # fmt: skip
     return y.to(out_dtype)
 
