@@ -21,8 +21,9 @@ from transformers.generation.utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .head import LogitsToKeep
 from .kv_cache import KVCache
-from .part import LogitsToKeep, QwenPart
+from .part import QwenPart
 
 # transformers 5.x names the cache `cache` in forward() and in the outputs; 4.x `past_key_values`
 _OUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
