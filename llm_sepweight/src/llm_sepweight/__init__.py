@@ -12,6 +12,7 @@ memory-mapped::
 from .atomic import atomic_write_bytes
 from .convert import convert
 from .errors import SepweightError
+from .folder_lock import FolderBusy, wait_for_writer
 from .hugepages import hugepage_coverage, hugepages_available
 from .manifest import FORMAT_VERSION, Manifest, part_filename
 from .quant import QuantSpec, dequantize, is_linear, quantize_int4, quantize_int8, quantize_linear
@@ -41,6 +42,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "atomic_write_bytes",
     "FORMAT_VERSION",
+    "FolderBusy",
     "Manifest",
     "PartSpec",
     "PartWeights",
@@ -69,4 +71,5 @@ __all__ = [
     "save_safetensors",
     "unpack_int4",
     "verify",
+    "wait_for_writer",
 ]
