@@ -43,11 +43,16 @@ def is_sepweight_folder(path: Path) -> bool:
 
 
 def _stats(root: Path, names: list[str]) -> dict[str, list[int]]:
-    """(size, mtime) per file: what makes a resumed conversion 'the same conversion'."""
+    """(size, mtime, ctime) per file: what makes a resumed conversion 'the same conversion'.
+
+    Every file the conversion reads or copies is stamped (the config too: loaders read its copy in
+    manifest.json). The ctime catches a rewrite whose mtime was put back (``cp -p``, ``rsync -t``,
+    tar), which no user can set; only ``chmod``/``chown`` change it too, and cost a re-conversion.
+    """
     out = {}
-    for name in sorted(names):
+    for name in sorted(set(names)):
         st = (root / name).stat()
-        out[name] = [st.st_size, st.st_mtime_ns]
+        out[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     return out
 
 
@@ -78,7 +83,8 @@ class HFSource:
         self.shards.keep(set())
 
     def identity(self) -> dict[str, Any]:
-        return {"src": str(self.ckpt.root.resolve()), "files": _stats(self.ckpt.root, list(self.ckpt.files))}
+        names = [*self.ckpt.files, *(p.name for p in self.extra_files())]
+        return {"src": str(self.ckpt.root.resolve()), "files": _stats(self.ckpt.root, names)}
 
 
 class SepweightSource:
@@ -130,7 +136,7 @@ class SepweightSource:
 
     def identity(self) -> dict[str, Any]:
         root = self.sw.root
-        names = [MANIFEST, *self.sw.manifest.files]
+        names = [MANIFEST, *self.sw.manifest.files, *self.sw.manifest.extra_files]
         return {"src": str(root.resolve()), "files": _stats(root, names), "sepweight": True}
 
 
