@@ -52,6 +52,8 @@ class ChatSession:
         max_new_tokens: int = 512,
         generator: torch.Generator | None = None,
     ) -> None:
+        if system is not None:
+            _check_utf8(system, "the system message")
         self.tokenizer, self.template, self.system = tokenizer, template, system
         self.special_tokens = dict(special_tokens or {})
         self.stop_ids = tuple(int(t) for t in stop_ids)
@@ -72,6 +74,7 @@ class ChatSession:
 
     def prompt_ids(self, user: str) -> list[int]:
         """The ids the model sees for the next turn: the conversation plus `user`, with the generation prompt."""
+        _check_utf8(user, "the message")
         text = render_chat(
             self.template, [*self.messages, {"role": "user", "content": user}], True, self.special_tokens
         )
@@ -130,6 +133,19 @@ class ChatSession:
         tail = text.flush()
         if tail:
             yield tail
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Refuse text a tokenizer cannot take: lone surrogates, e.g. the undecodable bytes of a stdin line
+    (Python reads them as U+DC80..U+DCFF, 'surrogateescape')."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        try:  # the bytes that were undecodable
+            bad = text[e.start : e.end].encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # other lone surrogates (from Python code)
+            bad = text[e.start : e.end].encode("utf-8", "backslashreplace")
+        raise ValueError(f"{what} is not valid UTF-8 (bytes {bad!r} at character {e.start}); send UTF-8 text") from None
 
 
 def generation_defaults(folder: str | Path) -> dict[str, Any]:

@@ -1,0 +1,66 @@
+"""Defects an outside review found in the chat CLI, the chat templates and as_transformers, each against the
+reference (transformers' ``apply_chat_template`` / ``generate``) or a clear error.
+
+- a stdin line that is not UTF-8 crashed the chat with a traceback (TypeError from the tokenizer);
+- ``special_tokens_map.json`` (tokenizer folders without ``added_tokens_decoder``) was ignored: templates
+  rendered ``bos_token`` / ``eos_token`` empty where transformers fills them, and the chat missed the eos stop;
+- templates with ``{% generation %}`` blocks (transformers' assistant-token marker) failed to render;
+- ``--system ""`` (an empty system message, how Qwen2.5's default one is switched off) got the default one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from chat_templates import QWEN3, QWEN25
+from tokenizers import Tokenizer
+
+from llm_lazy_qwen import ChatSession, eos_token_ids, load_part, read_special_tokens, render_chat
+from llm_lazy_qwen.cli import main
+from llm_sampler import SamplingParams
+
+transformers = pytest.importorskip("transformers")
+GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
+
+
+@pytest.fixture
+def folder(qwen_checkpoints, tmp_path):
+    """A copy of the tiny Qwen2 checkpoint's tokenizer files (tokenizer_config.json without bos_token)."""
+    src = qwen_checkpoints("qwen2").path
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, tmp_path / name)
+    return tmp_path
+
+
+def _hf(folder):
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_non_utf8_stdin_line_is_reported_and_the_chat_goes_on(sep, capsys, monkeypatch):
+    path, _ = sep("qwen2")
+
+    def run(raw: bytes) -> tuple[int, str, str]:
+        # what a real stdin gives for undecodable bytes (Python's default on a UTF-8 locale)
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw), "utf-8", errors="surrogateescape"))
+        status = main(["chat", str(path), *GREEDY])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    status, out, err = run(b"Hi\n\xff\xfe bad \xe9t\xe9\nAgain\n")
+    assert status == 0, err
+    assert "Traceback" not in err
+    assert "error: the message is not valid UTF-8 (bytes b'\\xff\\xfe' at character 0)" in err
+    good_status, good_out, _ = run(b"Hi\nAgain\n")
+    first, second = good_out.split("\n", 1)
+    assert out == first + "\n\n" + second  # the bad line answered nothing and changed nothing
+    session = ChatSession(load_part(path), Tokenizer.from_file(str(path / "tokenizer.json")), QWEN25)
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        next(session.reply("caf\udce9"))
+    assert session.messages == []
+    with pytest.raises(ValueError, match=r"the system message is not valid UTF-8"):
+        ChatSession(load_part(path), Tokenizer.from_file(str(path / "tokenizer.json")), QWEN25, system="\udcff")
