@@ -9,6 +9,7 @@ does, and writes the metadata and a byte-level BPE tokenizer (the tests' tiny on
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -165,15 +166,18 @@ def write_gguf(
     vocab: str = "gpt2",
     split_max_tensors: int = 0,
     k_quants: dict[str, T] | None = None,
+    sliding_window: bool = False,
 ) -> Path:
     """Write `model` as a GGUF file (or split files); returns the (first) file's path.
 
     `k_quants` replaces named tensors by random hand-packed K-quant blocks (transformers then loads those);
     `vocab` "llama" writes a sentencepiece vocabulary (scores, byte tokens) instead of byte-level BPE;
-    `add_bos` None leaves ``tokenizer.ggml.add_bos_token`` out (as older files do).
+    `add_bos` None leaves ``tokenizer.ggml.add_bos_token`` out (as older files do). RoPE scaling is
+    written as llama.cpp writes it (:func:`write_rope`); a Mistral as arch "llama", its window only with
+    `sliding_window` (llama.cpp's converter leaves it out).
     """
     cfg = model.config
-    arch = cfg.model_type
+    arch = "llama" if cfg.model_type == "mistral" else cfg.model_type
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     w.add_block_count(cfg.num_hidden_layers)
@@ -187,6 +191,9 @@ def write_gguf(
     w.add_vocab_size(cfg.vocab_size)
     if arch == "llama":
         w.add_rope_dimension_count(cfg.head_dim)
+    if sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    write_rope(w, cfg)
     if arch == "qwen3":
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -231,3 +238,40 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return w.format_shard_names(path)[0] if split_max_tensors else path
+
+
+def write_rope(w: gguf.GGUFWriter, cfg: Any) -> None:
+    """RoPE scaling as convert_hf_to_gguf.py writes it: linear / yarn as metadata (TextModel's
+    set_gguf_parameters), llama3 as a ``rope_freqs`` tensor (LlamaModel's generate_extra_tensors, with its
+    ``old_context_len`` from the top-level config, 8192 when absent); dynamic not at all."""
+    rope = dict(cfg.rope_parameters)
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        if (attn := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
+            w.add_rope_scaling_yarn_attn_factor(attn)
+        if (beta_fast := rope.get("beta_fast")) is not None:
+            w.add_rope_scaling_yarn_beta_fast(beta_fast)
+        if (beta_slow := rope.get("beta_slow")) is not None:
+            w.add_rope_scaling_yarn_beta_slow(beta_slow)
+    elif kind == "llama3":
+        base, dim = rope["rope_theta"], cfg.head_dim
+        freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old = getattr(cfg, "original_max_position_embeddings", None) or 8192
+        factors: list[Any] = []
+        for freq in freqs:
+            wavelen = 2 * math.pi / freq
+            if wavelen < old / high:
+                factors.append(1)
+            elif wavelen > old / low:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        w.add_tensor("rope_freqs.weight", torch.tensor(factors, dtype=torch.float32).numpy())

@@ -92,12 +92,12 @@ def _rewrite(src: Path, dst: Path, fields: dict | None = None, extra: dict | Non
     return dst
 
 
-def test_rope_scaling_is_refused(good, tmp_path):
-    # Llama 3.1's rope scaling comes as a rope_freqs tensor, older scaling as metadata: refused, not computed wrongly
-    bad = _rewrite(good, tmp_path / "rope_freqs.gguf", extra={"rope_freqs.weight": np.ones(12, np.float32)})
-    _refused(bad, tmp_path / "out", r"rope_freqs.gguf: tensor 'rope_freqs.weight' means RoPE frequency scaling")
+def test_bad_rope_scaling_is_refused(good, tmp_path):
+    # RoPE scaling we cannot express is refused before anything is written (what we can: test_gguf_rope.py)
+    bad = _rewrite(good, tmp_path / "rope_freqs.gguf", extra={"rope_freqs.weight": np.ones(5, np.float32)})
+    _refused(bad, tmp_path / "out", r"rope_freqs.gguf: tensor 'rope_freqs.weight' is F32 \[5\], expected F32 \[12\]")
     bad = _rewrite(good, tmp_path / "yarn.gguf", fields={"llama.rope.scaling.type": "yarn"})
-    _refused(bad, tmp_path / "out", r"yarn.gguf: llama.rope.scaling.type is 'yarn'; RoPE scaling is not supported")
+    _refused(bad, tmp_path / "out", r"yarn.gguf: llama.rope.scaling.type is 'yarn' but .*factor is missing")
 
 
 def test_unknown_tensor_and_unigram_tokenizer_are_refused(good, tmp_path):

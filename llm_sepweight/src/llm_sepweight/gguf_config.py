@@ -5,6 +5,10 @@ transformers (``GGUF_CONFIG_MAPPING`` in ``integrations/ggml.py``) renames llama
 an ``output.weight`` tensor and the special token ids from ``tokenizer.ggml.*``. We add
 ``architectures`` (our loaders pick the model by it) and read Qwen3's ``attention.key_length`` as its
 ``head_dim`` (transformers leaves Qwen3Config's default of 128, which is the same for every real Qwen3).
+RoPE scaling (linear / yarn metadata, Llama 3's ``rope_freqs`` tensor) becomes ``rope_scaling``
+(:mod:`llm_sepweight.gguf_rope`; transformers' loader drops it). A llama file with
+``attention.sliding_window`` is a Mistral with that window (llama.cpp's converter does not write one:
+Mistral 7B v0.1's files read as full attention, as llama.cpp runs them).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 from .errors import SepweightError
 from .gguf_reader import ARCHITECTURES, GGUFModel
+from .gguf_rope import gguf_rope_scaling
 
 # llama.cpp key (after the architecture prefix) -> config.json key
 _KEYS = {
@@ -48,11 +53,6 @@ def gguf_config(model: GGUFModel) -> dict[str, Any]:
     missing = [f"{arch}.{k}" for k in _REQUIRED if model.key(k) is None]
     if missing:
         raise SepweightError(f"{where}: GGUF metadata lacks {missing}; the file is not a complete {arch} model")
-    scaling = model.key("rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise SepweightError(
-            f"{where}: {arch}.rope.scaling.type is {scaling!r}; RoPE scaling is not supported (only default RoPE)"
-        )
     config: dict[str, Any] = {"architectures": [ARCHITECTURES[arch]], "model_type": arch, "hidden_act": "silu"}
     for gguf_key, key in _KEYS.items():
         if (value := model.key(gguf_key)) is not None:
@@ -73,6 +73,12 @@ def gguf_config(model: GGUFModel) -> dict[str, Any]:
     if arch != "qwen2":  # qwen2's q/k/v bias is implied by the architecture; qwen3/llama state it
         config["attention_bias"] = "blk.0.attn_q.bias" in model.tensors
     config["tie_word_embeddings"] = "output.weight" not in model.tensors
+    theta = float(config.get("rope_theta", 10000.0))
+    context = int(config.get("max_position_embeddings", 2048))
+    dim = head_dim or config["hidden_size"] // config["num_attention_heads"]
+    if (scaling := gguf_rope_scaling(model, dim, theta, context)) is not None:
+        config["rope_scaling"] = scaling
+    _sliding_window(model, config)
     for key, gguf_key in _TOKEN_IDS.items():
         if (value := model.metadata.get(gguf_key)) is not None:
             config[key] = value
@@ -87,3 +93,16 @@ def _head_dim(model: GGUFModel, config: dict[str, Any]) -> int | None:
     if arch == "qwen3":
         return model.key("attention.key_length", 128)
     return model.key("attention.key_length")
+
+
+def _sliding_window(model: GGUFModel, config: dict[str, Any]) -> None:
+    """llama + ``attention.sliding_window`` W > 0: MistralForCausalLM sliding over W keys on every layer."""
+    window = model.key("attention.sliding_window")
+    if model.architecture != "llama" or not window:
+        return
+    if config.get("attention_bias"):
+        raise SepweightError(
+            f"{model.paths[0]}: llama.attention.sliding_window={window} with q/k/v biases is neither Llama nor Mistral"
+        )
+    del config["attention_bias"]
+    config |= {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": int(window)}

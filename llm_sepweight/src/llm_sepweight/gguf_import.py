@@ -7,7 +7,8 @@ the compute dtype, or, for linears, re-quantized per ``quant``. ``Q8_0`` has a s
 where our int8 has one per output channel, so it cannot be kept: the error a re-quantization of a
 GGUF quantization adds (max |dw|, RMS(dw) / RMS(w)) is logged and kept in the manifest's
 ``source.requantized``. llama's Q/K rows, permuted by llama.cpp for its rope, are put back as
-transformers does. Everything that can be checked is checked before the output folder is created.
+transformers does. RoPE scaling goes into config.json (Llama 3's ``rope_freqs`` tensor too:
+:mod:`llm_sepweight.gguf_rope`). Everything that can be checked is checked before the output folder is created.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .folder_lock import claim_folder
 from .gguf_config import gguf_config
 from .gguf_quant import GGUF_GROUP_SIZE, LOSSLESS_INT4, dequantized, int4_from_q4, requant_error
 from .gguf_reader import GGUFModel, GGUFTensor, classify, open_gguf, unpermute_rows
+from .gguf_rope import ROPE_FREQS
 from .gguf_tokenizer import gguf_tokenizer
 from .manifest import FileEntry, Manifest, Part, part_filename
 from .quant import GROUP_SIZES, METHODS, QuantSpec, is_linear, quantize_linear
@@ -197,6 +199,8 @@ def _plan(model: GGUFModel, config: dict[str, Any], spec: PartSpec) -> dict[Part
     plan: dict[Part, dict[str, GGUFTensor]] = {p: {} for p in wanted}  # in writing order
     all_layers: dict[int, set[str]] = {i: set() for i in range(n)}
     for name, t in model.tensors.items():
+        if name == ROPE_FREQS:  # read into config.json's rope_scaling by gguf_config
+            continue
         c = classify(name, t.path)
         if c is None:
             continue
