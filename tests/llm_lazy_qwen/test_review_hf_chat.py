@@ -64,3 +64,38 @@ def test_non_utf8_stdin_line_is_reported_and_the_chat_goes_on(sep, capsys, monke
     assert session.messages == []
     with pytest.raises(ValueError, match=r"the system message is not valid UTF-8"):
         ChatSession(load_part(path), Tokenizer.from_file(str(path / "tokenizer.json")), QWEN25, system="\udcff")
+
+
+@pytest.mark.parametrize("template", [QWEN25, QWEN3], ids=["qwen2.5", "qwen3"])
+def test_empty_system_message_is_rendered(folder, sep, template):
+    """--system "" gives an empty system message, as apply_chat_template (Qwen2.5's default is then absent)."""
+    path, _ = sep("qwen2")
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf = _hf(folder)
+    for system in ("", "Be brief.", None):
+        session = ChatSession(load_part(path), tokenizer, template, system=system, params=SamplingParams(0))
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": "Hi"})
+        want = hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+        assert session.prompt_ids("Hi") == hf(want, add_special_tokens=False)["input_ids"], system
+        if template is QWEN25:
+            assert ("You are Qwen" in want) == (system is None)
+        session.reset()
+        assert session.messages == messages[:-1]
+
+
+def test_generate_twice_and_continued_cache_equal_transformers(sep):
+    """Guard: a second generate() on one adapter, and one continuing from the first's cache, equal transformers."""
+    from llm_lazy_qwen import as_transformers
+
+    path, ckpt = sep("qwen2")
+    ours = as_transformers(load_part(path))
+    ids = torch.tensor([[5, 9, 33, 71, 8]])
+    kw = dict(max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        want = ckpt.model.generate(ids, **kw)
+        assert torch.equal(ours.generate(ids, **kw), want) and torch.equal(ours.generate(ids, **kw), want)
+        first = ours.generate(ids, return_dict_in_generate=True, **kw)
+        more = torch.cat([first.sequences, torch.tensor([[12, 40]])], 1)
+        got = ours.generate(more, cache=first.cache, **kw)
+        assert torch.equal(got, ckpt.model.generate(more, **kw))

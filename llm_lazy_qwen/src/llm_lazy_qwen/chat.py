@@ -69,7 +69,8 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays) and empty the KV cache."""
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        # "" is an empty system message, as apply_chat_template renders it (Qwen2.5's default one is then absent)
+        self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
         self.forward.reset()
 
     def prompt_ids(self, user: str) -> list[int]:
