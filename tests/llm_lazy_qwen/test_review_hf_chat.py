@@ -66,6 +66,42 @@ def test_non_utf8_stdin_line_is_reported_and_the_chat_goes_on(sep, capsys, monke
         ChatSession(load_part(path), Tokenizer.from_file(str(path / "tokenizer.json")), QWEN25, system="\udcff")
 
 
+SPECIALS = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+
+
+@pytest.mark.parametrize("layout", ["legacy", "no_config", "modern"])
+def test_special_tokens_map_json_as_transformers(folder, layout):
+    """Without added_tokens_decoder in tokenizer_config.json, transformers takes special_tokens_map.json's
+    tokens (over the config's); with it (the modern layout) the file is ignored."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)
+    config["eos_token"] = "<|endoftext|>"  # special_tokens_map.json wins over this in the legacy layout
+    if layout == "modern":
+        config["added_tokens_decoder"] = {
+            "0": {
+                "content": "<|endoftext|>",
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            },
+        }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    if layout == "no_config":
+        (folder / "tokenizer_config.json").unlink()
+    specials = {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>", "lstrip": False}}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    messages = [{"role": "user", "content": "Hi"}]
+    want = _hf(folder).apply_chat_template(messages, chat_template=SPECIALS, tokenize=False)
+    assert render_chat(SPECIALS, messages, False, read_special_tokens(folder)) == want
+    assert want.startswith("<|im_start|>" if layout != "modern" else "user")
+    # the chat stops on the tokenizer's eos_token, as the template writes it
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos = _hf(folder).eos_token
+    assert eos_token_ids(folder, tokenizer) == [tokenizer.token_to_id(eos)]
+
+
 @pytest.mark.parametrize("template", [QWEN25, QWEN3], ids=["qwen2.5", "qwen3"])
 def test_empty_system_message_is_rendered(folder, sep, template):
     """--system "" gives an empty system message, as apply_chat_template (Qwen2.5's default is then absent)."""

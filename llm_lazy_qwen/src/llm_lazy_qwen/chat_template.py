@@ -65,20 +65,32 @@ def _token_content(value: Any) -> str | None:
 
 
 def read_special_tokens(folder: str | Path) -> dict[str, str]:
-    """``bos_token`` / ``eos_token`` / ``pad_token`` / ``unk_token`` of ``tokenizer_config.json`` (those it names).
+    """``bos_token`` / ``eos_token`` / ``pad_token`` / ``unk_token`` of the tokenizer folder (those it names).
 
-    What transformers passes a chat template besides the messages; ``{}`` without the file.
+    What transformers passes a chat template besides the messages, read as its tokenizer loader reads
+    them: ``tokenizer_config.json``; a folder of the older layout (no ``added_tokens_decoder`` there)
+    takes ``special_tokens_map.json``'s tokens over the config's. ``{}`` without either file.
 
     Example::
 
         read_special_tokens("Qwen2.5-0.5B-Instruct")   # {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'}
     """
-    config = Path(folder) / "tokenizer_config.json"
-    if not config.is_file():
-        return {}
-    raw = json.loads(config.read_text(encoding="utf-8-sig"))
+    folder = Path(folder)
+    raw = _read_json(folder / "tokenizer_config.json")
+    if "added_tokens_decoder" not in raw:  # transformers' legacy branch: the map wins
+        raw |= {k: v for k, v in _read_json(folder / "special_tokens_map.json").items() if v is not None}
     found = {key: _token_content(raw.get(key)) for key in SPECIAL_KEYS}
     return {key: value for key, value in found.items() if value is not None}
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """A JSON object file of a tokenizer folder, {} when absent."""
+    if not file.is_file():
+        return {}
+    raw = json.loads(file.read_text(encoding="utf-8-sig"))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 @lru_cache(maxsize=8)
