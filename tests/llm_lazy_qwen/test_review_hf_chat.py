@@ -102,6 +102,25 @@ def test_special_tokens_map_json_as_transformers(folder, layout):
     assert eos_token_ids(folder, tokenizer) == [tokenizer.token_to_id(eos)]
 
 
+def test_generation_blocks_render_as_transformers():
+    """{% generation %} marks assistant text for transformers' return_assistant_tokens_mask: rendered as its body."""
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    for prompt in (False, True):
+        want = render_jinja_template([messages], chat_template=template, add_generation_prompt=prompt)[0][0]
+        assert render_chat(template, messages, prompt) == want
+
+
 @pytest.mark.parametrize("template", [QWEN25, QWEN3], ids=["qwen2.5", "qwen3"])
 def test_empty_system_message_is_rendered(folder, sep, template):
     """--system "" gives an empty system message, as apply_chat_template (Qwen2.5's default is then absent)."""

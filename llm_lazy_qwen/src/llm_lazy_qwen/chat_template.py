@@ -4,9 +4,9 @@ Where the template lives (transformers' order): ``chat_template.jinja`` next to 
 else ``tokenizer_config.json``'s ``"chat_template"`` (a string, or a list of ``{"name", "template"}``
 of which ``"default"`` is used). Templates come from the Hub and are untrusted code, so they run in
 jinja2's ``ImmutableSandboxedEnvironment`` with transformers' settings (``trim_blocks``,
-``lstrip_blocks``, loop controls) and extras (``raise_exception``, ``strftime_now``, a ``tojson``
-that does not escape HTML, ``dict``, an underscore-refusing ``namespace``). jinja2 is imported on
-first render (``pip install 'llm_lazy_qwen[chat]'``).
+``lstrip_blocks``, loop controls, ``{% generation %}`` blocks) and extras (``raise_exception``,
+``strftime_now``, a ``tojson`` that does not escape HTML, ``dict``, an underscore-refusing
+``namespace``). jinja2 is imported on first render (``pip install 'llm_lazy_qwen[chat]'``).
 
 Used by ``llm-lazy-qwen chat`` (serving) and llm_sft's ``prepare_dataset`` (training): one renderer,
 so a model is fine-tuned on exactly the prompt it is served with.
@@ -134,7 +134,23 @@ def _compile(template: str) -> Any:
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class GenerationBlock(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}``: transformers marks the assistant's text with it (for
+        ``return_assistant_tokens_mask``); rendering gives the body unchanged."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals.update(
         raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(), namespace=TemplateNamespace
