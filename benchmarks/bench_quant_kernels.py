@@ -8,7 +8,9 @@ unquantized bf16 model does). Activations in `--dtype` (bf16 by default). Column
 - ``bf16`` / ``fp32``: dense ``F.linear`` with a bf16 / fp32 weight;
 - ``int8 k`` / ``int4 k``: ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu`` (g=64);
 - ``int8 dq`` / ``int4 dq``: QuantLinear's prefill path (dequantize into a reused buffer + GEMM);
-- ``int8 auto`` / ``int4 auto``: QuantLinear as it chooses (kernel up to ``kernel_max_rows(dtype)`` rows).
+- ``int8 auto`` / ``int4 auto``: QuantLinear as it chooses (llm_bsm_kernel's GEMV up to ``bsm_max_rows(dtype)``
+  rows when installed, torch's kernel up to ``kernel_max_rows(dtype)``; benchmarks/bench_quant_gemv.py compares
+  the two GEMVs).
 
     python benchmarks/bench_quant_kernels.py [--reps 5] [--dtype bf16] [--rows 1,64,256]
 """
@@ -23,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from llm_lazy_qwen.quant import QuantLinear, _dequant_matmul, _kernel, kernel_max_rows, native_bf16
+from llm_lazy_qwen.quant import QuantLinear, _dequant_matmul, _kernel_scales, kernel_max_rows, native_bf16
 from llm_sepweight import int4_layout, pack_int4
 
 SHAPES = [(3584, 18944), (18944, 3584), (3584, 3584)]  # (in K, out N)
@@ -59,8 +61,12 @@ def candidates(
     return {
         "bf16": lambda: F.linear(xb, w),
         "fp32": lambda: F.linear(x32, w32),
-        "int8 k": lambda: _kernel(x, q8.qweight, q8.scales, q8.spec),
-        "int4 k": lambda: _kernel(x, q4.qweight, s4, q4.spec),
+        "int8 k": lambda: torch.ops.aten._weight_int8pack_mm(
+            x, q8.qweight, _kernel_scales(q8.scales, q8.spec, x.dtype)
+        ),
+        "int4 k": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, q4.qweight, G, _kernel_scales(s4, q4.spec, x.dtype)
+        ),
         "int8 dq": lambda: _dequant_matmul(x, q8.qweight, q8.scales, q8.spec),
         "int4 dq": lambda: _dequant_matmul(x, q4.qweight, s4, q4.spec),
         "int8 auto": lambda: q8(x),

@@ -12,7 +12,7 @@ from test_quant_model import _oracle, quantized  # noqa: F401 - the module-scope
 from llm_lazy_qwen import load_part
 from llm_lazy_qwen import quant as quant_mod
 
-pytestmark = pytest.mark.skipif(quant_mod.bsm_max_rows(torch.float32) == 0, reason="llm_bsm_kernel GEMV not available")
+needs_bsm = pytest.mark.skipif(quant_mod.bsm_max_rows(torch.float32) == 0, reason="llm_bsm_kernel GEMV not available")
 
 
 @pytest.fixture
@@ -34,6 +34,7 @@ def bsm_calls(monkeypatch) -> list[tuple[str, int]]:
     return calls
 
 
+@needs_bsm
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("lazy", [False, True], ids=["ram", "lazy"])
 def test_model_through_the_bsm_gemv_equals_transformers(quantized, scheme, lazy, bsm_calls):  # noqa: F811
@@ -61,6 +62,7 @@ def test_model_through_the_bsm_gemv_equals_transformers(quantized, scheme, lazy,
     assert (scheme, 1) in bsm_calls  # decode steps went through it
 
 
+@needs_bsm
 def test_the_rule_takes_the_gemv_up_to_bsm_max_rows(quantized, bsm_calls):  # noqa: F811
     most = quant_mod.bsm_max_rows(torch.float32)
     assert most == quant_mod._BSM_MAX_ROWS
