@@ -258,6 +258,76 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, progress
 
 
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _kind(x: object) -> str | None:
+    """The kind of a value in optimizer / scheduler state, as torch uses it; None for None."""
+    if isinstance(x, bool):
+        return "a bool"
+    if _is_number(x) or isinstance(x, torch.Tensor):  # torch takes a tensor learning rate or beta
+        return "a number"
+    for types, kind in ((str, "a string"), (dict, "an object"), (list | tuple, "a list")):
+        if isinstance(x, types):
+            return kind
+    return None
+
+
+def _unlike(saved: Any, current: Any, key: str) -> str | None:
+    """Where ``saved`` (read back from a checkpoint) is not of the kind of ``current`` (the live object's
+    state), in words; None when alike. Kinds, not values: an int may stand for a float, a list for a
+    tuple, None for a bool (torch's optional flags such as ``foreach``); a None in ``current`` takes anything."""
+    want, got = _kind(current), _kind(saved)
+    if want is None or (want == "a bool" and saved is None):
+        return None
+    if got != want:
+        return f"{key} is {saved!r}, not {want} like the live object's {current!r}"
+    if isinstance(current, dict):
+        return next((w for k in current if k in saved and (w := _unlike(saved[k], current[k], f"{key}.{k}"))), None)
+    if isinstance(current, list | tuple):
+        if len(saved) != len(current):
+            return f"{key} has {len(saved)} entries, the live object's {len(current)}"
+        return next((w for i, (a, b) in enumerate(zip(saved, current)) if (w := _unlike(a, b, f"{key}.{i}"))), None)
+    return None
+
+
+def _check_progress(ckpt: Path, progress: Any) -> None:
+    """progress.json holds what ``sft`` resumes from, of the types it wrote."""
+    why = None
+    if not isinstance(progress, dict):
+        why = f"it holds {type(progress).__name__}, not an object"
+    else:
+        for key, ok, want in (
+            ("step", _is_count, "a non-negative integer"),
+            ("epoch", _is_count, "a non-negative integer"),
+            ("groups_done", _is_count, "a non-negative integer"),
+            ("settings", lambda x: isinstance(x, dict), "an object"),
+            ("history", _is_history, "a list of step records (step, epoch, loss, lr, targets, tokens, ...)"),
+        ):
+            if key not in progress:
+                why = f"no {key!r}"
+            elif not ok(progress[key]):
+                why = f"{key!r} is {str(progress[key])[:80]}, not {want}"
+            if why:
+                break
+    if why:
+        raise _damaged(ckpt, ckpt / PROGRESS, f"{why}: was it edited by hand?")
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+_STEP_FIELDS = {"step", "epoch", "loss", "lr", "targets", "tokens", "tokens_per_s", "elapsed_s"}  # + eval_loss
+
+
+def _is_history(x: object) -> bool:
+    return isinstance(x, list) and all(
+        isinstance(h, dict) and _STEP_FIELDS <= h.keys() <= _STEP_FIELDS | {"eval_loss"} for h in x
+    )
+
+
 def restore_checkpoint(
     ckpt: Path,
     settings: dict[str, Any],
@@ -274,6 +344,7 @@ def restore_checkpoint(
     checkpoint did not record is not compared.
     """
     state, progress = load_checkpoint(ckpt)
+    _check_progress(ckpt, progress)
     saved_settings = progress["settings"]
     changed = {k: (saved_settings[k], v) for k, v in settings.items() if k in saved_settings and saved_settings[k] != v}
     if changed:
@@ -290,6 +361,21 @@ def restore_checkpoint(
         raise ValueError(
             f"{ckpt}: its trainable parameters differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})"
         )
+    shapes = [k for k, p in trainable.items() if not isinstance(saved[k], torch.Tensor) or saved[k].shape != p.shape]
+    if shapes:
+        raise _damaged(
+            ckpt,
+            ckpt / STATE_TENSORS,
+            f"trainable.{shapes[0]} is not a tensor of shape {list(trainable[shapes[0]].shape)}",
+        )
+    for key, was, live in (
+        ("optimizer.param_groups", state["optimizer"]["param_groups"], optimizer.state_dict()["param_groups"]),
+        ("scheduler", state["scheduler"], None if lr_scheduler is None else lr_scheduler.state_dict()),
+    ):  # (a checkpoint without a scheduler is refused below, saying so)
+        if live is not None and was is not None and (why := _unlike(was, live, key)):
+            raise _damaged(
+                ckpt, ckpt / STATE_JSON, f"{why}: edited by hand, or written for another {key.split('.')[0]}?"
+            )
     with torch.no_grad():
         for k, p in trainable.items():
             p.copy_(saved[k])
