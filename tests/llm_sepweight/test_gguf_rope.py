@@ -27,6 +27,7 @@ from llm_sepweight.gguf_rope import ROPE_FREQS, gguf_rope_scaling, llama3_diviso
 FP32 = {"atol": 1e-4, "rtol": 1e-4}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 LLAMA3 |= {"original_max_position_embeddings": 8192}
+LLAMA3_ARGS = (8.0, 1.0, 4.0, 8192)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "linear": ("llama", {"rope_type": "linear", "factor": 2.0}),
     "yarn": ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
@@ -188,6 +189,8 @@ def test_bad_rope_metadata_is_refused():
 
 def test_rope_metadata_as_llama_cpp_reads_it():
     assert gguf_rope_scaling(_fake({}, np.ones(12)), 24, 1e4, 256) is None  # divides nothing
+    unit = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0}
+    assert gguf_rope_scaling(_fake(unit, llama3_divisors(1e4, 24, *LLAMA3_ARGS).numpy()), 24, 1e4, 256) == LLAMA3
     assert gguf_rope_scaling(_fake({"llama.rope.scale_linear": 4.0}), 24, 1e4, 256) == {
         "rope_type": "linear",
         "factor": 4.0,

@@ -62,9 +62,10 @@ def gguf_rope_scaling(model: GGUFModel, head_dim: int, theta: float, context_len
             "transformers' rope_scaling; the model is not supported"
         )
     factor = keys.get("factor", model.key("rope.scale_linear"))
-    kind = keys.get("type", "linear" if factor not in (None, 0, 0.0, 1.0) else "none")
-    if kind == "none" and factor not in (None, 0, 0.0, 1.0):
-        kind = "linear"  # llama.cpp scales by the factor whatever the type says
+    scales = factor not in (None, 0, 0.0, 1.0)
+    kind = keys.get("type", "linear")
+    if kind in ("none", "linear"):  # llama.cpp scales by the factor whatever the type says; 0 or 1: not at all
+        kind = "linear" if scales else "none"
     freqs = model.tensors.get(ROPE_FREQS)
     if freqs is not None and kind != "none":
         raise SepweightError(
