@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     summary.append(show_training(ft))
 
     print("\n== 8. answers before / after fine-tuning", flush=True)
-    summary.append(show_answers(ft))
+    summary.append(show_answers(ft, 24 if kind == "real" else 8))
     return _print_summary(summary, t_all, failed)
 
 

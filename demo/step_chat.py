@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,19 +77,27 @@ def stream_answer(
     return new, (len(new) - 1) / decode_s if decode_s > 0 else float("nan")
 
 
-def chat(folder: Path, max_new: int, dtype: str, threads: int | None = None) -> dict[str, Any]:
-    """The TURNS conversation with a lazy part of ``folder``; the answers are streamed to stdout.
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` (None: unchanged) inside the block, restored after.
 
-    ``threads``: torch threads while it runs (then restored). A decode step of a small model is many
-    small products: measured on this 2-core box with other work running, 2 threads decoded at 3 tok/s
-    and 1 thread at 14 (each product waits for the descheduled thread).
+    The demo decodes on 1 thread: a decode step of a small model is many small products, and on this
+    2-core box with other work running 2 threads decoded SmolLM2 at 3 tok/s, 1 thread at 14 (each
+    product waits for whichever thread was descheduled).
     """
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
+    torch.set_num_threads(n or before)
     try:
-        return _chat(folder, max_new, dtype)
+        yield
     finally:
         torch.set_num_threads(before)
+
+
+def chat(folder: Path, max_new: int, dtype: str, threads: int | None = None) -> dict[str, Any]:
+    """The TURNS conversation with a lazy part of ``folder`` on ``threads`` torch threads; the answers
+    are streamed to stdout."""
+    with torch_threads(threads):
+        return _chat(folder, max_new, dtype)
 
 
 def _chat(folder: Path, max_new: int, dtype: str) -> dict[str, Any]:

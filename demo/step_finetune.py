@@ -127,14 +127,15 @@ def show_training(r: dict[str, Any]) -> tuple[str, str]:
     return ("fine-tune", row)
 
 
-def show_answers(r: dict[str, Any], shown: int = 8) -> tuple[str, str]:
-    """Print step 8's before / after table; return its summary row."""
+def show_answers(r: dict[str, Any], shown: int = 24) -> tuple[str, str]:
+    """Print step 8's before / after table (the first ``shown`` questions); return its summary row."""
     q, t, b, a = r["questions"], r["truths"], r["before"], r["after"]
     which = "held-out questions (not in the training data)" if r["heldout"] else "training questions"
     width = min(44, max(len(x) for x in q) + 2)
-    print(f"{'question':<{width}}{'before':<34}{'after':<20}expected")
-    for i in range(0, len(q), max(1, len(q) // shown))[:shown]:
-        print(f"{q[i][: width - 2]:<{width}}{b[i][:32]!r:<34}{a[i][:18]!r:<20}{t[i]}")
+    print(f"{'question':<{width}}{'before':<30}{'after':<16}{'expected':<12}")
+    for i in range(min(shown, len(q))):
+        mark = "ok" if a[i] == t[i] else ""
+        print(f"{q[i][: width - 2]:<{width}}{b[i][:28]!r:<30}{a[i][:14]!r:<16}{t[i]:<12}{mark}")
     n = len(t)
     print(f"exactly the expected answer: before {exact(b, t):.0%}, after {exact(a, t):.0%} of the {n} {which}")
     print(f"names the expected answer (any wording): before {names(b, t):.0%}, after {names(a, t):.0%}")

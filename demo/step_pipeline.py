@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from step_chat import torch_threads
 
 PROMPTS = ["Which continent is France in?", "Once upon a time there was"]
 
@@ -80,8 +81,8 @@ def pipeline_generate(sep: Path, work: Path, n: int, timeout: float, dtype: str 
     """Greedy generation with the model split over 2 processes (gloo on localhost) by the
     llm-pipeline CLI, and the same in this process; both as JSON-ready numbers and token ids.
 
-    fp32 compute by default: the 2 processes (1 thread each) and the reference (2 threads) split their
-    GEMMs differently, and bf16 rounding of such differences can flip a near-tie greedy token."""
+    fp32 compute by default: the 2 processes and the reference split their GEMMs differently (other
+    shapes), and bf16 rounding of such differences can flip a near-tie greedy token."""
     from llm_lazy_qwen import IncrementalPart, load_part
     from llm_sampler import CachedForward, pad_left, sample_stream
 
@@ -110,15 +111,17 @@ def pipeline_generate(sep: Path, work: Path, n: int, timeout: float, dtype: str 
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     speed = re.search(r"first token ([\d.]+) s, decode ([\d.]+) tokens/s", err)
 
-    # the reference: the whole model in this process, same prompts, same padding, greedy
+    # the reference: the whole model in this process, same prompts, same padding, greedy, 1 thread
+    # like each stage (step_chat.torch_threads says why)
     part = load_part(sep, "f", dtype=dtype)
     pad = part.config.pad_token_id if part.config.pad_token_id is not None else 0
     ids, mask = pad_left(prompts, pad_token_id=pad)  # (B, T), left padding
-    warm = CachedForward(IncrementalPart(part))  # its own cache: no prefix reused below
-    next(sample_stream(warm, ids, 1, temperature=0, attention_mask=mask))
-    fwd = CachedForward(IncrementalPart(part))
-    stream = sample_stream(fwd, ids, n, temperature=0, attention_mask=mask)
-    single, first_s, decode_tok_s = _decode_rate(stream)
+    with torch_threads(1):
+        warm = CachedForward(IncrementalPart(part))  # its own cache: no prefix reused below
+        next(sample_stream(warm, ids, 1, temperature=0, attention_mask=mask))
+        fwd = CachedForward(IncrementalPart(part))
+        stream = sample_stream(fwd, ids, n, temperature=0, attention_mask=mask)
+        single, first_s, decode_tok_s = _decode_rate(stream)
     return {
         "parts": ",".join(specs),
         "prompt_ids": prompts,
@@ -142,7 +145,7 @@ def show_pipeline(pipe: dict[str, Any]) -> tuple[str, str]:
     if decode is not None:  # parsed from llm-pipeline's last stderr line
         print(f"{'2 processes x 1 thread (pipeline)':<34}{first:>22.3f}{decode:>14.1f}")
     single = pipe["single_decode_tok_s"]
-    print(f"{'1 process x 2 threads':<34}{pipe['single_first_s']:>22.3f}{single:>14.1f}")
+    print(f"{'1 process x 1 thread':<34}{pipe['single_first_s']:>22.3f}{single:>14.1f}")
     rows = zip(pipe["prompt_ids"], pipe["pipeline_new_ids"], pipe["single_new_ids"])
     for p, a, b in rows:
         print(f"prompt of {len(p)} tokens -> {a[:10]}... {'==' if a == b else '!='} 1 process")
