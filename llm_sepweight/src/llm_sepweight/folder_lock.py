@@ -178,7 +178,15 @@ def claim_folder(
         if done is not None:
             return done
         try:
-            return make_writer()
+            writer = make_writer()
         except FolderBusy:
             say(f"{root}: {holder(root)} is converting into this folder; waiting for it")
             wait_for_writer(root, timeout=timeout, say=say)
+            continue
+        done = finished_conversion(root, key)  # finished by the holder between our check and our lock
+        if done is None:
+            return writer
+        close = getattr(writer, "close", None)
+        if close is not None:
+            close()
+        return done

@@ -13,7 +13,7 @@ import torch
 
 from .atomic import atomic_write, atomic_write_bytes
 from .errors import SepweightError
-from .folder_lock import FolderLock
+from .folder_lock import FolderLock, finished_conversion
 from .manifest import FORMAT_VERSION, MANIFEST, PLAIN_VERSION, FileEntry, Manifest, Part, part_filename
 from .quant import QuantSpec
 from .safetensors_io import TensorSpec, read_header, sha256_file, write_file
@@ -65,8 +65,11 @@ class SepweightWriter:
             self.files: dict[str, FileEntry] = {}
             self.extra_files: dict[str, dict[str, Any]] = {}
             self._previous = self._recover()
-            (self.root / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until finish()
-            self._save_journal()
+            # the folder is incomplete until finish(); but a finished conversion with this same key keeps
+            # its manifest (readers may be loading it: claim_folder hands it back without writing)
+            if resume_key is None or finished_conversion(self.root, resume_key) is None:
+                (self.root / MANIFEST).unlink(missing_ok=True)
+                self._save_journal()
         except BaseException:
             self.close()  # a writer that failed to start holds nothing
             raise
