@@ -37,8 +37,14 @@ def save_safetensors(
     """
     path = Path(path)
     for name, t in tensors.items():
+        if not isinstance(name, str):  # json.dumps would write 1 as "1": it would read back as another key
+            raise SepweightError(f"{path}: tensor name {name!r} is a {type(name).__name__}, not a string")
         if not isinstance(t, torch.Tensor):
             raise SepweightError(f"{path}: tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        if t.is_meta:
+            raise SepweightError(f"{path}: tensor {name!r} is on the meta device (it has no data to write)")
+        if t.layout != torch.strided:
+            raise SepweightError(f"{path}: tensor {name!r} is sparse (layout {t.layout}); pass t.to_dense()")
         if t.dtype not in DTYPE_NAMES:
             raise SepweightError(
                 f"{path}: tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors; "
