@@ -154,3 +154,32 @@ def test_generate_twice_and_continued_cache_equal_transformers(sep):
         more = torch.cat([first.sequences, torch.tensor([[12, 40]])], 1)
         got = ours.generate(more, cache=first.cache, **kw)
         assert torch.equal(got, ckpt.model.generate(more, **kw))
+
+
+def test_template_vars_as_apply_chat_template_kwargs(folder, sep, monkeypatch, capsys):
+    """Qwen3's enable_thinking=False (and any template variable) renders as apply_chat_template(..., NAME=VALUE);
+    the CLI takes it as --template-var NAME=VALUE."""
+    path, _ = sep("qwen2")
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf = _hf(folder)
+    messages = [{"role": "user", "content": "Hi"}]
+    for extra in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+        want = hf.apply_chat_template(
+            messages, chat_template=QWEN3, add_generation_prompt=True, tokenize=False, **extra
+        )
+        assert render_chat(QWEN3, messages, True, None, extra) == want
+        session = ChatSession(load_part(path), tokenizer, QWEN3, template_vars=extra)
+        assert session.prompt_ids("Hi") == hf(want, add_special_tokens=False)["input_ids"]
+    assert "<think>\n\n</think>" in render_chat(QWEN3, messages, True, None, {"enable_thinking": False})
+    with pytest.raises(ValueError, match=r"template variables \['messages'\] are set by render_chat itself"):
+        render_chat(QWEN3, messages, True, None, {"messages": []})
+    # the CLI: --template-var enable_thinking=false reaches the template as the JSON value False
+    seen = []
+    monkeypatch.setattr(ChatSession, "prompt_ids", lambda self, user: seen.append(self.template_vars) or [1, 2])
+    monkeypatch.setattr(ChatSession, "_stream", lambda self, ids: iter(()))
+    argv = ["chat", str(path), "--prompt", "Hi", "--template-var", "enable_thinking=false", "--template-var", "x=a b"]
+    assert main(argv) == 0
+    assert seen == [{"enable_thinking": False, "x": "a b"}]
+    with pytest.raises(SystemExit) as e:
+        main(["chat", str(path), "--prompt", "Hi", "--template-var", "enable_thinking"])
+    assert e.value.code == 2 and "is not NAME=VALUE" in capsys.readouterr().err

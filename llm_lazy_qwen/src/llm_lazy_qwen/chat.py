@@ -46,6 +46,7 @@ class ChatSession:
         template: str,
         *,
         special_tokens: dict[str, str] | None = None,
+        template_vars: dict[str, Any] | None = None,
         stop_ids: Sequence[int] = (),
         system: str | None = None,
         params: SamplingParams | None = None,
@@ -56,6 +57,7 @@ class ChatSession:
             _check_utf8(system, "the system message")
         self.tokenizer, self.template, self.system = tokenizer, template, system
         self.special_tokens = dict(special_tokens or {})
+        self.template_vars = dict(template_vars or {})  # e.g. {"enable_thinking": False} for Qwen3
         self.stop_ids = tuple(int(t) for t in stop_ids)
         self.params = params or SamplingParams()
         self.max_new_tokens, self.generator = max_new_tokens, generator
@@ -77,7 +79,11 @@ class ChatSession:
         """The ids the model sees for the next turn: the conversation plus `user`, with the generation prompt."""
         _check_utf8(user, "the message")
         text = render_chat(
-            self.template, [*self.messages, {"role": "user", "content": user}], True, self.special_tokens
+            self.template,
+            [*self.messages, {"role": "user", "content": user}],
+            True,
+            self.special_tokens,
+            self.template_vars,
         )
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 

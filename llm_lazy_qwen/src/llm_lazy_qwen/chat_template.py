@@ -163,12 +163,15 @@ def render_chat(
     messages: list[dict[str, str]],
     add_generation_prompt: bool,
     special_tokens: dict[str, str] | None = None,
+    template_vars: dict[str, Any] | None = None,
 ) -> str:
     """The text ``apply_chat_template(messages, tokenize=False, ...)`` gives for this template.
 
     Args:
         special_tokens: ``bos_token`` / ``eos_token`` / ... strings the template may use (transformers
             passes the tokenizer's special tokens map).
+        template_vars: the extra keywords of ``apply_chat_template`` the template reads, e.g. Qwen3's
+            ``{"enable_thinking": False}``; they win over ``special_tokens`` as in transformers.
 
     Example::
 
@@ -177,9 +180,12 @@ def render_chat(
     """
     import jinja2
 
+    reserved = sorted(set(template_vars or {}) & {"messages", "tools", "documents", "add_generation_prompt"})
+    if reserved:
+        raise ValueError(f"template variables {reserved} are set by render_chat itself; pass other names")
     try:
         return _compile(template).render(
-            **(special_tokens or {}),
+            **(special_tokens or {}) | (template_vars or {}),
             messages=messages,
             tools=None,
             documents=None,

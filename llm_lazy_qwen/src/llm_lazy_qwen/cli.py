@@ -13,6 +13,7 @@ transformers' generate reads them (greedy when it says nothing); the flags overr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -41,6 +42,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _template_var(text: str) -> tuple[str, Any]:
+    name, eq, value = text.partition("=")
+    if not eq or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. enable_thinking=false)")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value  # plain text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llm-lazy-qwen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder (adapter_config.json + weights)")
     c.add_argument("--chat-template", default=None, help="a Jinja file used instead of the model's template")
+    c.add_argument(
+        "--template-var",
+        action="append",
+        default=[],
+        type=_template_var,
+        metavar="NAME=VALUE",
+        help="a variable for the chat template, as apply_chat_template(NAME=VALUE); VALUE is JSON (true, 3, "
+        '"x") or else text; e.g. enable_thinking=false for Qwen3 (repeat for more)',
+    )
     load = c.add_argument_group("loading")
     load.add_argument("--lazy", action="store_true", help="stream layers from disk (one resident)")
     load.add_argument(
@@ -151,6 +171,7 @@ def _session(args: argparse.Namespace, part: QwenPart, folder: Path) -> Any:
         tokenizer,
         template,
         special_tokens=read_special_tokens(folder),
+        template_vars=dict(args.template_var),
         stop_ids=eos_token_ids(folder, tokenizer),
         system=args.system,
         params=SamplingParams(**settings),
