@@ -9,6 +9,7 @@ de-quantized without the original checkpoint.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,18 +43,27 @@ def is_sepweight_folder(path: Path) -> bool:
     return (path / MANIFEST).is_file() or (path / ".sepweight-journal.json").is_file()
 
 
-def _stats(root: Path, names: list[str]) -> dict[str, list[int]]:
+def _stats(root: Path, names: list[str]) -> dict[str, list[int | str]]:
     """(size, mtime, ctime) per file: what makes a resumed conversion 'the same conversion'.
 
     Every file the conversion reads or copies is stamped (the config too: loaders read its copy in
     manifest.json). The ctime catches a rewrite whose mtime was put back (``cp -p``, ``rsync -t``,
     tar), which no user can set; only ``chmod``/``chown`` change it too, and cost a re-conversion.
     """
-    out = {}
+    out: dict[str, list[int | str]] = {}
     for name in sorted(set(names)):
         st = (root / name).stat()
         out[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        if (root / name).is_symlink():  # a hub snapshot's file: the blob it points to, named by its content hash
+            out[name].append(os.path.basename(os.path.realpath(root / name)))
     return out
+
+
+def _src(root: Path) -> str:
+    """The source folder; for a hub snapshot (``.../snapshots/<commit>``) the repo's cache folder: a commit
+    that changes no file the conversion reads (a README edit) is the same conversion."""
+    root = root.resolve()
+    return str(root.parent.parent if root.parent.name == "snapshots" else root)
 
 
 class HFSource:
@@ -84,7 +94,7 @@ class HFSource:
 
     def identity(self) -> dict[str, Any]:
         names = [*self.ckpt.files, *(p.name for p in self.extra_files())]
-        return {"src": str(self.ckpt.root.resolve()), "files": _stats(self.ckpt.root, names)}
+        return {"src": _src(self.ckpt.root), "files": _stats(self.ckpt.root, names)}
 
 
 class SepweightSource:
