@@ -183,3 +183,26 @@ def test_template_vars_as_apply_chat_template_kwargs(folder, sep, monkeypatch, c
     with pytest.raises(SystemExit) as e:
         main(["chat", str(path), "--prompt", "Hi", "--template-var", "enable_thinking"])
     assert e.value.code == 2 and "is not NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left_padded"])
+def test_crop_keeps_explicit_positions(sep, padded):
+    """A cache filled with explicit position_ids (a sequence that starts at 10) and cropped continues at the
+    kept tokens' next position, as transformers with the same positions (it restarted at the kept count)."""
+    path, ckpt = sep("qwen2")
+    part = load_part(path)
+    ids = torch.tensor([[5, 9, 33, 71, 8, 12, 40, 41], [7, 7, 60, 61, 62, 63, 64, 65]])
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0) + 10  # (B, 8): 10, 11, ... from each row's first real token
+    with torch.no_grad():
+        want = ckpt.model(ids, attention_mask=mask, position_ids=pos).logits
+        cache = part.new_cache()
+        part(ids[:, :6], position_ids=pos[:, :6], attention_mask=mask[:, :6], cache=cache)
+        cache.crop(4)  # drop 2 tokens, then run 3 without position_ids: they continue at 14
+        got = part(ids[:, 4:7], attention_mask=mask[:, :7], cache=cache, logits_to_keep=0)
+        torch.testing.assert_close(got, want[:, 4:7], atol=1e-4, rtol=1e-4)
+        assert cache.next_position.tolist() == (pos[:, 6] + 1).tolist()
+        cache.crop(0)  # as new: positions from 0 again
+        torch.testing.assert_close(part(ids[:, :3], cache=cache), ckpt.model(ids[:, :3]).logits, atol=1e-4, rtol=1e-4)

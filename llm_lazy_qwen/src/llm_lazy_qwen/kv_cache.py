@@ -159,11 +159,15 @@ class KVCache:
         if keep == 0:
             self.key_mask = self.next_position = self.rope_length = None  # as new
         elif keep < self.seq_len:
+            # each real token moved a row's next position on by one: step back by the real tokens dropped
+            # (not to the count of those kept: positions given explicitly may start elsewhere)
             if self.key_mask is not None:
+                dropped = self.key_mask[:, keep:].long().sum(-1)  # (B,)
                 self.key_mask = self.key_mask[:, :keep]
-                self.next_position = self.key_mask.long().sum(-1)
-            elif self.next_position is not None:
-                self.next_position = torch.full_like(self.next_position, keep)
+            else:
+                dropped = self.seq_len - keep
+            if self.next_position is not None:
+                self.next_position = self.next_position - dropped
         self.seq_len = keep
 
     def start_call(self, layer_ids: list[int], batch: int) -> int:
