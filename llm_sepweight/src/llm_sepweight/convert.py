@@ -21,7 +21,7 @@ from .checkpoint import is_tied, open_checkpoint, read_config
 from .errors import SepweightError
 from .folder_lock import claim_folder, finished_conversion
 from .hub import fetch, looks_like_repo_id
-from .manifest import FORMAT_VERSION, Manifest, Part, read_if_complete
+from .manifest import FORMAT_VERSION, Manifest, Part, part_filename, read_if_complete
 from .quant import GROUP_SIZES, METHODS, SCHEMES, QuantSpec, default_scale_dtype, is_linear, quantize_linear
 from .quant_importance import input_importance
 from .quant_pack import int4_layout
@@ -163,7 +163,15 @@ def convert(
     got = claim_folder(
         dst,
         key,
-        lambda: SepweightWriter(dst, source.config, resume_key=key, source=about, fsync=fsync, quant=quant_entry),
+        lambda: SepweightWriter(
+            dst,
+            source.config,
+            resume_key=key,
+            source=about,
+            fsync=fsync,
+            quant=quant_entry,
+            part_keys={part_filename(p): _part_key(source, p, target, settings) for p in order},
+        ),
         progress=progress,
     )
     if isinstance(got, Manifest):
@@ -284,6 +292,13 @@ def _target(src: torch.dtype, target: torch.dtype | None) -> torch.dtype:
 def _out_bytes(source: Source, part: Part, target: torch.dtype | None) -> int:
     """Bytes the part would take unquantized: the progress bar's unit."""
     return sum(numel * _target(dtype, target).itemsize for dtype, numel in source.sizes(part).values())
+
+
+def _part_key(source: Source, part: Part, target: torch.dtype | None, settings: QuantSettings | None) -> str:
+    """Identifies one part file's bytes: the source files it reads (name, size, mtime), dtype and quantization."""
+    quant = None if settings is None else [*settings.__dict__.values(), int4_layout()]
+    key = {"v": FORMAT_VERSION, **source.part_identity(part), "part": part, "dtype": str(target), "quant": quant}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _resume_key(source: Source, spec: PartSpec, target: torch.dtype | None, settings: QuantSettings | None) -> str:

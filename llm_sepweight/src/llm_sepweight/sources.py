@@ -36,6 +36,7 @@ class Source(Protocol):
     def tensors(self, part: Part) -> Mapping[str, torch.Tensor]: ...
     def release(self) -> None: ...
     def identity(self) -> dict[str, Any]: ...
+    def part_identity(self, part: Part) -> dict[str, Any]: ...
 
 
 def is_sepweight_folder(path: Path) -> bool:
@@ -96,6 +97,11 @@ class HFSource:
         names = [*self.ckpt.files, *(p.name for p in self.extra_files())]
         return {"src": _src(self.ckpt.root), "files": _stats(self.ckpt.root, names)}
 
+    def part_identity(self, part: Part) -> dict[str, Any]:
+        """What one part's bytes come from: the weight files it reads and the config."""
+        names = [fname for fname, _ in self.plan[part].values()] + ["config.json"]
+        return {"src": _src(self.ckpt.root), "files": _stats(self.ckpt.root, names)}
+
 
 class SepweightSource:
     """An existing sepweight folder, quantized or not (its quantized linears read back dequantized)."""
@@ -147,6 +153,11 @@ class SepweightSource:
     def identity(self) -> dict[str, Any]:
         root = self.sw.root
         names = [MANIFEST, *self.sw.manifest.files, *self.sw.manifest.extra_files]
+        return {"src": str(root.resolve()), "files": _stats(root, names), "sepweight": True}
+
+    def part_identity(self, part: Part) -> dict[str, Any]:
+        root = self.sw.root
+        names = [MANIFEST, self.sw.path(part).name] + (["begin.safetensors"] if part == "end" and self.sw.tied else [])
         return {"src": str(root.resolve()), "files": _stats(root, names), "sepweight": True}
 
 

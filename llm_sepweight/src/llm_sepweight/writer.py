@@ -26,7 +26,10 @@ class SepweightWriter:
 
     Every file is written atomically (temp + rename). Progress is journaled after each file, so a run
     killed at any point and started again with the same ``resume_key`` skips every file whose checksum
-    still matches and rewrites the rest. While writing, the folder has no manifest and loaders refuse it.
+    still matches and rewrites the rest. ``part_keys`` (file name -> a key of what makes its bytes) also
+    keeps, checksum permitting, a file a run of another resume key wrote with the same part key (more
+    layers converted into a folder keep the ones it has). While writing, the folder has no manifest and
+    loaders refuse it.
     One writer per folder (folder_lock.py): another process's raises :class:`FolderBusy`, a second one
     in the same thread a :class:`SepweightError`. Used as a context manager, the lock is released on
     leaving the block (:meth:`close`) even when the folder is left unfinished.
@@ -50,12 +53,14 @@ class SepweightWriter:
         source: Mapping[str, Any] | None = None,
         fsync: bool = True,
         quant: Mapping[str, Any] | None = None,
+        part_keys: Mapping[str, str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.config = dict(config)
         self.resume_key = resume_key
         self.source = dict(source or {})
         self.quant = dict(quant) if quant is not None else None  # the manifest's top-level "quant"
+        self.part_keys = dict(part_keys or {})  # file name -> what makes its bytes (source files and options)
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = FolderLock(self.root)
@@ -76,25 +81,35 @@ class SepweightWriter:
 
     # ------------------------------------------------------------------------------------ resume
     def _recover(self) -> dict[str, dict[str, Any]]:
-        """Entries of files a previous run with the same resume_key completed."""
-        if self.resume_key is None:
+        """Entries of files a previous run with the same resume_key completed, else those a run of another
+        resume key wrote with the same part key (``part_keys``: the same source bytes and options)."""
+        if self.resume_key is None and not self.part_keys:
             return {}
+        found: list[tuple[Any, dict[str, Any], Any]] = []  # (resume key, entries by file name, part keys)
         journal = self.root / JOURNAL
         if journal.is_file():
             try:
                 raw = json.loads(journal.read_text())
-                if raw.get("resume_key") == self.resume_key:
-                    return {**raw.get("files", {}), **raw.get("extra_files", {})}
+                entries = {**raw.get("files", {}), **raw.get("extra_files", {})}
+                found.append((raw.get("resume_key"), entries, raw.get("part_keys")))
             except (json.JSONDecodeError, AttributeError):
                 pass  # a journal is only a hint; an unreadable one means "start over"
         if (self.root / MANIFEST).is_file():
             try:
                 m = Manifest.read(self.root)
+                entries = {**{k: v.__dict__ for k, v in m.files.items()}, **m.extra_files}
+                found.append((m.source.get("resume_key"), entries, m.source.get("part_keys")))
             except SepweightError:
-                return {}
-            if m.source.get("resume_key") == self.resume_key:
-                return {**{k: v.__dict__ for k, v in m.files.items()}, **m.extra_files}
-        return {}
+                pass
+        reusable: dict[str, dict[str, Any]] = {}
+        for key, entries, part_keys in found:
+            if self.resume_key is not None and key == self.resume_key:
+                return entries
+            if isinstance(part_keys, dict):
+                for name, entry in entries.items():
+                    if name in self.part_keys and part_keys.get(name) == self.part_keys[name]:
+                        reusable.setdefault(name, entry)
+        return reusable
 
     def _still_valid(self, name: str) -> dict[str, Any] | None:
         entry = self._previous.get(name)
@@ -102,6 +117,9 @@ class SepweightWriter:
         if entry is None or not path.is_file() or path.stat().st_size != entry["size"]:
             return None
         return entry if sha256_file(path) == entry["sha256"] else None
+
+    def _written_part_keys(self) -> dict[str, str]:
+        return {name: self.part_keys[name] for name in self.files if name in self.part_keys}
 
     def done(self, part: Part) -> bool:
         """True (and the file is adopted) when a previous run already wrote this part intact."""
@@ -118,6 +136,7 @@ class SepweightWriter:
             "resume_key": self.resume_key,
             "files": {k: v.__dict__ for k, v in self.files.items()},
             "extra_files": self.extra_files,
+            "part_keys": self._written_part_keys(),
         }
         atomic_write_bytes(self.root / JOURNAL, json.dumps(data).encode(), fsync=self.fsync)
 
@@ -169,7 +188,11 @@ class SepweightWriter:
             config=self.config,
             files=dict(sorted(self.files.items(), key=lambda kv: _order(kv[1].part))),
             extra_files=self.extra_files,
-            source={**self.source, "resume_key": self.resume_key},
+            source={
+                **self.source,
+                "resume_key": self.resume_key,
+                **({"part_keys": keys} if (keys := self._written_part_keys()) else {}),
+            },
             quant=self.quant,
             format_version=FORMAT_VERSION if self.quant or _any_quantized(self.files.values()) else PLAIN_VERSION,
         )
