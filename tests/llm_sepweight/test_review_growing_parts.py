@@ -44,4 +44,3 @@ def test_other_options_or_changed_weights_rewrite_them(qwen_checkpoints, tmp_pat
     now = _stamps(dst)
     assert all(now[k] != v for k, v in kept.items())
     assert m.dtype == "bfloat16" and sw.verify(dst).ok
-
