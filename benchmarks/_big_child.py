@@ -31,9 +31,13 @@ def read_bytes() -> int:
 class Ours:
     """llm_lazy_qwen on a sepweight folder (bf16, int8 or int4 storage), bf16 compute."""
 
-    def __init__(self, sep: str, kw: dict) -> None:
+    def __init__(self, sep: str, kw: dict, no_bsm: bool = False) -> None:
         from llm_lazy_qwen import load_part
 
+        if no_bsm:  # QuantLinear as without the [bsm] extra: torch's int kernels (as bench_quant_decode.py)
+            import llm_lazy_qwen.quant as quant_mod
+
+            quant_mod._bsm = lambda: None  # type: ignore[assignment]
         self.model = load_part(sep, "f", dtype="bf16", **kw)
 
     def prefill(self, ids: torch.Tensor):
@@ -92,7 +96,7 @@ def build(cfg: dict):
         return HF(cfg["hf"], cfg.get("offload") if e == "accelerate" else None)
     if e == "airllm":
         return AirLLM(cfg["hf"], cfg["split"])
-    return Ours(cfg["sep"], cfg.get("load_kw", {}))
+    return Ours(cfg["sep"], cfg.get("load_kw", {}), cfg.get("no_bsm", False))
 
 
 def infer(cfg: dict) -> dict:

@@ -12,6 +12,8 @@ NAMES = {
     "bf16": "ours bf16",
     "int8": "ours int8",
     "int4": "ours int4",
+    "int8_torch": "ours int8, torch's int8 kernel (llm_bsm_kernel hidden)",
+    "int4_torch": "ours int4, torch's int4 kernel (llm_bsm_kernel hidden)",
     "accelerate": "Accelerate disk offload (28 layers on disk)",
     "airllm": "AirLLM 4.0 (device=cpu, prefetching)",
     "sft_r": "R: llm_sft layer-wise, bf16, lazy, no limit",
@@ -88,7 +90,7 @@ class Report:
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         notes: list[str] = []
-        for e in ("r", "hf", "bf16", "int8", "int4", "accelerate", "airllm"):
+        for e in ("r", "hf", "bf16", "int8", "int8_torch", "int4", "int4_torch", "accelerate", "airllm"):
             if e not in self.rows:
                 continue
             x = self.rows[e]
@@ -96,7 +98,7 @@ class Report:
             if "error" in x:
                 print(f"| {NAMES[e]} | {box} | failed: {x['error']} (after {x.get('wall_s', 0):.0f} s) |" + " |" * 11)
                 continue
-            fmt = e if e in ("int8", "int4") else "bf16"
+            fmt = e.removesuffix("_torch") if e.startswith("int") else "bf16"
             must, fl = self.floor_s(fmt) if box != "none" else (0, 0.0)
             floor = f"{fl:.2f} ({must / 1e9:.1f} GB)" if box != "none" else "-"
             if x.get("partial"):
