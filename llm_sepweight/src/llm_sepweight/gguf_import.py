@@ -146,7 +146,7 @@ def convert_gguf(
         "quant": top,
         "gguf_types": _type_counts(model),
     }
-    key = _resume_key(model, spec, target, policy)
+    key = _resume_key(model, spec, target, policy, derived=[config, tokenizer_json, tokenizer_config])
     # finished: nothing to read or write; another process converting into dst is waited for (as convert)
     got = claim_folder(
         Path(dst),
@@ -313,11 +313,13 @@ def _row_order(model: GGUFModel, config: dict[str, Any], rel: str, t: GGUFTensor
     return unpermute_rows(t.shape[0], heads)
 
 
-def _resume_key(model: GGUFModel, spec: PartSpec, dtype: torch.dtype, policy: Policy) -> str:
-    """Identifies 'the same conversion': same GGUF files (name, size, mtime), parts, dtype and policy."""
-    stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in model.paths}
+def _resume_key(model: GGUFModel, spec: PartSpec, dtype: torch.dtype, policy: Policy, derived: Any) -> str:
+    """Identifies 'the same conversion': same GGUF files (name, size, mtime, ctime), parts, dtype, policy and
+    what this code derives from the metadata (config, tokenizer: a folder an older converter wrote is redone)."""
+    stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ctime_ns] for p in model.paths}
     key = {
         "gguf": [str(model.paths[0].resolve()), stats],
+        "derived": hashlib.sha256(json.dumps(derived, sort_keys=True, default=str).encode()).hexdigest(),
         "parts": str(spec),
         "dtype": str(dtype),
         "policy": [policy.quant, policy.group_size, policy.method, policy.quantize_head],
