@@ -120,11 +120,12 @@ def infer(cfg: dict) -> dict:
         logits, state = m.step(tok, state)  # warm-up token
         tok = logits[:, -1:].argmax(-1)
         tokens.append(int(tok))
-        steps, reads = [], []
+        steps, reads, cpu = [], [], []
         for _ in range(cfg["decode"]):
-            t0, r0 = time.perf_counter(), read_bytes()
+            t0, r0, c0 = time.perf_counter(), read_bytes(), time.process_time()
             logits, state = m.step(tok, state)
             steps.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)  # all threads of this process: on a shared box wall time is noise
             reads.append(read_bytes() - r0)
             tok = logits[:, -1:].argmax(-1)
             tokens.append(int(tok))
@@ -134,6 +135,7 @@ def infer(cfg: dict) -> dict:
         res.update(
             decode_s=statistics.median(steps),
             decode_steps=steps,
+            decode_cpu_s=statistics.median(cpu),
             decode_read_gb=statistics.median(reads) / 1e9,
             tokens=tokens,
             logit_max=float(logits.float().abs().max()),

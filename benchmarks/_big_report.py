@@ -114,6 +114,13 @@ class Report:
                 f"{_f(x['prefill_s'] / r['prefill_s'] if r else None)} | {x['prefill_read_gb']:.1f} | {x['first_s']:.1f} | "
                 f"{x['peak_anon_mb']:.0f} / {x['peak_file_mb']:.0f} | {_f(x.get('box_peak_gib'))} | {same} |"
             )
+        cpu = {e: x["decode_cpu_s"] for e, x in self.rows.items() if "decode_cpu_s" in x}
+        if cpu:  # CPU time of the process per token (all its threads): what a shared box cannot inflate by preemption
+            rc = cpu.get("r")
+            notes.append(
+                "decode CPU s/token (process time, median): "
+                + ", ".join(f"{e} {c:.2f}" + (f" ({c / rc:.2f}x R)" if rc and e != "r" else "") for e, c in cpu.items())
+            )
         print("".join(f"\n- {n}" for n in notes))
 
     def print_sft(self) -> None:
