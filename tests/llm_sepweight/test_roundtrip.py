@@ -164,3 +164,14 @@ def test_read_into_a_reusable_buffer(qwen_checkpoints, tmp_path, name):
     assert torch.equal(head["lm_head.weight"], sd["lm_head.weight"][10:50])
     with pytest.raises(sw.SepweightError, match="needs a buffer of"):
         w.read_into(0, torch.empty(10, dtype=torch.uint8))
+
+
+def test_sentencepiece_tokenizer_model_is_copied(qwen_checkpoints, tmp_path):
+    """Llama / Mistral repos may ship only tokenizer.model: the converted folder keeps it (byte for byte)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(qwen_checkpoints("qwen2").path, src)
+    (src / "tokenizer.model").write_bytes(b"\x0a\x05<unk>sentencepiece-bytes")
+    sw.convert(src, tmp_path / "sep", progress=False)
+    assert (tmp_path / "sep" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()

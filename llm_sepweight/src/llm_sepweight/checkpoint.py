@@ -36,6 +36,7 @@ EXTRA_FILES = (
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
+    "tokenizer.model",  # sentencepiece (Llama / Mistral repos without tokenizer.json); a protobuf, not a pickle
     "chat_template.jinja",
     "chat_template.json",
 )
