@@ -190,6 +190,20 @@ def test_q8_0_requantized_to_int8_reports_its_error(ggufs, tmp_path, caplog):
     assert float((got - want_logits).abs().max()) < 0.02 * float(want_logits.abs().max())
 
 
+def test_q4_asked_as_int8_is_stored_int8(ggufs, tmp_path):
+    """quant="int8" on a Q4_1 file gives an int8 folder (it kept Q4 as int4 while saying nothing)."""
+    path, ref = ggufs("llama", "Q4_1")
+    m = convert_gguf(path, tmp_path / "sep", dtype="fp32", quant="int8", progress=False)
+    entry = m.files["mid.00000.safetensors"].tensors
+    assert entry["self_attn.q_proj.qweight"]["quant"]["scheme"] == "int8"
+    assert m.quant["scheme"] == "int8"
+    assert m.source["requantized"]["layer 0 self_attn.q_proj"]["from"] == "Q4_1"
+    with torch.no_grad():
+        want_logits = ref(IDS).logits
+    got = logits(tmp_path / "sep")
+    assert float((got - want_logits).abs().max()) < 0.02 * float(want_logits.abs().max())
+
+
 def test_requantized_errors_survive_a_resume(ggufs, tmp_path, monkeypatch):
     import llm_sepweight.gguf_import as gi
 

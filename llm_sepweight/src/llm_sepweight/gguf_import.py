@@ -48,7 +48,8 @@ _FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 class Policy:
     """What happens to each tensor: ``action(part, key, tensor)``."""
 
-    quant: str | None  # None: keep Q4 as int4, dequantize the rest; "none": dequantize all; "int8" / "int4"
+    quant: str | None  # None: keep Q4 as int4, dequantize the rest; "none": dequantize all; "int8": all int8;
+    # "int4": Q4 kept, the rest quantized to int4
     group_size: int = 64
     method: str = "clip"
     quantize_head: bool = True
@@ -57,8 +58,8 @@ class Policy:
         """``"plain"`` (dequantized), ``"q4"`` (GGUF's int4 kept) or ``"int8"`` / ``"int4"`` (quantized)."""
         if self.quant == "none" or not is_linear(part, rel, self.quantize_head):
             return "plain"
-        if t.type_name in LOSSLESS_INT4:
-            return "q4"
+        if t.type_name in LOSSLESS_INT4 and self.quant in (None, "int4"):
+            return "q4"  # kept exactly; "int8" asks for int8, so Q4 is re-quantized (its added error logged)
         return self.quant or "plain"
 
     def manifest_entry(self, plan: dict[Part, dict[str, GGUFTensor]]) -> dict[str, Any] | None:
@@ -109,8 +110,9 @@ def convert_gguf(
 
     Args:
         dtype: compute dtype of everything not stored as integers (default bf16).
-        quant: None keeps Q4_0/Q4_1/Q4_K linears as int4 (lossless) and dequantizes the rest; ``"int8"`` /
-            ``"int4"`` also quantize the other linears (``group_size``, ``method`` as in
+        quant: None keeps Q4_0/Q4_1/Q4_K linears as int4 (lossless) and dequantizes the rest; ``"int4"``
+            also quantizes the other linears; ``"int8"`` stores every linear int8 (Q4 ones re-quantized,
+            the added error logged) (``group_size``, ``method`` as in
             :func:`llm_sepweight.quantize_int4`; scales fp32); ``"none"`` dequantizes everything.
         quantize_head: False stores an untied head dequantized.
 
