@@ -287,3 +287,22 @@ def test_quantized_folder_under_a_memory_budget(quantized, scheme):
                 torch.testing.assert_close(part(ids), want, **FP32)
     finally:
         part.close()
+
+
+def test_resident_layers_keep_their_parameters_between_calls(quantized):
+    """Under a budget, resident layers are swapped in as the same Parameters every call, so the scales
+    QuantLinear prepares per weight (cached by tensor object) are prepared once, not per token."""
+    folder, _ = quantized("qwen2", "int4")
+    part = load_part(folder, memory_budget=10**12, max_context=64)
+    try:
+        assert part.memory_plan.resident and not part.memory_plan.streamed
+        seen = []
+        for _ in range(2):
+            with part.materialized(0) as layer:
+                seen.append(dict(layer.named_parameters()))  # held: ids cannot be reused
+        assert seen[0] and seen[0].keys() == seen[1].keys()
+        assert all(seen[0][k] is seen[1][k] for k in seen[0])
+        with torch.no_grad():
+            torch.testing.assert_close(part(token_ids()), load_part(folder)(token_ids()), **FP32)
+    finally:
+        part.close()

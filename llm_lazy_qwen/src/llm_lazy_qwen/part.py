@@ -136,6 +136,9 @@ class QwenPart(HeadMixin, nn.Module):
         # forward -> run_layer -> materialized); _held: layers materialized now (by the lock's holder)
         self._lock: threading.RLock | None = None
         self._held: set[int] = set()
+        # resident (pinned) layers get the same Parameter objects every call, so caches keyed by them
+        # (QuantLinear's prepared kernel scales) hit instead of re-preparing per token
+        self._resident_params: dict[int, dict[str, nn.Parameter]] = {}
 
     # ------------------------------------------------------------------------------- weights
     @property
@@ -387,6 +390,13 @@ class QwenPart(HeadMixin, nn.Module):
         cos, sin = self.rotary(position_ids, h.dtype, rope_length)
         return h, Step(cos, sin, start, T, key_mask, cache, next_position, rope_length)
 
+    def _same_params(self, i: int, weights: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+        """Layer i's resident tensors as Parameters made once (remade if the streamer handed out others)."""
+        cached = self._resident_params.get(i)
+        if cached is None or any(cached[k].data_ptr() != t.data_ptr() for k, t in weights.items()):
+            cached = self._resident_params[i] = {k: nn.Parameter(t, requires_grad=False) for k, t in weights.items()}
+        return cached
+
     @contextmanager
     def materialized(self, i: int) -> Iterator[nn.Module]:
         """Layer i's module with its weights in place for the duration (fetched and released when lazy).
@@ -407,7 +417,8 @@ class QwenPart(HeadMixin, nn.Module):
                 yield layer
                 return
             weights = self._streamer.get(i)
-            assign(layer, weights, f"layer {i}", self._placeholders[i].keys())
+            params = self._same_params(i, weights) if i in self._streamer.pinned else weights
+            assign(layer, params, f"layer {i}", self._placeholders[i].keys())
             self._held.add(i)
             try:
                 yield layer

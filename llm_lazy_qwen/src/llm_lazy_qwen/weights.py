@@ -44,6 +44,8 @@ def assign(
 ) -> None:
     """Make `tensors` the module's frozen parameters (zero-copy); names and shapes must match exactly.
 
+    A tensor that is already an ``nn.Parameter`` is set as that same object (callers reuse them).
+
     `expected`: the module's frozen keys when the caller knows them (skips walking the module).
     """
     keys = set(tensor_keys(module)) if expected is None else expected
@@ -57,7 +59,7 @@ def assign(
             old = getattr(mod, attr)
         if old.shape != t.shape:
             raise ValueError(f"{where}: {key} has shape {list(t.shape)}, the config implies {list(old.shape)}")
-        _set(mod, attr, nn.Parameter(t, requires_grad=False))
+        _set(mod, attr, t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False))
 
 
 def release(module: nn.Module, placeholders: dict[str, nn.Parameter]) -> None:
