@@ -31,9 +31,9 @@ from llm_lazy_qwen import load_part
 from llm_lazy_qwen import quant as quant_mod
 
 
-def decode(folder: Path, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
+def decode(folder: Path, prompt: torch.Tensor, tokens: int, budget: str | None = None) -> tuple[float, float]:
     """(median wall s, median process CPU s) per decode token."""
-    part = load_part(folder, lazy=False)
+    part = load_part(folder, lazy=False) if budget is None else load_part(folder, memory_budget=budget)
     try:
         cache = part.new_cache()
         nxt = part(prompt, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch's and ours (default: torch's default)")
+    ap.add_argument(
+        "--memory-budget", default=None, help="load with load_part(memory_budget=...) instead of lazy=False"
+    )
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     if args.threads:
@@ -74,14 +77,14 @@ def main() -> None:
     prompt = torch.randint(
         0, int(shape["vocab_size"] or 1000), (1, args.prompt), generator=torch.Generator().manual_seed(0)
     )
-    results = {"bf16 (R)": decode(args.bf16, prompt, args.tokens)}
+    results = {"bf16 (R)": decode(args.bf16, prompt, args.tokens, args.memory_budget)}
     bsm = quant_mod._bsm
     quant_mod._bsm = lambda: None  # type: ignore[assignment]  # QuantLinear without llm_bsm_kernel
     try:
-        results["int4 torch"] = decode(args.int4, prompt, args.tokens)
+        results["int4 torch"] = decode(args.int4, prompt, args.tokens, args.memory_budget)
     finally:
         quant_mod._bsm = bsm  # type: ignore[assignment]
-    results["int4 ours"] = decode(args.int4, prompt, args.tokens)
+    results["int4 ours"] = decode(args.int4, prompt, args.tokens, args.memory_budget)
     r_wall, r_cpu = results["bf16 (R)"]
     print("| engine | wall s/token | ÷ R | CPU s/token | ÷ R |")
     print("|---|---|---|---|---|")
