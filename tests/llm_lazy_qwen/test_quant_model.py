@@ -9,6 +9,7 @@ import hashlib
 import inspect
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,8 @@ def test_resident_layers_keep_their_parameters_between_calls(quantized):
             torch.testing.assert_close(part(token_ids()), load_part(folder)(token_ids()), **FP32)
     finally:
         part.close()
+    # close() lets the resident weights go (the streamer drops its copies; the reused Parameters must not keep them)
+    gone = weakref.ref(seen[0][next(iter(seen[0]))])
+    del seen
+    gc.collect()
+    assert gone() is None

@@ -446,6 +446,7 @@ class QwenPart(HeadMixin, nn.Module):
         return h
 
     def close(self) -> None:
-        """Stop the prefetch thread (lazy parts)."""
+        """Stop the prefetch thread (lazy parts) and let go of the resident layers' weights."""
         if self._streamer is not None:
             self._streamer.close()
+        self._resident_params.clear()  # the streamer dropped its resident copies: so do we
