@@ -8,7 +8,7 @@ logits = last(first(ids, cache=cache_a), cache=cache_b, logits_to_keep=1)
 q4 = load_part("qwen-sep-int4", "f", lazy=True)    # a quantized folder: QuantLinear modules, same API
 """
 
-from .budget import ItemSize, MemoryPlan, Runtime, parse_size, plan_memory
+from .budget import ItemSize, MemoryPlan, Runtime, parse_size, plan_memory, size_argument
 from .chat_template import read_chat_template, read_special_tokens, render_chat
 from .config import ConfigError, QwenConfig
 from .eos import eos_token_ids
@@ -52,4 +52,5 @@ __all__ = [
     "read_chat_template",
     "read_special_tokens",
     "render_chat",
+    "size_argument",
 ]

@@ -19,6 +19,7 @@ re-reads the whole model (notes: 14.1 GB per token for a 15.2 GB model in an 8 G
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,19 @@ def parse_size(value: int | str) -> int:
     if n <= 0:
         raise ValueError(f"memory_budget must be positive, got {value!r}")
     return n
+
+
+def size_argument(text: str) -> int:
+    """:func:`parse_size` as an argparse ``type``: a bad size is argparse's one-line usage error (status 2).
+
+    Example::
+
+        parser.add_argument("--memory-budget", type=size_argument)  # "6GiB" -> 6442450944
+    """
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def format_size(n: int) -> str:

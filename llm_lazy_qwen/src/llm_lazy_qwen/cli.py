@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .budget import parse_size
+from .budget import size_argument
 from .chat_template import CHATML, read_chat_template, read_special_tokens
 from .eos import eos_token_ids
 from .loading import cache_folder, from_pretrained, load_part
@@ -33,13 +33,6 @@ EXIT_BAD_INPUT = 2
 
 class ChatError(ValueError):
     """A bad argument or model: printed as one line, exit status 2."""
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _template_var(text: str) -> tuple[str, Any]:
@@ -79,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--lazy", action="store_true", help="stream layers from disk (one resident)")
     load.add_argument(
         "--memory-budget",
-        type=_size,
+        type=size_argument,
         default=None,
         help="e.g. 6GiB (implies --lazy): layers that fit stay in RAM, the rest streams",
     )

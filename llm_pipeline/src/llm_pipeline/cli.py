@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llm_lazy_qwen import eos_token_ids, parse_size
+from llm_lazy_qwen import eos_token_ids, size_argument
 from llm_sampler import pad_left
 from llm_sepweight import SepWeights
 
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prefetch", type=int, default=1)
     g.add_argument(
         "--memory-budget",
-        type=_size,
+        type=size_argument,
         default=None,
         help="per rank, e.g. 6GiB or 800MB (implies --lazy): layers that fit stay in RAM, the rest "
         "streams, and the process stays within it (llm_lazy_qwen's memory_budget)",
@@ -151,13 +151,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", type=int, required=True)
     s.add_argument("--balance", choices=["bytes", "layers"], default="bytes")
     return p
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _prompt_ids(text: str) -> list[int]:

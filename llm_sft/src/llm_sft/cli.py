@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from llm_lazy_qwen import ConfigError, QwenPart, from_pretrained, load_part, parse_size
+from llm_lazy_qwen import ConfigError, QwenPart, from_pretrained, load_part, size_argument
 from llm_lora_mmap import apply_lora, mark_only_lora_trainable, save_adapter
 from llm_sepweight import SepweightError
 
@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--memory-budget",
-        type=_size,
+        type=size_argument,
         default=None,
         help="e.g. 6GiB or 800MB (implies --lazy): layers that fit stay in RAM, the rest streams, and the "
         "process stays within it (llm_lazy_qwen's memory_budget, planned for --batch-size x --max-seq-len)",
@@ -137,13 +137,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     run.add_argument("--no-progress", action="store_true")
     return parser
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _load_model(args: argparse.Namespace, rank: int) -> tuple[QwenPart, Path]:
