@@ -38,6 +38,7 @@ def as_transformers(part: QwenPart) -> PartForCausalLM:
             f"as_transformers needs a whole-model part (spec 'f': embedding, every layer and the head); "
             f"got {str(part.spec)!r}. Load it with load_part(folder, 'f')"
         )
+    _check_loaded(part)
     try:
         from .hf_model import PartForCausalLM, hf_config
     except ImportError as e:
@@ -46,3 +47,17 @@ def as_transformers(part: QwenPart) -> PartForCausalLM:
         ) from e
     config, generation_config = hf_config(part)
     return PartForCausalLM(part, config, generation_config)
+
+
+def _check_loaded(part: QwenPart) -> None:
+    """Refuse a part whose weights are still the meta skeleton's (a lazy part streams its layers and head
+    in per call: only those may be meta between calls)."""
+    streamed = ("model.layers.", "lm_head.") if part.lazy else ()
+    missing = [n for n, p in part.named_parameters() if p.is_meta and not n.startswith(streamed)]
+    if missing:
+        msg = (
+            f"as_transformers: the part's weights were never loaded ({missing[0]} and {len(missing) - 1} more "
+            "have no data); make the part with load_part(folder, 'f'), or call "
+            "part.load_weights(llm_sepweight.SepWeights(folder)) before wrapping it"
+        )
+        raise ValueError(msg)
