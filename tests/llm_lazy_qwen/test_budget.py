@@ -6,6 +6,7 @@ from lazy_helpers import FP32, token_ids
 
 import llm_sepweight as sw
 from llm_lazy_qwen import ItemSize, Runtime, load_part, parse_size, plan_memory
+from llm_lazy_qwen.budget import layer_of
 from llm_lazy_qwen.streaming import item_size
 
 MiB = 2**20
@@ -176,7 +177,7 @@ def test_budget_decode_equals_ram_and_transformers(sep, name, prefetch):
     path, ckpt = sep(name)
     part = load_part(path, memory_budget=_mixed_budget(path), prefetch=prefetch, **SMALL)
     plan = part.memory_plan
-    assert plan.resident and plan.streamed and any(isinstance(i, int) for i in plan.streamed)
+    assert plan.resident and plan.streamed and any(layer_of(i) is not None for i in plan.streamed)
     ids = token_ids(batch=2, seq=9, seed=3)
     with torch.no_grad():
         got = _greedy_logits(part, ids, steps=6)
@@ -195,9 +196,7 @@ def test_budget_converts_bf16_storage_to_fp32_compute(sep):
     part = load_part(path, memory_budget=budget, dtype="fp32", prefetch=1, max_context=64, head_chunk_size=32)
     plan, source = part.memory_plan, sw.SepWeights(path)
     assert plan.resident and plan.streamed
-    stored = [
-        source.nbytes(i) if isinstance(i, int) else source.nbytes("end", ("lm_head.weight", *i)) for i in plan.streamed
-    ]
+    stored = [item_size(source, i, torch.float32).stored for i in plan.streamed]
     assert plan.slot_bytes == 3 * max(stored)  # the bf16 read buffer plus its fp32 copy
     ids = token_ids(batch=1, seq=7, seed=4)
     with torch.no_grad():
@@ -260,9 +259,7 @@ def test_bytes_read_per_forward_equal_the_plan(sep):
     path, _ = sep("qwen2")
     part = load_part(path, memory_budget=_mixed_budget(path), prefetch=0, **SMALL)
     plan, source = part.memory_plan, sw.SepWeights(path)
-    resident = sum(
-        source.nbytes(i) if isinstance(i, int) else source.nbytes("end", ("lm_head.weight", *i)) for i in plan.resident
-    )
+    resident = sum(item_size(source, i, torch.float32).stored for i in plan.resident)
     assert 0 < plan.read_per_token < plan.model_bytes
     ids = token_ids(batch=1, seq=5, seed=6)
     with torch.no_grad():

@@ -24,7 +24,7 @@ from llm_sepweight import PartSpec, QuantSpec, SepWeights, int4_layout
 
 from .block import DecoderLayer
 from .bsm_path import Matmul, check_matmul
-from .budget import MemoryPlan, parse_size, plan_memory, runtime_bytes
+from .budget import Item, MemoryPlan, layer_of, parse_size, plan_memory, runtime_bytes
 from .config import QwenConfig
 from .head import HeadMixin, LogitsToKeep, select_positions
 from .inputs import check_input, keyword_inputs, masks, positions
@@ -32,7 +32,7 @@ from .kv_cache import KVCache
 from .layers import RMSNorm, fits, linear, match_linears
 from .quant import repacked, scratch_bytes
 from .rope import RotaryEmbedding
-from .streaming import READ_PIECE, LayerStreamer, Mode, item_size
+from .streaming import READ_PIECE, LayerStreamer, Mode, item_size, layer_pieces
 from .weights import assign, meta_placeholders, release
 
 logger = logging.getLogger("llm_lazy_qwen")
@@ -138,7 +138,8 @@ class QwenPart(HeadMixin, nn.Module):
         self._held: set[int] = set()
         # resident (pinned) layers get the same Parameter objects every call, so caches keyed by them
         # (QuantLinear's prepared kernel scales) hit instead of re-preparing per token
-        self._resident_params: dict[int, dict[str, nn.Parameter]] = {}
+        self._resident_params: dict[Item, dict[str, nn.Parameter]] = {}
+        self._pieces: dict[int, list[Item]] = {}  # lazy: what the streamer hands out per layer
 
     # ------------------------------------------------------------------------------- weights
     @property
@@ -205,9 +206,10 @@ class QwenPart(HeadMixin, nn.Module):
             del end
         if lazy:
             self._lock = self._lock or threading.RLock()
+            self._pieces.clear()
             self._streamer = LayerStreamer(
                 source,
-                self._stream_order(),
+                self._stream_order(source if plan is not None else None),
                 self.device,
                 self.dtype,
                 prefetch,
@@ -257,9 +259,13 @@ class QwenPart(HeadMixin, nn.Module):
                 stacklevel=3,
             )
 
-    def _stream_order(self) -> list[int | tuple[int, int]]:
-        """What a lazy part streams, in forward order: its layers, then the head's vocabulary chunks."""
-        order: list[int | tuple[int, int]] = list(self.layer_ids)
+    def _stream_order(self, pieces: SepWeights | None = None) -> list[Item]:
+        """What a lazy part streams, in forward order: its layers (given `pieces`, each layer's pieces:
+        a memory budget plans them separately), then the head's vocabulary chunks."""
+        if pieces is None:
+            order: list[Item] = list(self.layer_ids)
+        else:
+            order = [(i, name) for i in self.layer_ids for name in layer_pieces(pieces, i)]
         if self.spec.end:
             V, c = self.config.vocab_size, self._head_chunk
             order += [(v0, min(V, v0 + c)) for v0 in range(0, V, c)]
@@ -287,7 +293,7 @@ class QwenPart(HeadMixin, nn.Module):
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         budget = parse_size(budget)
-        sizes = [item_size(source, item, self.dtype) for item in self._stream_order()]
+        sizes = [item_size(source, item, self.dtype) for item in self._stream_order(source)]
         largest = max((s.stored for s in sizes), default=0)
         # the largest quantized weight prefill dequantizes at once: a linear, or a head chunk
         shapes = [q.shape for i in self.layer_ids for q in source.linears(i).values()]
@@ -305,7 +311,7 @@ class QwenPart(HeadMixin, nn.Module):
             page_cache=min(largest, READ_PIECE),  # O_DIRECT: none; the fallback holds one piece
             scratch=scratch_bytes(biggest, self.dtype, self.device) if biggest else 0,
         )
-        plan = plan_memory(budget, sizes, runtime, slots=prefetch + 2)
+        plan = plan_memory(budget, sizes, runtime, slots=prefetch + 1)
         logger.info("%s", plan)
         return plan
 
@@ -390,12 +396,20 @@ class QwenPart(HeadMixin, nn.Module):
         cos, sin = self.rotary(position_ids, h.dtype, rope_length)
         return h, Step(cos, sin, start, T, key_mask, cache, next_position, rope_length)
 
-    def _same_params(self, i: int, weights: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
-        """Layer i's resident tensors as Parameters made once (remade if the streamer handed out others)."""
-        cached = self._resident_params.get(i)
+    def _same_params(self, item: Item, weights: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+        """A resident item's tensors as Parameters made once (remade if the streamer handed out others)."""
+        cached = self._resident_params.get(item)
         if cached is None or any(cached[k].data_ptr() != t.data_ptr() for k, t in weights.items()):
-            cached = self._resident_params[i] = {k: nn.Parameter(t, requires_grad=False) for k, t in weights.items()}
+            cached = self._resident_params[item] = {k: nn.Parameter(t, requires_grad=False) for k, t in weights.items()}
         return cached
+
+    def _layer_items(self, i: int) -> list[Item]:
+        """What the streamer hands out for layer i: the layer, or its pieces under a memory budget."""
+        assert self._streamer is not None
+        items = self._pieces.get(i)
+        if items is None:
+            items = self._pieces[i] = [it for it in self._streamer.order if it == i or layer_of(it) == i]
+        return items
 
     @contextmanager
     def materialized(self, i: int) -> Iterator[nn.Module]:
@@ -416,18 +430,22 @@ class QwenPart(HeadMixin, nn.Module):
             if i in self._held:  # nested in this thread: the weights are in place already
                 yield layer
                 return
-            weights = self._streamer.get(i)
-            params = self._same_params(i, weights) if i in self._streamer.pinned else weights
-            assign(layer, params, f"layer {i}", self._placeholders[i].keys())
-            self._held.add(i)
+            got: list[dict[str, torch.Tensor]] = []
             try:
+                params: dict[str, torch.Tensor] = {}
+                for item in self._layer_items(i):  # a layer, or its pieces: all in place while it runs
+                    got.append(self._streamer.get(item))
+                    params.update(self._same_params(item, got[-1]) if item in self._streamer.pinned else got[-1])
+                assign(layer, params, f"layer {i}", self._placeholders[i].keys())
+                self._held.add(i)
                 yield layer
             finally:
-                self._held.discard(i)
-                release(layer, self._placeholders[i])
-                # with autograd on, the graph may keep views of the weights: never reuse that buffer
-                self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
-                del weights
+                if i in self._held:
+                    self._held.discard(i)
+                    release(layer, self._placeholders[i])
+                for weights in got:  # with autograd on, the graph may keep views: never reuse those buffers
+                    self._streamer.retire(weights, reuse=not torch.is_grad_enabled())
+                del got
 
     def run_layer(self, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
         """One decoder layer: (B, T, H) -> (B, T, H), updating its cache."""

@@ -16,8 +16,9 @@ first layers again for the next token; requests in reverse order (a layer-wise b
 prefetched in reverse, and prefetched items that fall out of the window are dropped. ``resident_bytes`` pins items (kept for good, never
 re-read) greedily in that order: a knob between lowest memory and in-RAM speed.
 
-Under a memory budget (a :class:`~llm_lazy_qwen.budget.MemoryPlan`) the plan says which items are
-resident and the rest streams in copy mode: resident items are read once into anonymous memory,
+Under a memory budget (a :class:`~llm_lazy_qwen.budget.MemoryPlan`) layers are streamed in pieces
+(:func:`layer_pieces`: the attention with the norms, and each MLP projection), the plan says which
+items are resident and the rest streams in copy mode: resident items are read once into anonymous memory,
 streamed ones into the reusable buffers, both with ``O_DIRECT`` (no page cache, no copy; where the
 file system refuses it, ``pread`` s that evict each piece from the page cache right after reading it).
 So the page cache never grows and never evicts anything the part needs: in a box smaller than the
@@ -37,7 +38,7 @@ import torch
 
 from llm_sepweight import SepweightError, SepWeights, hugepage_coverage, hugepages_available
 
-from .budget import Item, ItemSize, MemoryPlan
+from .budget import Item, ItemSize, MemoryPlan, layer_of
 
 Tensors = dict[str, torch.Tensor]
 Mode = Literal["auto", "copy", "mmap"]
@@ -61,11 +62,37 @@ def head_keys(source: SepWeights) -> list[str]:
     return ["lm_head.weight"] if spec is None else ["lm_head.qweight", f"lm_head.{spec.scales_key}"]
 
 
-def _where(item: Item, keys: list[str]) -> tuple[int | str, Rows | None]:
-    """Where llm_sepweight keeps an item: (part, rows of each head tensor or None for the whole layer)."""
-    if isinstance(item, tuple):
-        return "end", [(key, item[0], item[1]) for key in keys]
-    return item, None
+def layer_pieces(source: SepWeights, i: int) -> dict[str, list[str]]:
+    """Layer i's tensors in the pieces a memory budget plans separately: ``"attn"`` (attention, its
+    biases and the norms), then each MLP projection by name in file order (``"mlp.gate_proj"``: its
+    weight, or a quantized weight's integers and scales). A layer runs once all its pieces are in.
+
+    Example::
+
+        layer_pieces(SepWeights("qwen-sep"), 0)
+        # {"attn": ["input_layernorm.weight", ...], "mlp.down_proj": [...], "mlp.gate_proj": [...], ...}
+    """
+    pieces: dict[str, list[str]] = {"attn": []}
+    for key in source.manifest.files[f"mid.{i:05d}.safetensors"].tensors:
+        group = key.rsplit(".", 1)[0] if key.startswith("mlp.") else "attn"
+        pieces.setdefault(group, []).append(key)
+    return pieces if pieces["attn"] else {k: v for k, v in pieces.items() if k != "attn"}
+
+
+def is_head_chunk(item: Item) -> bool:
+    return isinstance(item, tuple) and isinstance(item[1], int)
+
+
+def _where(source: SepWeights, item: Item, keys: list[str]) -> tuple[int | str, Rows | None]:
+    """Where llm_sepweight keeps an item: (part, rows of each tensor read, or None for a whole layer);
+    `keys` are the head's tensors (:func:`head_keys`)."""
+    if is_head_chunk(item):
+        first, stop = item  # type: ignore[misc]
+        return "end", [(key, first, stop) for key in keys]
+    i = layer_of(item)
+    if i is not None:
+        return i, [(key, 0, source.shape(i, key)[0]) for key in layer_pieces(source, i)[item[1]]]  # type: ignore[index]
+    return item, None  # type: ignore[return-value]
 
 
 def _stored(source: SepWeights, part: int | str, rows: Rows | None) -> int:
@@ -75,7 +102,7 @@ def _stored(source: SepWeights, part: int | str, rows: Rows | None) -> int:
 def item_size(source: SepWeights, item: Item, dtype: torch.dtype) -> ItemSize:
     """Bytes an item takes on disk and in memory in the compute `dtype` (integer tensors keep theirs;
     int4 scales count twice: the int4 kernel keeps a transposed copy of them while the weights live)."""
-    part, rows = _where(item, head_keys(source) if isinstance(item, tuple) else [])
+    part, rows = _where(source, item, head_keys(source) if is_head_chunk(item) else [])
     stored = _stored(source, part, rows)
     if rows is not None:
         resident, converted = 0, False
@@ -136,7 +163,8 @@ class LayerStreamer:
         self.plan = plan
         self.bytes_read = 0  # stored bytes of the items read (copy mode) or mapped (mmap mode) so far
         self.source, self.order, self.device, self.dtype = source, order, device, dtype
-        self._head_keys = head_keys(source) if any(isinstance(i, tuple) for i in order) else []
+        self._head_keys = head_keys(source) if any(is_head_chunk(i) for i in order) else []
+        self._places: dict[Item, tuple[int | str, Rows | None]] = {}  # _where, cached
         self.prefetch, self.mode = prefetch, mode
         self.hugepages = hugepages and mode == "mmap" and hugepages_available()
         # hugepages: item -> mappings since its page-cache page size was last checked
@@ -152,12 +180,10 @@ class LayerStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm_lazy_qwen-prefetch")
         self._pending: dict[Item, Future[Tensors]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        # copy mode: a pool of byte buffers, one per item in flight (+ current + one being retired)
-        self._buffer_bytes = max((self._stored_nbytes(i) for i in order if i not in self.pinned), default=0)
-        self._buffer_bytes += _ALIGN * len(self._head_keys)
         # under a budget reads bypass the page cache (O_DIRECT) given this much spare room per read
         self._slack = source.READ_SLACK if plan is not None else 0
-        self._buffer_bytes += self._slack * max(1, len(self._head_keys))
+        # copy mode: a pool of byte buffers, one per item in flight (+ the ones in use)
+        self._buffer_bytes = max((self._room(i) for i in order if i not in self.pinned), default=0)
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         self._allocated = 0
         self._lock = threading.Lock()
@@ -174,7 +200,16 @@ class LayerStreamer:
 
     # ------------------------------------------------------------------------------- sizes
     def _where(self, item: Item) -> tuple[int | str, Rows | None]:
-        return _where(item, self._head_keys)
+        place = self._places.get(item)
+        if place is None:
+            place = self._places[item] = _where(self.source, item, self._head_keys)
+        return place
+
+    def _room(self, item: Item) -> int:
+        """Buffer bytes an item is read into: its stored bytes, each tensor read separately (rows of the
+        head, pieces of a layer) aligned, and the spare bytes each O_DIRECT read needs."""
+        rows = self._where(item)[1]
+        return self._stored_nbytes(item) + _ALIGN * len(rows or ()) + self._slack * len(rows or [None])
 
     def _stored_nbytes(self, item: Item) -> int:
         return _stored(self.source, *self._where(item))
@@ -241,8 +276,7 @@ class LayerStreamer:
             if self.plan is None:
                 return self._map(item), None
             # resident under a budget: anonymous memory of its own, read once
-            extra = _ALIGN * len(rows or ()) + self._slack * len(rows or [None])
-            own = torch.empty(self._stored_nbytes(item) + extra, dtype=torch.uint8)
+            own = torch.empty(self._room(item), dtype=torch.uint8)
             return self._read_into(part, own, rows, how), None
         if self.mode == "mmap":
             return (self._map_huge(item) if self.hugepages else self._map(item)), None
@@ -250,7 +284,7 @@ class LayerStreamer:
         return self._read_into(part, buf, rows, how), buf
 
     def _read_into(self, part: int | str, buf: torch.Tensor, rows: Rows | None, how: dict) -> Tensors:
-        """A layer, or the rows of each head tensor one after the other (aligned), into `buf`."""
+        """A layer, or the rows of each tensor of a head chunk / layer piece one after the other (aligned)."""
         if rows is None:
             return self.source.read_into(part, buf, None, **how)
         out, at = {}, 0
