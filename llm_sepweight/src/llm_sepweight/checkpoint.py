@@ -40,6 +40,17 @@ EXTRA_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# transformers 5 saves a model's named chat templates (tool_use, rag, ...) here, one NAME.jinja each
+TEMPLATE_DIR = "additional_chat_templates"
+EXTRA_PATTERNS = (*EXTRA_FILES, f"{TEMPLATE_DIR}/*.jinja")  # what a hub download fetches besides weights
+
+
+def is_extra_name(name: str) -> bool:
+    """A name an extra file may have in a folder: one of EXTRA_FILES or ``additional_chat_templates/NAME.jinja``."""
+    folder, _, base = name.rpartition("/")
+    return name in EXTRA_FILES or (folder == TEMPLATE_DIR and base.endswith(".jinja") and not base.startswith("."))
+
+
 # Buffers some old checkpoints carry; transformers recomputes them.
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$|^model\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -117,8 +128,10 @@ class Checkpoint:
     def architecture(self) -> str:
         return next(a for a in self.config["architectures"] if a in SUPPORTED_ARCHITECTURES)
 
-    def extra_files(self) -> list[Path]:
-        return [self.root / n for n in EXTRA_FILES if (self.root / n).is_file()]
+    def extra_files(self) -> dict[str, Path]:
+        """name in the folder -> path, of the config / tokenizer / chat template files present."""
+        templates = sorted(f"{TEMPLATE_DIR}/{p.name}" for p in (self.root / TEMPLATE_DIR).glob("*.jinja"))
+        return {n: self.root / n for n in (*EXTRA_FILES, *templates) if is_extra_name(n) and (self.root / n).is_file()}
 
     def plan(self, spec: PartSpec) -> dict[Part, dict[str, tuple[str, str]]]:
         """For each wanted part: relative key -> (weight file, HF name). Checks completeness."""

@@ -178,8 +178,8 @@ def convert(
         source.release()
         return got
     with got as writer:  # a failed run releases the folder's lock at once
-        for extra in source.extra_files():
-            writer.copy_extra(extra)
+        for name, extra in source.extra_files().items():
+            writer.copy_extra(extra, name)
         total = sum(_out_bytes(source, p, target) for p in order)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {dst}", disable=not progress) as bar:
             for part in order:

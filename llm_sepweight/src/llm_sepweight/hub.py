@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from .checkpoint import EXTRA_FILES, classify, is_tied
+from .checkpoint import EXTRA_PATTERNS, classify, is_tied
 from .errors import SepweightError
 from .spec import PartSpec
 
@@ -48,7 +48,7 @@ def fetch(repo_id: str, spec: PartSpec, revision: str | None = None) -> Path:
         except Exception as e:  # network, auth, missing repo, not cached offline: say which repo and why
             raise SepweightError(f"cannot download {what} from hub repo {repo_id!r}: {type(e).__name__}: {e}") from None
 
-    folder = download([*EXTRA_FILES, *INDEXES], revision, "config.json")
+    folder = download([*EXTRA_PATTERNS, *INDEXES], revision, "config.json")
     # the snapshot folder is named by its commit: later calls ask for that commit, so a push to the
     # repo between two calls cannot mix two versions in one conversion
     pinned = folder.name if _COMMIT.match(folder.name) else revision

@@ -30,7 +30,7 @@ Sizes = dict[str, tuple[torch.dtype, int]]  # key -> (dtype as stored unquantize
 class Source(Protocol):
     config: dict[str, Any]
 
-    def extra_files(self) -> list[Path]: ...
+    def extra_files(self) -> dict[str, Path]: ...  # name in the folder -> path
     def sizes(self, part: Part) -> Sizes: ...
     def shape(self, part: Part, key: str) -> tuple[int, ...]: ...
     def tensors(self, part: Part) -> Mapping[str, torch.Tensor]: ...
@@ -76,7 +76,7 @@ class HFSource:
         self.plan = ckpt.plan(spec)
         self.shards = _ShardCache(ckpt)
 
-    def extra_files(self) -> list[Path]:
+    def extra_files(self) -> dict[str, Path]:
         return self.ckpt.extra_files()
 
     def sizes(self, part: Part) -> Sizes:
@@ -94,7 +94,7 @@ class HFSource:
         self.shards.keep(set())
 
     def identity(self) -> dict[str, Any]:
-        names = [*self.ckpt.files, *(p.name for p in self.extra_files())]
+        names = [*self.ckpt.files, *self.extra_files()]
         return {"src": _src(self.ckpt.root), "files": _stats(self.ckpt.root, names)}
 
     def part_identity(self, part: Part) -> dict[str, Any]:
@@ -122,8 +122,8 @@ class SepweightSource:
         dtype = self.sw.dtype  # None when mixed: dequantized linears then come out in fp32
         self.compute_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
-    def extra_files(self) -> list[Path]:
-        return [self.sw.root / name for name in self.sw.manifest.extra_files]
+    def extra_files(self) -> dict[str, Path]:
+        return {name: self.sw.root / name for name in self.sw.manifest.extra_files}
 
     def sizes(self, part: Part) -> Sizes:
         entry = self.sw.manifest.files[self.sw.path(part).name]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write, atomic_write_bytes
+from .checkpoint import TEMPLATE_DIR, is_extra_name
 from .errors import SepweightError
 from .folder_lock import FolderLock, finished_conversion
 from .manifest import FORMAT_VERSION, MANIFEST, PLAIN_VERSION, FileEntry, Manifest, Part, part_filename
@@ -65,7 +66,8 @@ class SepweightWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = FolderLock(self.root)
         try:
-            for stale in self.root.glob(".*.tmp-*"):  # left by a killed writer; never part of the folder
+            # left by a killed writer; never part of the folder
+            for stale in [*self.root.glob(".*.tmp-*"), *self.root.glob(f"{TEMPLATE_DIR}/.*.tmp-*")]:
                 stale.unlink(missing_ok=True)
             self.files: dict[str, FileEntry] = {}
             self.extra_files: dict[str, dict[str, Any]] = {}
@@ -159,11 +161,14 @@ class SepweightWriter:
         self._save_journal()
         return entry
 
-    def copy_extra(self, path: Path) -> None:
-        """Copy a file (config, tokenizer, ...) unchanged into the folder."""
-        name = path.name
+    def copy_extra(self, path: Path, name: str | None = None) -> None:
+        """Copy a file (config, tokenizer, ...) unchanged into the folder, as ``name`` (default: its own)."""
+        name = path.name if name is None else name
+        if not is_extra_name(name):  # a manifest is input too: never write outside the folder
+            raise SepweightError(f"{path}: {name!r} is not a config, tokenizer or chat template file name")
         entry = self._still_valid(name)
         if entry is None:
+            (self.root / name).parent.mkdir(exist_ok=True)
             with atomic_write(self.root / name, fsync=self.fsync) as f, open(path, "rb") as src:
                 shutil.copyfileobj(src, f, 16 * 1024 * 1024)
             entry = {"size": (self.root / name).stat().st_size, "sha256": sha256_file(self.root / name)}
