@@ -1,12 +1,14 @@
 """A model's own chat template (Jinja), read and rendered the way transformers' ``apply_chat_template`` does.
 
-Where the template lives (transformers' order): ``chat_template.jinja`` next to ``tokenizer.json``,
-else ``tokenizer_config.json``'s ``"chat_template"`` (a string, or a list of ``{"name", "template"}``
-of which ``"default"`` is used). Templates come from the Hub and are untrusted code, so they run in
-jinja2's ``ImmutableSandboxedEnvironment`` with transformers' settings (``trim_blocks``,
-``lstrip_blocks``, loop controls, ``{% generation %}`` blocks) and extras (``raise_exception``,
-``strftime_now``, a ``tojson`` that does not escape HTML, ``dict``, an underscore-refusing
-``namespace``). jinja2 is imported on first render (``pip install 'llm_lazy_qwen[chat]'``).
+Where the templates live (transformers' order): ``chat_template.jinja`` next to ``tokenizer.json`` (the
+``"default"`` one) and ``additional_chat_templates/NAME.jinja`` (named ones, e.g. ``tool_use``: how
+transformers 5 saves several); without either, ``tokenizer_config.json``'s ``"chat_template"`` (a string,
+or a list of ``{"name", "template"}``). ``"default"`` is used unless a name is asked for. Templates
+come from the Hub and are untrusted code, so they run in jinja2's ``ImmutableSandboxedEnvironment``
+with transformers' settings (``trim_blocks``, ``lstrip_blocks``, loop controls, ``{% generation %}``
+blocks) and extras (``raise_exception``, ``strftime_now``, a ``tojson`` that does not escape HTML,
+``dict``, an underscore-refusing ``namespace``). jinja2 is imported on first render
+(``pip install 'llm_lazy_qwen[chat]'``).
 
 Used by ``llm-lazy-qwen chat`` (serving) and llm_sft's ``prepare_dataset`` (training): one renderer,
 so a model is fine-tuned on exactly the prompt it is served with.
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_DIR = "additional_chat_templates"  # transformers 5: NAME.jinja per named template
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 # The fallback for models without a template (ChatML as Qwen writes it, no default system message).
 CHATML = (
@@ -29,32 +32,52 @@ CHATML = (
 )
 
 
-def read_chat_template(folder: str | Path) -> str | None:
-    """The chat template of a tokenizer folder, or None when it has none.
+def read_chat_template(folder: str | Path, name: str | None = None) -> str | None:
+    """The chat template of a tokenizer folder (``name``: one of its named ones), or None when it has none.
+
+    ``name`` picks a template as ``apply_chat_template(chat_template=name)`` does; an unknown name is a
+    ValueError listing the folder's names.
 
     Example::
 
         read_chat_template("Qwen2.5-0.5B-Instruct")[:40]    # '{%- if tools %}\\n    {{- \\'<|im_start|>system...'
+        read_chat_template("my-model", "tool_use")           # additional_chat_templates/tool_use.jinja
     """
     folder = Path(folder)
-    file = folder / TEMPLATE_FILE
-    if file.is_file():
-        return file.read_text(encoding="utf-8")
+    templates, where = _templates(folder)
+    if name is not None:
+        if name not in templates:
+            have = f"its templates are {sorted(templates)}" if templates else "it has no chat template"
+            raise ValueError(f"{where}: no chat template named {name!r}; {have}")
+        return templates[name]
+    if templates and "default" not in templates:
+        raise ValueError(
+            f"{where}: chat_template holds named templates {sorted(templates)} and none is 'default'; "
+            "pick one by name (read_chat_template(folder, name), llm-lazy-qwen chat --chat-template NAME)"
+        )
+    return templates.get("default") or None
+
+
+def _templates(folder: Path) -> tuple[dict[str, str], Path]:
+    """Every template of the folder by name, and the file or folder they came from (for messages).
+
+    As transformers' tokenizer loader: template files win over ``tokenizer_config.json`` altogether.
+    """
+    files = {"default": folder / TEMPLATE_FILE} if (folder / TEMPLATE_FILE).is_file() else {}
+    files |= {f.name.removesuffix(".jinja"): f for f in sorted((folder / TEMPLATE_DIR).glob("*.jinja"))}
+    if files:
+        where = folder if "default" in files else folder / TEMPLATE_DIR  # named ones only: name their folder
+        return {n: f.read_text(encoding="utf-8") for n, f in files.items()}, where
     config = folder / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    raw = json.loads(config.read_text(encoding="utf-8-sig")).get("chat_template")
+    raw = _read_json(config).get("chat_template")
     if isinstance(raw, list):  # named templates: [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}
-        raw = named.get("default")
-        if raw is None:
-            raise ValueError(
-                f"{config}: chat_template holds named templates {sorted(map(str, named))} and none is 'default'; "
-                "pass the Jinja text of the one to use instead"
-            )
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in named.items()):
+            raise ValueError(f"{config}: chat_template entries must be {{'name': str, 'template': str}}")
+        return named, config
     if raw is not None and not isinstance(raw, str):
         raise ValueError(f"{config}: chat_template must be a string (Jinja), got {type(raw).__name__}")
-    return raw or None
+    return ({"default": raw} if raw else {}), config
 
 
 def _token_content(value: Any) -> str | None:

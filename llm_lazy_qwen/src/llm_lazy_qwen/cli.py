@@ -58,7 +58,13 @@ def _parser() -> argparse.ArgumentParser:
         "--prompt", action="append", default=[], help="answer this and exit (repeat for a scripted conversation)"
     )
     c.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder (adapter_config.json + weights)")
-    c.add_argument("--chat-template", default=None, help="a Jinja file used instead of the model's template")
+    c.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="NAME_OR_FILE",
+        help="one of the model's named templates (additional_chat_templates/NAME.jinja, e.g. tool_use; as "
+        "apply_chat_template(chat_template=NAME)), or a Jinja file used instead of the model's template",
+    )
     c.add_argument(
         "--template-var",
         action="append",
@@ -143,18 +149,30 @@ def _tokenizer(folder: Path) -> Any:
     return Tokenizer.from_file(str(file))
 
 
+def _template(folder: Path, given: str | None) -> str:
+    """The model's default template, one of its named ones, or a Jinja file (a name wins, as in transformers)."""
+    if given is None:
+        template = read_chat_template(folder)
+        if template is None:
+            print(f"llm-lazy-qwen: {folder} has no chat template; using ChatML", file=sys.stderr)
+        return template or CHATML
+    try:
+        named = read_chat_template(folder, given)
+    except ValueError as e:
+        if Path(given).is_file():
+            return Path(given).read_text(encoding="utf-8")
+        raise ChatError(f"--chat-template {given!r} is no file, nor a template of the model: {e}") from None
+    assert named is not None  # a name gives its text or raises
+    return named
+
+
 def _session(args: argparse.Namespace, part: QwenPart, folder: Path) -> Any:
     from llm_sampler import SamplingParams
 
     from .chat import ChatSession, generation_defaults
 
     tokenizer = _tokenizer(folder)
-    if args.chat_template is not None:
-        template = Path(args.chat_template).read_text(encoding="utf-8")
-    else:
-        template = read_chat_template(folder) or CHATML
-        if template is CHATML:
-            print(f"llm-lazy-qwen: {folder} has no chat template; using ChatML", file=sys.stderr)
+    template = _template(folder, args.chat_template)
     given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
     settings = generation_defaults(folder) | {k: v for k, v in given.items() if v is not None}
     if args.max_new_tokens < 1:
