@@ -157,3 +157,27 @@ def test_partially_resident_layer_backward_equals_ram(sep):
             results.append((out.detach(), grad))
         torch.testing.assert_close(results[0], results[1], **FP32)
     part.close()
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_pieces_are_prefetched_in_the_direction_of_traversal(sep, direction):
+    """A layer-wise walk over layers in pieces, forward or in reverse (a backward): each streamed piece
+    is read once per walk; only where a walk ends and the next begins a prefetch can miss (at most one
+    item forward, two per walk in reverse: the next walk's start looks like a forward step)."""
+    path, _ = sep("qwen2")
+    part = load_part(path, memory_budget=_budget_with_partial_layers(path), prefetch=1, **SMALL)
+    plan, source = part.memory_plan, sw.SepWeights(path)
+    streamed = sum(item_size(source, i, torch.float32).stored for i in plan.streamed if layer_of(i) is not None)
+    assert streamed > 0
+    resident = sum(item_size(source, i, torch.float32).stored for i in plan.resident if layer_of(i) is not None)
+    ids = token_ids(batch=1, seq=4, seed=2)
+    layers = list(part.layer_ids) if direction == "forward" else list(reversed(part.layer_ids))
+    with torch.no_grad():
+        h, step = part.prepare(ids)
+        for _ in range(3):
+            for i in layers:
+                with part.materialized(i) as layer:
+                    layer(h, step.cos, step.sin, step.start, None, step.key_mask)
+    part.close()  # waits for the prefetch in flight
+    extra = part._streamer.bytes_read - resident - 3 * streamed
+    assert 0 <= extra <= (plan.slot_bytes if direction == "forward" else 3 * 2 * plan.slot_bytes)

@@ -170,6 +170,16 @@ class LayerStreamer:
         # hugepages: item -> mappings since its page-cache page size was last checked
         self._checked: dict[Item, int] = {}
         self._index = {item: i for i, item in enumerate(order)}
+        # units: a layer's pieces (used together, in order) or one item; the direction of traversal
+        # (forward, or a layer-wise backward) applies to units, pieces inside a unit always go forward
+        self._units: list[list[Item]] = []
+        for item in order:
+            layer = layer_of(item)
+            if layer is None or not self._units or layer_of(self._units[-1][0]) != layer:
+                self._units.append([])
+            self._units[-1].append(item)
+        self._unit_of = {item: (u, p) for u, unit in enumerate(self._units) for p, item in enumerate(unit)}
+        self._step = 1  # the direction of traversal over units
         self.pinned: set[Item] = set(plan.resident) if plan is not None else set()
         budget = 0 if plan is not None else resident_bytes
         for item in order:
@@ -337,13 +347,16 @@ class LayerStreamer:
         return tensors
 
     def _window(self, item: Item, step: int) -> list[Item]:
-        """The next `prefetch` streamed (not pinned) items after `item`, cyclically, in direction `step`."""
-        n, pos, out = len(self.order), self._index[item], []
+        """The next `prefetch` streamed (not pinned) items after `item`: the rest of its unit, then the
+        units after it cyclically in direction `step` (each unit's pieces in order)."""
+        (u, p), n, out = self._unit_of[item], len(self._units), []
+        following = self._units[u][p + 1 :]
         for k in range(1, n):
+            following += self._units[(u + step * k) % n]
+        for nxt in following[: len(self.order) - 1]:
             if len(out) == self.prefetch:
                 break
-            nxt = self.order[(pos + step * k) % n]
-            if nxt not in self.pinned:
+            if nxt not in self.pinned and nxt != item:
                 out.append(nxt)
         return out
 
@@ -356,8 +369,11 @@ class LayerStreamer:
         if item not in self._index:
             raise KeyError(f"{item!r} is not streamed by this part")
         with self._state:
-            n = len(self.order)
-            backward = n > 2 and self._last is not None and self._index[item] == (self._index[self._last] - 1) % n
+            units, unit = len(self._units), self._unit_of[item][0]
+            last = self._unit_of[self._last][0] if self._last is not None else None
+            if last is not None and unit != last:  # pieces of one unit keep the direction
+                self._step = -1 if units > 2 and unit == (last - 1) % units else 1
+            backward = self._step == -1
             self._last = item
             window = [] if self._closed else self._window(item, -1 if backward else 1)  # closed: no worker
             for other in [i for i in self._pending if i != item and i not in window]:
