@@ -11,20 +11,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from lazy_helpers import FP32, token_ids
+from lazy_helpers import FP32, decode, token_ids
 
 from llm_lazy_qwen import QwenPart, load_part
 
 THREADS, ROUNDS = 3, 2
-
-
-def decode(part: QwenPart, ids: torch.Tensor, steps: int = 3) -> torch.Tensor:
-    """Prefill + greedy decode on a cache of its own: the logits of every call, concatenated."""
-    cache = part.new_cache()
-    logits = [part(ids, cache=cache)]
-    for _ in range(steps):
-        logits.append(part(logits[-1][:, -1:].argmax(-1), cache=cache))
-    return torch.cat(logits, dim=1)
+STEPS = 3  # greedy tokens after the prefill
 
 
 def by_layer(part: QwenPart, ids: torch.Tensor) -> torch.Tensor:
@@ -73,8 +65,8 @@ def test_concurrent_calls_equal_sequential(sep, mode):
     part = load_part(path, **MODES[mode])
     inputs = [token_ids(1 + k % 2, 5 + k, seed=20 + k) for k in range(THREADS)]
     with torch.no_grad():
-        want = [decode(part, inputs[k]) for k in range(THREADS) for _ in range(ROUNDS)]
-    got = in_threads(lambda k: decode(part, inputs[k]))
+        want = [decode(part, inputs[k], STEPS) for k in range(THREADS) for _ in range(ROUNDS)]
+    got = in_threads(lambda k: decode(part, inputs[k], STEPS))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **FP32)
     part.close()

@@ -13,9 +13,9 @@ import threading
 import pytest
 import torch
 from family_fixtures import build_family
-from lazy_helpers import FP32
+from lazy_helpers import FP32, decode, token_ids
 
-from llm_lazy_qwen import QwenPart, load_part
+from llm_lazy_qwen import load_part
 from llm_lazy_qwen.rope import RotaryEmbedding
 
 
@@ -25,17 +25,7 @@ def dynamic(tmp_path_factory):
     return build_family("dynamic", tmp_path_factory.mktemp("rope_dynamic"))
 
 
-def ids(seq: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 384, (1, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def decode(part: QwenPart, prompt: torch.Tensor, steps: int = 2) -> torch.Tensor:
-    """Prefill + greedy decode on a cache of its own: the logits of every call, concatenated."""
-    cache = part.new_cache()
-    logits = [part(prompt, cache=cache)]
-    for _ in range(steps):
-        logits.append(part(logits[-1][:, -1:].argmax(-1), cache=cache))
-    return torch.cat(logits, dim=1)
+STEPS = 2  # greedy tokens after the prefill
 
 
 def test_threads_on_one_part_in_ram_equal_each_alone(dynamic, monkeypatch):
@@ -43,9 +33,12 @@ def test_threads_on_one_part_in_ram_equal_each_alone(dynamic, monkeypatch):
     deterministically: the long call pauses after its frequencies are decided and before they are used,
     while the short call (which resets transformers' state) runs whole."""
     part = load_part(dynamic.sep)
-    long_ids, short_ids = ids(50, seed=1), ids(12, seed=2)
+    long_ids, short_ids = token_ids(1, 50, seed=1), token_ids(1, 12, seed=2)
     with torch.no_grad():
-        want_long, want_short = decode(load_part(dynamic.sep), long_ids), decode(load_part(dynamic.sep), short_ids)
+        want_long, want_short = (
+            decode(load_part(dynamic.sep), long_ids, STEPS),
+            decode(load_part(dynamic.sep), short_ids, STEPS),
+        )
 
     grown, short_done = threading.Event(), threading.Event()
     decided = RotaryEmbedding.length_for  # where a call's frequencies are decided
@@ -66,7 +59,7 @@ def test_threads_on_one_part_in_ram_equal_each_alone(dynamic, monkeypatch):
             if after is not None:
                 assert after.wait(30), "the long thread never reached its pause"
             with torch.no_grad():
-                got[name] = decode(part, prompt)
+                got[name] = decode(part, prompt, STEPS)
         except BaseException as e:  # re-raised in the test's thread
             errors.append(e)
         finally:
@@ -95,7 +88,7 @@ def test_history_belongs_to_the_cache(dynamic):
     hf, part = dynamic.oracle(), load_part(dynamic.sep)
     from transformers import DynamicCache
 
-    prompt, more = ids(50, seed=3), ids(5, seed=4)
+    prompt, more = token_ids(1, 50, seed=3), token_ids(1, 5, seed=4)
     with torch.no_grad():
         theirs = DynamicCache()
         hf(prompt, past_key_values=theirs, use_cache=True)
@@ -104,8 +97,8 @@ def test_history_belongs_to_the_cache(dynamic):
 
         cache, other = part.new_cache(), part.new_cache()
         part(prompt, cache=cache)
-        part(ids(12, seed=5), cache=other)  # another sequence, short
-        part(ids(3, seed=6))  # and a call without a cache, short: both reset transformers' state
+        part(token_ids(1, 12, seed=5), cache=other)  # another sequence, short
+        part(token_ids(1, 3, seed=6))  # and a call without a cache, short: both reset transformers' state
         cache.crop(40)
         got = part(more, cache=cache)
     torch.testing.assert_close(got, want, **FP32)
@@ -116,18 +109,22 @@ def test_rejected_call_and_crop_zero(dynamic, monkeypatch):
     hf, part = dynamic.oracle(), load_part(dynamic.sep)
     cache = part.new_cache()
     with torch.no_grad():
-        part(ids(50, seed=7), cache=cache)
+        part(token_ids(1, 50, seed=7), cache=cache)
         with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=384\)"):
             part(torch.full((1, 70), 999), cache=cache)  # refused before anything ran
         with monkeypatch.context() as m:
             m.setattr(part.model.layers["1"], "forward", _boom)
             with pytest.raises(RuntimeError, match="boom"):
-                part(ids(70, seed=10), cache=cache)  # failed midway, after the tables of 120 positions
+                part(token_ids(1, 70, seed=10), cache=cache)  # failed midway, after the tables of 120 positions
         cache.crop(45)
-        torch.testing.assert_close(part(ids(5, seed=8), cache=cache)[:, -1], _hf_after_crop(hf, 50, 45), **FP32)
+        torch.testing.assert_close(
+            part(token_ids(1, 5, seed=8), cache=cache)[:, -1], _hf_after_crop(hf, 50, 45), **FP32
+        )
         cache.crop(0)
         fresh = dynamic.oracle()  # its history: none (transformers' model after one 40-token call)
-        torch.testing.assert_close(part(ids(40, seed=9), cache=cache), fresh(ids(40, seed=9)).logits, **FP32)
+        torch.testing.assert_close(
+            part(token_ids(1, 40, seed=9), cache=cache), fresh(token_ids(1, 40, seed=9)).logits, **FP32
+        )
 
 
 def _boom(*args, **kwargs):
@@ -138,9 +135,9 @@ def _hf_after_crop(hf, seq: int, keep: int) -> torch.Tensor:
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    hf(ids(seq, seed=7), past_key_values=cache, use_cache=True)
+    hf(token_ids(1, seq, seed=7), past_key_values=cache, use_cache=True)
     cache.crop(keep - seq)
-    return hf(ids(5, seed=8), past_key_values=cache, use_cache=True).logits[:, -1]
+    return hf(token_ids(1, 5, seed=8), past_key_values=cache, use_cache=True).logits[:, -1]
 
 
 @pytest.mark.parametrize("with_cache", [False, True], ids=["module", "cache"])
