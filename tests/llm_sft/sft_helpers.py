@@ -1,4 +1,5 @@
-"""Shared pieces of llm_sft's tests: a LoRA-wrapped tiny part, random examples, the full-graph reference."""
+"""Shared pieces of llm_sft's tests: a LoRA-wrapped tiny part, random examples, the full-graph reference,
+a short checkpointed training run."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 
 from llm_lazy_qwen import load_part
 from llm_lora_mmap import apply_lora, lora_layers, mark_only_lora_trainable
-from llm_sft import Batch, Example
+from llm_sft import Batch, Example, SFTDataset, sft, warmup_cosine
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FP32 = {"atol": 2e-6, "rtol": 1e-5}
@@ -91,3 +92,39 @@ def assert_grads_close(got: dict, want: dict, **tol) -> None:
     assert sorted(got) == sorted(want) and got, (sorted(got)[:3], sorted(want)[:3])
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, **(tol or FP32), msg=name)
+
+
+class StopTraining(Exception):
+    """Raised after the step ``checkpointed_run(stop_at=...)`` names: the run is abandoned there."""
+
+
+def checkpointed_run(path, checkpoint_dir, stop_at=None) -> tuple[dict[str, nn.Parameter], list[float]] | None:
+    """3 AdamW steps (LoRA dropout 0.1, a warmup-cosine scheduler, 6 examples in batches of 2), a checkpoint
+    after each in ``checkpoint_dir``, resuming from the latest one there. Returns the trained LoRA
+    parameters and the loss of every step; None when ``stop_at`` abandoned the run after that step."""
+    torch.manual_seed(0)
+    part = lora_part(path, dropout=0.1)
+    trainable = {n: p for n, p in part.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+
+    def stop(info):
+        if info.step == stop_at:
+            raise StopTraining
+
+    data = SFTDataset(examples([5 + (7 * i) % 9 for i in range(6)], prompt=3, seed=2), pad_id=0)
+    try:
+        log = sft(
+            part,
+            data,
+            opt,
+            batch_size=2,
+            epochs=1,
+            lr_scheduler=warmup_cosine(opt, 1, 3),
+            checkpoint_dir=checkpoint_dir,
+            save_every=1,
+            callback=stop,
+            progress=False,
+        )
+    except StopTraining:
+        return None
+    return trainable, [h.loss for h in log]

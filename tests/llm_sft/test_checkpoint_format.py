@@ -7,50 +7,13 @@ import shutil
 
 import pytest
 import torch
-from sft_helpers import examples, lora_part
+from sft_helpers import checkpointed_run
 
 from llm_sepweight import load_safetensors
-from llm_sft import SFTDataset, latest_checkpoint, sft, warmup_cosine
+from llm_sft import latest_checkpoint, warmup_cosine
 from llm_sft.checkpoint import load_checkpoint, save_checkpoint
 
 PICKLE_OR_ZIP = (b"PK\x03\x04", b"\x80")  # torch.save's zip; a pickle of protocol >= 2
-
-
-class _Stop(Exception):
-    pass
-
-
-def _dataset(n=6):
-    return SFTDataset(examples([5 + (7 * i) % 9 for i in range(n)], prompt=3, seed=2), pad_id=0)
-
-
-def _run(path, ckpt, stop_at=None):
-    """3 AdamW steps with dropout and a scheduler, a checkpoint after each; ``stop_at``: abandon after that step."""
-    torch.manual_seed(0)
-    part = lora_part(path, dropout=0.1)
-    trainable = {n: p for n, p in part.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
-
-    def stop(info):
-        if info.step == stop_at:
-            raise _Stop
-
-    try:
-        log = sft(
-            part,
-            _dataset(),
-            opt,
-            batch_size=2,
-            epochs=1,
-            lr_scheduler=warmup_cosine(opt, 1, 3),
-            checkpoint_dir=ckpt,
-            save_every=1,
-            callback=stop,
-            progress=False,
-        )
-    except _Stop:
-        return None, None
-    return trainable, [h.loss for h in log]
 
 
 def _assert_same(got, want, where="state"):
@@ -73,7 +36,7 @@ def _assert_same(got, want, where="state"):
 
 def test_a_checkpoint_folder_holds_no_pickle(sep, tmp_path):
     path, _ = sep("qwen2")
-    _run(path, tmp_path)
+    checkpointed_run(path, tmp_path)
     ckpt = latest_checkpoint(tmp_path)
     assert sorted(p.name for p in ckpt.iterdir()) == ["adapter", "progress.json", "state.json", "state.safetensors"]
     files = [p for p in ckpt.rglob("*") if p.is_file()]
@@ -146,14 +109,14 @@ def test_a_state_that_cannot_be_stored_names_its_key(tmp_path):
 )
 def test_a_damaged_checkpoint_names_the_file(sep, tmp_path, damage, file, why):
     path, _ = sep("qwen2")
-    _run(path, tmp_path, stop_at=1)
+    checkpointed_run(path, tmp_path, stop_at=1)
     ckpt = latest_checkpoint(tmp_path)
     damage(ckpt)
     msg = rf"{file}: this checkpoint cannot be read \({why}\); delete .*step-00000001 to resume from the one before it"
     with pytest.raises(ValueError, match=msg):
         load_checkpoint(ckpt)
     with pytest.raises(ValueError, match=rf"{file}: this checkpoint cannot be read .*resume=False \(--no-resume\)"):
-        _run(path, tmp_path)  # what the user meets: sft resuming from it
+        checkpointed_run(path, tmp_path)  # what the user meets: sft resuming from it
 
 
 def _truncate(f):
@@ -171,12 +134,12 @@ def _to_legacy(ckpt):
 
 def test_an_older_state_pt_resumes_bit_for_bit(sep, tmp_path, caplog):
     path, _ = sep("qwen2")
-    want, want_losses = _run(path, tmp_path / "a")  # never interrupted
+    want, want_losses = checkpointed_run(path, tmp_path / "a")  # never interrupted
 
-    _run(path, tmp_path / "b", stop_at=1)
+    checkpointed_run(path, tmp_path / "b", stop_at=1)
     _to_legacy(latest_checkpoint(tmp_path / "b"))
     with caplog.at_level(logging.WARNING, logger="llm_sft.checkpoint"):
-        got, got_losses = _run(path, tmp_path / "b")
+        got, got_losses = checkpointed_run(path, tmp_path / "b")
     assert "a checkpoint of an older llm_sft (state.pt): read with torch.load(weights_only=True)" in caplog.text
     assert got_losses == want_losses
     for k in want:
@@ -187,7 +150,7 @@ def test_an_older_state_pt_resumes_bit_for_bit(sep, tmp_path, caplog):
 
 def test_a_truncated_state_pt_names_the_file(sep, tmp_path):
     path, _ = sep("qwen2")
-    _run(path, tmp_path, stop_at=1)
+    checkpointed_run(path, tmp_path, stop_at=1)
     ckpt = latest_checkpoint(tmp_path)
     _to_legacy(ckpt)
     _truncate(ckpt / "state.pt")

@@ -4,43 +4,10 @@ file and the key, never a TypeError deep in torch's optimizer or scheduler, nor 
 import json
 
 import pytest
-import torch
-from sft_helpers import examples, lora_part
+from sft_helpers import checkpointed_run
 
 from llm_sepweight import load_safetensors, save_safetensors
-from llm_sft import SFTDataset, latest_checkpoint, sft, warmup_cosine
-
-
-class _Stop(Exception):
-    pass
-
-
-def _run(path, ckpt, stop_at=None):
-    torch.manual_seed(0)
-    part = lora_part(path, dropout=0.1)
-    opt = torch.optim.AdamW([p for p in part.parameters() if p.requires_grad], lr=1e-2)
-
-    def stop(info):
-        if info.step == stop_at:
-            raise _Stop
-
-    data = SFTDataset(examples([5 + (7 * i) % 9 for i in range(6)], prompt=3, seed=2), pad_id=0)
-    try:
-        log = sft(
-            part,
-            data,
-            opt,
-            batch_size=2,
-            epochs=1,
-            lr_scheduler=warmup_cosine(opt, 1, 3),
-            checkpoint_dir=ckpt,
-            save_every=1,
-            callback=stop,
-            progress=False,
-        )
-    except _Stop:
-        return None
-    return [h.loss for h in log]
+from llm_sft import latest_checkpoint
 
 
 def _set(*keys, value=None, drop=False):
@@ -74,35 +41,35 @@ EDITS = [
 @pytest.mark.parametrize("file, edit, key", EDITS, ids=[f"{f}:{k}" for f, _, k in EDITS])
 def test_a_hand_edited_checkpoint_names_the_file_and_key(sep, tmp_path, file, edit, key):
     path, _ = sep("qwen2")
-    _run(path, tmp_path, stop_at=1)
+    checkpointed_run(path, tmp_path, stop_at=1)
     f = latest_checkpoint(tmp_path) / file
     doc = json.loads(f.read_text())
     edit(doc)
     f.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=rf"{file}: this checkpoint cannot be read \(.*{key}.*\); delete "):
-        _run(path, tmp_path)
+        checkpointed_run(path, tmp_path)
 
 
 def test_an_edit_of_the_right_type_resumes(sep, tmp_path):
     """The check compares kinds, not values: a new learning rate typed as an int is fine (torch takes it)."""
     path, _ = sep("qwen2")
-    want = _run(path, tmp_path / "a")
-    _run(path, tmp_path / "b", stop_at=1)
+    want = checkpointed_run(path, tmp_path / "a")[1]
+    checkpointed_run(path, tmp_path / "b", stop_at=1)
     f = latest_checkpoint(tmp_path / "b") / "state.json"
     doc = json.loads(f.read_text())
     doc["state"]["optimizer"]["param_groups"][0]["betas"] = [0.9, 0.999]  # a list where a tuple was: torch takes it
     f.write_text(json.dumps(doc))
-    assert _run(path, tmp_path / "b") == want
+    assert checkpointed_run(path, tmp_path / "b")[1] == want
 
 
 def test_a_trainable_tensor_of_another_shape_is_refused_not_broadcast(sep, tmp_path):
     """p.copy_ broadcasts: a (1, r) tensor in place of an (out, r) one would have filled every row with it."""
     path, _ = sep("qwen2")
-    _run(path, tmp_path, stop_at=1)
+    checkpointed_run(path, tmp_path, stop_at=1)
     f = latest_checkpoint(tmp_path) / "state.safetensors"
     tensors = dict(load_safetensors(f, use_mmap=False))
     key = next(k for k in sorted(tensors) if k.startswith("trainable.") and k.endswith("lora_B.weight"))
     tensors[key] = tensors[key][:1].clone()
     save_safetensors(f, tensors, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"state.safetensors: this checkpoint cannot be read \({key} is not a tensor"):
-        _run(path, tmp_path)
+        checkpointed_run(path, tmp_path)
