@@ -181,3 +181,25 @@ def test_pieces_are_prefetched_in_the_direction_of_traversal(sep, direction):
     part.close()  # waits for the prefetch in flight
     extra = part._streamer.bytes_read - resident - 3 * streamed
     assert 0 <= extra <= (plan.slot_bytes if direction == "forward" else 3 * 2 * plan.slot_bytes)
+
+
+def test_cache_under_a_budget_is_allocated_once_as_the_plan_counts(sep):
+    """new_cache() of a budgeted part allocates max_context tokens at once: exactly the plan's KV bytes
+    (a cache grown by doubling could hold twice that); past max_context it still grows, and equals RAM."""
+    path, _ = sep("qwen2")
+    part = load_part(path, memory_budget=_budget_with_partial_layers(path), **SMALL)
+    ram = load_part(path, **SMALL)
+    ids = token_ids(batch=1, seq=5, seed=7)
+    with torch.no_grad():
+        cache, want_cache = part.new_cache(), ram.new_cache()
+        got, want = part(ids, cache=cache), ram(ids, cache=want_cache)
+        held = sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in cache.layers.values())
+        assert all(c.k.shape[2] == SMALL["max_context"] for c in cache.layers.values())
+        assert held == part.memory_plan.runtime.kv_cache
+        for _ in range(SMALL["max_context"]):  # past max_context: grows as usual
+            nxt = want[:, -1:].argmax(-1)
+            got, want = part(nxt, cache=cache), ram(nxt, cache=want_cache)
+        torch.testing.assert_close(got, want, **FP32)
+    assert all(c.k.shape[2] > SMALL["max_context"] for c in cache.layers.values())
+    assert all(c.k.shape[2] < SMALL["max_context"] for c in ram.new_cache().layers.values() if c.k is not None)
+    part.close()

@@ -7,7 +7,8 @@ Under ``load_part(..., memory_budget=...)`` a lazy part adds to its process, abo
   the compute dtype): ``prefetch + k`` of them, ``k`` the most streamed pieces of one layer (a layer's
   pieces are all in use while it runs; the next piece is read meanwhile);
 - the page cache of the read in progress: streamed reads evict each piece right after reading it;
-- the KV cache for ``max_context`` tokens x ``max_batch`` rows, counted twice (it grows by doubling);
+- the KV cache for ``max_context`` tokens x ``max_batch`` rows (``part.new_cache()`` allocates them at
+  once under a budget, instead of growing by doubling);
 - the activations and logits of one forward of ``prefill_chunk`` tokens per row;
 - quantized folders: the buffer their prefill dequantizes a weight into (``quant.scratch_bytes``),
   and, per int4 item, the kernel's transposed copy of its scales (counted in the item's size).
@@ -113,6 +114,7 @@ class Runtime:
     logits: int = 0
     page_cache: int = 0  # of the read in progress (none with O_DIRECT; else the piece read at a time)
     scratch: int = 0  # quantized weights: the buffer prefill dequantizes the largest linear into
+    context: int = 0  # tokens per row the KV cache is made for (``part.new_cache()`` allocates them at once)
 
     @property
     def total(self) -> int:
@@ -154,15 +156,15 @@ def runtime_bytes(
         )
     d, n_heads, n_kv = config.head_dim or 0, config.num_attention_heads, config.num_key_value_heads or 1
     H, inter = config.hidden_size, config.intermediate_size
-    # k and v of every layer; a growing cache doubles its capacity, so up to twice the tokens it holds
-    kv = 2 * layers * max_batch * n_kv * d * itemsize * 2 * max_context
+    # k and v of every layer, allocated for max_context tokens at once (FullLayerCache's capacity)
+    kv = 2 * layers * max_batch * n_kv * d * itemsize * max_context
     T = max_batch * min(prefill_chunk, max_context)
     # residual stream, norms (fp32 inside), q/k/v with RoPE temporaries, gate/up/product
     act = itemsize * T * (10 * H + 4 * inter + 3 * (n_heads + 2 * n_kv) * d) + 4 * T * H * 2
     if n_heads != n_kv:  # GQA: keys and values of the whole context repeated over the query heads
         act += 2 * max_batch * n_heads * d * itemsize * max_context
     logits = itemsize * T * (config.vocab_size + min(head_chunk_size, config.vocab_size)) if head else 0
-    return Runtime(kv, act if layers or head else 0, logits, page_cache, scratch)
+    return Runtime(kv, act if layers or head else 0, logits, page_cache, scratch, max_context)
 
 
 @dataclass(frozen=True)

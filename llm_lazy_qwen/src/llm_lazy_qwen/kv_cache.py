@@ -18,9 +18,14 @@ import torch
 
 
 class FullLayerCache:
-    """Keys/values of every cache index so far; capacity grows geometrically (amortised O(1) appends)."""
+    """Keys/values of every cache index so far; capacity grows geometrically (amortised O(1) appends).
 
-    def __init__(self) -> None:
+    ``capacity`` (tokens): allocate that much at once while it suffices (a part under a memory budget
+    makes room for ``max_context`` tokens once, not for a doubled copy); past it, growth as usual.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
         self.k: torch.Tensor | None = None  # (B, nKV, capacity, d)
         self.v: torch.Tensor | None = None
         self.length = 0
@@ -32,6 +37,7 @@ class FullLayerCache:
         end = start + T
         if self.k is None or end > self.k.shape[2]:
             cap = max(end, 2 * (self.k.shape[2] if self.k is not None else 0), 16)
+            cap = self.capacity if end <= self.capacity else cap
             k_new = k.new_empty(B, H, cap, D)
             v_new = v.new_empty(B, H, cap, D)
             if self.k is not None and self.v is not None:
@@ -127,9 +133,10 @@ class KVCache:
     nothing, and keys stored by a call that failed midway are rolled back by the next call.
     """
 
-    def __init__(self, windows: dict[int, int | None], extra_window_slots: int = 0) -> None:
+    def __init__(self, windows: dict[int, int | None], extra_window_slots: int = 0, capacity: int = 0) -> None:
         self.layers: dict[int, LayerCache] = {
-            i: FullLayerCache() if w is None else RingLayerCache(w, extra_window_slots) for i, w in windows.items()
+            i: FullLayerCache(capacity) if w is None else RingLayerCache(w, extra_window_slots)
+            for i, w in windows.items()
         }
         self.seq_len = 0
         self.key_mask: torch.Tensor | None = None  # (B, seq_len) bool: False for padding

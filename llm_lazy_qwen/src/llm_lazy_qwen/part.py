@@ -325,8 +325,13 @@ class QwenPart(HeadMixin, nn.Module):
 
     # ------------------------------------------------------------------------------- cache
     def new_cache(self, extra_window_slots: int = 0) -> KVCache:
-        """An empty KV cache for this part (sliding-window layers get a ring of W + extra slots)."""
-        return KVCache({i: self.config.window(i) for i in self.layer_ids}, extra_window_slots)
+        """An empty KV cache for this part (sliding-window layers get a ring of W + extra slots).
+
+        Under a memory budget, full-attention layers allocate the plan's ``max_context`` tokens at once
+        (the budget counts that, not a cache grown by doubling)."""
+        plan = self.memory_plan
+        capacity = plan.runtime.context if plan is not None else 0
+        return KVCache({i: self.config.window(i) for i in self.layer_ids}, extra_window_slots, capacity)
 
     # ------------------------------------------------------------------------------- forward
     @_serialised
