@@ -97,12 +97,15 @@ class Files:
         return self._timed(fmt, dst, lambda: sw.convert(src, dst, quant=fmt, progress=False, **kw))
 
 
-def ours_kw(budget: str) -> tuple[dict, str]:
+def ours_kw(budget: str, max_context: int = 4096) -> tuple[dict, str]:
     """load_part kwargs for a boxed engine: the memory budget when load_part has one (H4), else plain lazy."""
     from llm_lazy_qwen import load_part
 
     if "memory_budget" in inspect.signature(load_part).parameters:
-        return {"memory_budget": budget}, f"memory_budget={budget}"
+        return {
+            "memory_budget": budget,
+            "max_context": max_context,
+        }, f"memory_budget={budget}, max_context={max_context}"
     return {"lazy": True}, "lazy=True (no memory_budget yet)"
 
 
@@ -111,6 +114,9 @@ def main() -> int:
     ap.add_argument("--engines", default=ALL, help=f"comma-separated subset of {ALL}")
     ap.add_argument("--box", default="8G", help="memlimit size of the box (page cache included)")
     ap.add_argument("--budget", default="7.5GiB", help="memory_budget given to our engines in the box")
+    ap.add_argument(
+        "--max-context", type=int, default=512, help="tokens per row the budget makes room for (prefill + decode fit)"
+    )
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--decode", type=int, default=8, help="timed decode steps (after one warm-up token)")
     ap.add_argument("--threads", type=int, default=2)
@@ -189,7 +195,7 @@ def main() -> int:
                 rep.add(engine, {"error": str(e)})
                 continue
             rep.stream_bytes[fmt] = folder_bytes(d, "mid.*.safetensors") + (d / "end.safetensors").stat().st_size
-            kw, rep.load_note[engine] = ours_kw(args.budget)
+            kw, rep.load_note[engine] = ours_kw(args.budget, args.max_context)
             cfg = {"sep": str(d), "load_kw": kw, "no_bsm": engine.endswith("_torch")}
             infer(engine, args.box, cfg, [d])
         elif engine == "accelerate":
@@ -223,7 +229,7 @@ def main() -> int:
             except RuntimeError as e:
                 rep.add(engine, {"error": str(e)})
                 continue
-            kw = {"lazy": True, "prefetch": 0} if box is None else ours_kw(args.budget)[0]
+            kw = {"lazy": True, "prefetch": 0} if box is None else ours_kw(args.budget, args.sft_seq)[0]
             print(f"[{time.strftime('%H:%M:%S')}] {engine} ... (loadavg {loadavg()})", file=sys.stderr, flush=True)
             cfg = sft | {"engine": engine, "sep": str(d), "load_kw": kw}
             rep.add(engine, run_child("_big_child.py", cfg, box, [d], args.timeout, log=log))
