@@ -9,7 +9,7 @@ memory-mapped::
     layer = sw.SepWeights("qwen-sep").layer(5)  # one layer, zero-copy views of mid.00005.safetensors
 """
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, fsync_dir
 from .convert import convert
 from .errors import SepweightError
 from .folder_lock import FolderBusy, wait_for_writer
@@ -41,6 +41,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "atomic_write_bytes",
+    "fsync_dir",
     "FORMAT_VERSION",
     "FolderBusy",
     "Manifest",

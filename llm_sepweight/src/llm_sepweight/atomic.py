@@ -27,7 +27,7 @@ def atomic_write(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
         tmp.unlink(missing_ok=True)
         raise
     if fsync:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
@@ -41,7 +41,14 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
         f.write(data)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | Path) -> None:
+    """fsync a folder, so that files created or renamed in it survive a crash (POSIX).
+
+    Example::
+
+        os.replace(tmp, final)
+        fsync_dir(final.parent)   # the rename itself is durable now
+    """
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

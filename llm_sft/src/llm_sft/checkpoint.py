@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from llm_sepweight import atomic_write_bytes, load_safetensors, save_safetensors
+from llm_sepweight import atomic_write_bytes, fsync_dir, load_safetensors, save_safetensors
 
 STATE_TENSORS, STATE_JSON, PROGRESS, ADAPTER = "state.safetensors", "state.json", "progress.json", "adapter"
 LEGACY_STATE = "state.pt"  # older llm_sft's torch.save (pickle); read with torch.load(weights_only=True) only
@@ -41,14 +41,6 @@ _STEP = re.compile(r"step-(\d{8})")
 _SCALARS = (bool, int, float, str, type(None))
 
 log = logging.getLogger(__name__)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
@@ -61,7 +53,7 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
 def _fsync_tree(root: Path) -> None:
     """Files first, then their folders: after this the whole tree is on disk."""
     for path in sorted(root.rglob("*"), reverse=True) + [root]:
-        _fsync_dir(path)
+        fsync_dir(path)
 
 
 def _join(key: str, part: object) -> str:
@@ -216,7 +208,7 @@ def save_checkpoint(
     if final.exists():  # the same step saved again (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)  # make the rename itself durable
+    fsync_dir(root)  # make the rename itself durable
     # keep the newest `keep - 1` earlier ones; later steps can only be left by an abandoned run
     old = sorted(p for p in root.iterdir() if _STEP.fullmatch(p.name) and p.name < final.name)
     doomed = old[: max(0, len(old) - (keep - 1))] + [
