@@ -41,5 +41,5 @@ def int4_gemv(
     nthreads: int,
 ) -> None: ...
 def int8_gemv(
-    isa: int, M: int, N: int, K: int, x: int, x_bf16: int, q: int, scales: int, y: int, nthreads: int
+    isa: int, M: int, N: int, K: int, x: int, x_bf16: int, q: int, scales: int, y: int, nthreads: int, xblock: int
 ) -> None: ...

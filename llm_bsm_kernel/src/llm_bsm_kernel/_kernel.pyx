@@ -7,7 +7,7 @@ A tile calls one optimised GEMM whose address `blas.py` found at run time, never
   - route 1: torch's `addmm.out`/`baddbmm.out` through its stable C shim (oneDNN; used for bf16).
 Inside the parallel region MKL, OpenBLAS (set to 1 thread here) and ATen/oneDNN each run one thread.
 Nothing links a BLAS or torch at build time. `_plan.pxi` (included below) plans plain bundles fast.
-`_quant.pxi` adds the one place with loops of our own: the quantized decode GEMV of `_quant.h`.
+`_quant.pxi` adds the one place with loops of our own: the quantized decode GEMV of `_quant.h`, `_quant_int8.h`.
 """
 
 import sys

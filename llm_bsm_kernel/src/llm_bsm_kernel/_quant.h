@@ -1,7 +1,7 @@
-/* Decode GEMV for quantized linears: y[M, N] = x[M, K] @ dequant(W)^T, accumulated in fp32.
+/* Decode GEMV for int4 linears: y[M, N] = x[M, K] @ dequant(W)^T, accumulated in fp32 (int8: _quant_int8.h,
+ * which shares the helpers here).
  *
  * W as llm_sepweight's QUANT_FORMAT.md stores it:
- *   int8: q int8 [N, K] row-major, w[n, k] = q[n, k] * scale[n];
  *   int4: q uint8 [N, K/2] in a layout (below), w[n, k] = (q[n, k] - 8) * s[n, k/g] + z[n, k/g], where the
  *         caller laid s and z out as [2G, N] (fp32 or bf16): row 2j = the scales of group j, 2j+1 its zeros.
  * int4 layouts: "half" (aten_cpu_avx2, BN 32; aten_cpu_avx512, BN 64): bytes [N/BN, K, BN/2], byte j
@@ -65,7 +65,7 @@ static inline float qk_sz(const void *sz, int bf16, int64_t i) {
 typedef struct {
     int64_t M, N, K, g, G; /* G = K / g groups */
     const uint8_t *q;
-    const void *sz;   /* int4: [2G, N] (s, z) rows, fp32 or bf16 (sz_bf16); int8: fp32 scales [N] */
+    const void *sz;   /* [2G, N] (s, z) rows, fp32 or bf16 (sz_bf16) */
     int sz_bf16;
     float *x;         /* [M, K] fp32 */
     float *xsum;      /* int4: [M, G] sums of x per group */
@@ -352,78 +352,6 @@ QK_TARGET static void qk_int4_row_avx2(const qk_args *a, int64_t n) {
 }
 #endif
 
-/* ---------------------------------------------------------------------------------------- int8 */
-
-/* Rows n0..n0+3 (clamped to N - 1: a short last unit computes the last row again and drops it). */
-static void qk_int8_unit_scalar(const qk_args *a, int64_t u) {
-    int64_t K = a->K, N = a->N, m, k, r;
-    const int8_t *q = (const int8_t *)a->q;
-    for (r = 4 * u; r < qk_min(4 * u + 4, N); r++)
-        for (m = 0; m < a->M; m++) {
-            const float *xm = a->x + m * K;
-            const int8_t *w = q + r * K;
-            float acc = 0.0f;
-            for (k = 0; k < K; k++) acc += xm[k] * (float)w[k];
-            a->y[m * N + r] = acc * ((const float *)a->sz)[r];
-        }
-}
-
-#if QK_X86
-QK_INLINE __m256 qk_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-QK_TARGET static void qk_int8_unit_avx2(const qk_args *a, int64_t u) {
-    int64_t K = a->K, N = a->N, m, k, r, n0 = 4 * u;
-    const int8_t *q = (const int8_t *)a->q;
-    const int8_t *w0 = q + qk_min(n0, N - 1) * K, *w1 = q + qk_min(n0 + 1, N - 1) * K;
-    const int8_t *w2 = q + qk_min(n0 + 2, N - 1) * K, *w3 = q + qk_min(n0 + 3, N - 1) * K;
-    float out[2][4];
-    for (m = 0; m < a->M; m += 2) {
-        int two = m + 1 < a->M;
-        const float *x0 = a->x + m * K, *x1 = two ? x0 + K : x0;
-        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0; /* row r, x row m */
-        __m256 d0 = c0, d1 = c0, d2 = c0, d3 = c0;                  /* row r, x row m + 1 (or m, k + 8) */
-        k = 0;
-        if (!two) {
-            for (; k + 16 <= K; k += 16) {
-                __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x0 + k + 8);
-                c0 = _mm256_fmadd_ps(qk_i8(w0 + k), xa, c0), d0 = _mm256_fmadd_ps(qk_i8(w0 + k + 8), xb, d0);
-                c1 = _mm256_fmadd_ps(qk_i8(w1 + k), xa, c1), d1 = _mm256_fmadd_ps(qk_i8(w1 + k + 8), xb, d1);
-                c2 = _mm256_fmadd_ps(qk_i8(w2 + k), xa, c2), d2 = _mm256_fmadd_ps(qk_i8(w2 + k + 8), xb, d2);
-                c3 = _mm256_fmadd_ps(qk_i8(w3 + k), xa, c3), d3 = _mm256_fmadd_ps(qk_i8(w3 + k + 8), xb, d3);
-            }
-            c0 = _mm256_add_ps(c0, d0), c1 = _mm256_add_ps(c1, d1);
-            c2 = _mm256_add_ps(c2, d2), c3 = _mm256_add_ps(c3, d3);
-            d0 = d1 = d2 = d3 = _mm256_setzero_ps();
-        }
-        for (; k + 8 <= K; k += 8) {
-            __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x1 + k);
-            __m256 v0 = qk_i8(w0 + k), v1 = qk_i8(w1 + k), v2 = qk_i8(w2 + k), v3 = qk_i8(w3 + k);
-            c0 = _mm256_fmadd_ps(v0, xa, c0), c1 = _mm256_fmadd_ps(v1, xa, c1);
-            c2 = _mm256_fmadd_ps(v2, xa, c2), c3 = _mm256_fmadd_ps(v3, xa, c3);
-            if (two) {
-                d0 = _mm256_fmadd_ps(v0, xb, d0), d1 = _mm256_fmadd_ps(v1, xb, d1);
-                d2 = _mm256_fmadd_ps(v2, xb, d2), d3 = _mm256_fmadd_ps(v3, xb, d3);
-            }
-        }
-        out[0][0] = qk_hsum(c0), out[0][1] = qk_hsum(c1), out[0][2] = qk_hsum(c2), out[0][3] = qk_hsum(c3);
-        out[1][0] = qk_hsum(d0), out[1][1] = qk_hsum(d1), out[1][2] = qk_hsum(d2), out[1][3] = qk_hsum(d3);
-        for (; k < K; k++) {
-            out[0][0] += x0[k] * w0[k], out[0][1] += x0[k] * w1[k];
-            out[0][2] += x0[k] * w2[k], out[0][3] += x0[k] * w3[k];
-            out[1][0] += x1[k] * w0[k], out[1][1] += x1[k] * w1[k];
-            out[1][2] += x1[k] * w2[k], out[1][3] += x1[k] * w3[k];
-        }
-        const float *sc = (const float *)a->sz;
-        for (r = 0; r < 4 && n0 + r < N; r++) {
-            a->y[m * N + n0 + r] = out[0][r] * sc[n0 + r];
-            if (two) a->y[(m + 1) * N + n0 + r] = out[1][r] * sc[n0 + r];
-        }
-    }
-}
-#endif
-
 /* ------------------------------------------------------------------------------------ drivers */
 
 /* y = x @ dequant(W)^T for int4 W; returns 0, or -1 when memory ran out. Called without the GIL. */
@@ -453,31 +381,6 @@ static int qk_int4(int isa, int layout, int64_t bn, int64_t M, int64_t N, int64_
             qk_int4_row_scalar(&a, u);
         else
             qk_int4_unit_scalar(&a, u);
-    }
-    qk_free_x(&a);
-    return 0;
-}
-
-/* y = x @ (q * scales[:, None])^T for int8 W [N, K]; returns 0, or -1 when memory ran out. */
-static int qk_int8(int isa, int64_t M, int64_t N, int64_t K, const void *x, int x_bf16, const int8_t *q,
-                   const float *scales, float *y, int nthreads) {
-    qk_args a = {0};
-    a.M = M, a.N = N, a.K = K, a.q = (const uint8_t *)q, a.sz = scales, a.y = y;
-    if (qk_prepare_x(&a, x, x_bf16, 0) != 0) {
-        qk_free_x(&a);
-        return -1;
-    }
-    int64_t units = (N + 3) / 4, u;
-    (void)nthreads;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && units > 1)
-    for (u = 0; u < units; u++) {
-#if QK_X86
-        if (isa == QK_AVX2) {
-            qk_int8_unit_avx2(&a, u);
-            continue;
-        }
-#endif
-        qk_int8_unit_scalar(&a, u);
     }
     qk_free_x(&a);
     return 0;
