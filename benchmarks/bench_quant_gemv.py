@@ -6,7 +6,8 @@ takes the next of several copies of the weight (at least `--cycle-mb` MB in all)
 memory as in a real decode step, not from the L3 cache. Ratios are measured in the same run. Columns:
 
 - ``ours int4`` / ``ours int8``: ``llm_bsm_kernel.int4_matmul`` (g=64, this CPU's layout, prepared scales) /
-  ``int8_matmul``, default threads (OpenMP, shared with torch);
+  ``int8_matmul`` (x quantized to int16 on the fly, integer dot products), default threads (OpenMP, shared
+  with torch);
 - ``torch int4`` / ``torch int8``: ``aten._weight_int4pack_mm_for_cpu`` / ``aten._weight_int8pack_mm``
   with scales as llm_lazy_qwen prepares them (bf16);
 - ``bf16``: ``F.linear`` with a bf16 weight (what an unquantized model does);
@@ -137,8 +138,8 @@ def main() -> None:
     print(f"read bandwidth (sum over 1 GiB): {gbs:.1f} GB/s\n")
     cols = ["ours int4", "torch int4", "ours int8", "torch int8", "bf16"]
     print("| shape (K x N) | M | " + " | ".join(f"{c} ms" for c in cols) + " | int4 ours/torch | int8 ours/torch |"
-          " ours int4/bf16 | int4 floor ms | ours int4/floor |")  # fmt: skip
-    print("|---|---|" + "---|" * (len(cols) + 5))
+          " ours int4/bf16 | ours int8/bf16 | int4 floor ms | ours int4/floor |")  # fmt: skip
+    print("|---|---|" + "---|" * (len(cols) + 6))
     per_token: dict[str, float] = dict.fromkeys(cols, 0.0)
     shapes = dict(SHAPES)
     if not args.no_head:
@@ -155,17 +156,24 @@ def main() -> None:
                     per_token[c] += ms[c] * (1 if name == "head" else LAYERS * PER_LAYER[name])
             r4, r8 = ms["ours int4"] / ms["torch int4"], ms["ours int8"] / ms["torch int8"]
             cells = [f"{ms[c]:.2f}" for c in cols]
-            cells += [f"{r4:.2f}", f"{r8:.2f}", f"{ms['ours int4'] / ms['bf16']:.2f}", f"{floor:.2f}"]
+            cells += [
+                f"{r4:.2f}",
+                f"{r8:.2f}",
+                f"{ms['ours int4'] / ms['bf16']:.2f}",
+                f"{ms['ours int8'] / ms['bf16']:.2f}",
+            ]
+            cells += [f"{floor:.2f}"]
             cells += [f"{ms['ours int4'] / floor:.2f}"]
             print(f"| {name} ({K} x {N}) | {M} | " + " | ".join(cells) + " |", flush=True)
         del w
     what = f"{LAYERS} layers" + ("" if args.no_head else " + head")
     print(f"\nPer-token estimate, 7B shape, M=1, linears only ({what}): sum of the cells above")
-    print("| " + " | ".join(cols) + " | int4 ours/torch | int8 ours/torch |")
-    print("|" + "---|" * (len(cols) + 2))
+    print("| " + " | ".join(cols) + " | int4 ours/torch | int8 ours/torch | ours int8/bf16 |")
+    print("|" + "---|" * (len(cols) + 3))
     cells = [f"{per_token[c] / 1e3:.3f} s" for c in cols]
     cells += [f"{per_token['ours int4'] / per_token['torch int4']:.2f}"]
     cells += [f"{per_token['ours int8'] / per_token['torch int8']:.2f}"]
+    cells += [f"{per_token['ours int8'] / per_token['bf16']:.2f}"]
     print("| " + " | ".join(cells) + " |")
     print(f"\nloadavg at the end {os.getloadavg()[0]:.1f}")
 

@@ -10,7 +10,7 @@ Example:
 
 from .blas import backend, backend_info
 from .bundled import bsm
-from .quant_gemv import int4_matmul, int8_matmul, prepare_int4_scales, quant_gemv_isa
+from .quant_gemv import int4_matmul, int8_matmul, int8_matmul_reference, prepare_int4_scales, quant_gemv_isa
 
 __version__ = "0.2.0"
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "bsm",
     "int4_matmul",
     "int8_matmul",
+    "int8_matmul_reference",
     "prepare_int4_scales",
     "quant_gemv_isa",
 ]

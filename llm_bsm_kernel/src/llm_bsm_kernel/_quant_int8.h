@@ -2,12 +2,12 @@
  * (llm_sepweight's QUANT_FORMAT.md: w[n, k] = q[n, k] * scale[n]).
  *
  * x is quantized on the fly to int16, per row and per block of B values along K (B = xblock, a multiple of
- * 16 in [16, 512]; int8_matmul passes INT8_X_BLOCK = 256): over a block, sx = max|x| / 32767 and
- * xq = round_half_even(x * (32767 / max|x|)) in [-32767, 32767] (both computed in double). Then
+ * 16 in [16, 512]; int8_matmul passes INT8_X_BLOCK = 256). In fp32, over a block: inv = 32767 / max|x|,
+ * sx = max|x| / 32767, xq = round_half_even(x * inv) in [-32767, 32767]. Then
  *     dot = sum_{k in block} xq[k] * q[n, k]          exact, in int32
  *     acc = fmaf((float) dot, sx, acc)                 the blocks in order, acc starting at 0
  *     y[m, n] = acc * scale[n]                         fp32
- * quant_gemv.int8_matmul_reference is the same arithmetic in torch (the tests' twin).
+ * quant_gemv.int8_matmul_reference is the same arithmetic in torch (the tests' twin, equal bit for bit).
  *
  * int32 cannot overflow: |xq| <= 32767 and |q| <= 128 (int8 holds -128), so |xq * q| <= 4,194,176, and
  * every partial sum of one block (a lane of vpmaddwd's pairs, a horizontal add, the scalar loop) adds at
@@ -16,14 +16,15 @@
  *
  * Error added by the int16 step: each xq is off by at most sx / 2 = max|x_block| / 65534, i.e. x is
  * known to 1/65534 of its block's largest value (bf16 x carries 1/256 of its own value); measured on the
- * outputs in llm_bsm_kernel's README. A block holding NaN or inf gets sx = NaN (its xq = 0): that row
- * of y is NaN, as the non-finite x makes it in fp32.
+ * outputs in llm_bsm_kernel's README. A block holding NaN or inf gets sx = NaN (its xq = 0): that row of y
+ * is NaN, as the non-finite x makes it in fp32. A block with max|x| < 1e-30 counts as zeros.
  *
  * AVX2: 16 weights per instruction, sign-extended to int16 (vpmovsxbw) and multiplied pairwise into int32
- * lanes (vpmaddwd); a unit is 4 output rows that share each load of x, and x rows go in pairs so each
- * widened weight serves two rows; a block's 4 x B weight bytes stay in L1 for the later pairs. The scalar
- * version computes the same integers and the same fp32 operations in the same order: the two are
- * bit-identical, and so are all thread counts (each output is summed by one thread).
+ * lanes (vpmaddwd), 8 independent chains; a unit is 4 output rows. One x row: one weight row after the
+ * other (K <= QK8_ROW_K) or the 4 side by side sharing each load of x; two x rows: side by side, each
+ * widened weight serving both. The scalar version computes the same integers and the same fp32 operations
+ * in the same order: the two are bit-identical, and so are all thread counts (each output is summed by one
+ * thread).
  */
 #ifndef LLM_BSM_KERNEL_QUANT_INT8_H
 #define LLM_BSM_KERNEL_QUANT_INT8_H
