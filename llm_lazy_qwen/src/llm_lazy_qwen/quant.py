@@ -50,7 +50,8 @@ _MAX_ROWS_NOT_BF16 = 1
 # (benchmarks/bench_quant_gemv.py, BENCHMARKS.md): faster at every row count up to 64 (int4 1.4-1.6x, int8
 # 1.2-1.5x with bf16 x; 20-70x with fp32 x), and faster than dequantize + GEMM up to 64 (int8: 28 vs 31 ms
 # at 64). Its cost grows linearly with the rows, a GEMM's does not: decode and short prompts only.
-# (Since the int8 loop went to int16 x int8 -> int32: 1.3-2.5x torch's int8 at one row (2.5x but down_proj), 1.25-1.45x at four.)
+# Since the int8 loop went to int16 x int8 -> int32: 1.3-2.5x torch's int8 at one row (2.5x but down_proj),
+# 1.25-1.45x at four.
 _BSM_MAX_ROWS = 32
 
 
