@@ -241,10 +241,13 @@ def int8_matmul(
     scales ``[N]`` (any float dtype); ``[M, N]`` in `out_dtype` (default: x's dtype).
 
     x is quantized to int16 on the fly (per row and block of :data:`INT8_X_BLOCK` values along K: x known
-    to 1/65534 of its block's largest value) and the products are summed exactly in int32; the result
-    equals :func:`int8_matmul_reference` up to fp32 rounding, on every ISA and thread count bit for bit.
-    Error vs the fp32 product of x and the dequantized W: max relative error of an output 2e-5 (random x
-    and W; 4e-5 with rare 50x outliers in x), 4e-6 relative to the outputs' RMS (README, "int8").
+    to 1/65534 of its block's largest value) and the products are summed exactly in int32. The result is
+    the same bits on every ISA and thread count and equals :func:`int8_matmul_reference` (bit for bit in
+    the tests; its float64 emulation of an fma could differ in the last bit in rare ties).
+    Error vs the fp32 product of x and the dequantized W, as max |error| / RMS of the output row: 1.4e-4 on
+    random x and W (K=4096; 4e-4 in a row with a 60-sigma outlier), at most 4e-3 on SmolLM2-135M's linears
+    with their own activations (median relative error 7e-5); its perplexity +0.329% over bf16, against
+    +0.333% through dequantize + fp32 GEMM (README).
 
     Example:
         >>> y = int8_matmul(x, qweight, scales)  # (M, N)
