@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import llm_sepweight as sw
+import llm_sepweight.quant as quant_mod
 import llm_sepweight.writer as writer_mod
 from llm_sepweight.quant_importance import input_importance
 
@@ -160,6 +161,29 @@ def test_interrupted_quantized_conversion_resumes(qwen_checkpoints, int4_folder,
     sw.convert(ckpt.path, dst, quant="int4", group_size=G, quant_method="rtn", progress=False)
     assert written == ["begin", 0, 1, 2, "end"]
     assert sw.SepWeights(dst).quant["method"] == "rtn"
+
+
+def test_a_new_version_of_the_int4_method_reconverts_a_finished_folder_once(qwen_checkpoints, tmp_path, monkeypatch):
+    ckpt = qwen_checkpoints("qwen2")
+    clip, rtn = tmp_path / "clip", tmp_path / "rtn"
+    sw.convert(ckpt.path, clip, quant="int4", group_size=G, progress=False)
+    sw.convert(ckpt.path, rtn, quant="int4", group_size=G, quant_method="rtn", progress=False)
+    real, written = writer_mod.write_part_file, []
+
+    def count(root, part, *args, **kwargs):
+        written.append(part)
+        return real(root, part, *args, **kwargs)
+
+    monkeypatch.setattr(writer_mod, "write_part_file", count)
+    sw.convert(ckpt.path, clip, quant="int4", group_size=G, progress=False)
+    assert written == []  # the same conversion: a no-op
+    monkeypatch.setitem(quant_mod.METHOD_VERSIONS, "clip", quant_mod.METHOD_VERSIONS["clip"] + 1)
+    sw.convert(ckpt.path, clip, quant="int4", group_size=G, progress=False)
+    assert written == ["begin", 0, 1, 2, "end"]  # the clip search changed: re-quantized once
+    sw.convert(ckpt.path, clip, quant="int4", group_size=G, progress=False)
+    sw.convert(ckpt.path, rtn, quant="int4", group_size=G, quant_method="rtn", progress=False)
+    assert written == ["begin", 0, 1, 2, "end"]  # then a no-op again; rtn folders are not touched
+    assert sw.verify(clip).ok
 
 
 def test_reading_quantized_tensors_by_rows_and_into_buffers(int4_folder):

@@ -120,8 +120,8 @@ def test_weighted_clip_search_beats_rtn_in_the_weighted_error():
         sw.quantize_int4(w, 64, importance=-c, name="q_proj.weight")
 
 
-def test_input_importance_estimates_the_activation_sizes():
-    from llm_sepweight.quant_importance import input_importance
+def test_input_moment_estimates_the_activation_sizes():
+    from llm_sepweight.quant_importance import input_moment as input_importance
 
     g = torch.Generator().manual_seed(0)
     hidden, inter, heads, kv_heads = 32, 48, 4, 2
@@ -153,3 +153,81 @@ def test_input_importance_estimates_the_activation_sizes():
     end = {"norm.weight": t["input_layernorm.weight"]}
     assert torch.equal(input_importance("end", "lm_head.weight", end, config), t["input_layernorm.weight"].square())
     assert input_importance("begin", "embed_tokens.weight", {}, config) is None
+
+
+def test_input_importance_is_the_moment_over_the_column_norms():
+    from llm_sepweight.quant_importance import input_importance, input_moment
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g) * (torch.rand(32, generator=g) + 0.1)  # columns of different sizes
+    t = {"post_attention_layernorm.weight": torch.rand(32, generator=g) + 0.5, "mlp.up_proj.weight": w}
+    want = input_moment(0, "mlp.up_proj.weight", t, {}) / w.square().sum(0)
+    torch.testing.assert_close(input_importance(0, "mlp.up_proj.weight", t, {}), want / want.mean())
+    w[:, 3] = 0  # a zero column weighs 1e4 x the mean column's, not inf
+    imp = input_importance(0, "mlp.up_proj.weight", t, {})
+    assert torch.isfinite(imp).all() and imp[3] > 100 * imp.median()
+    t["mlp.up_proj.weight"] = torch.zeros(48, 32)  # nothing to balance: the moment alone
+    assert torch.equal(input_importance(0, "mlp.up_proj.weight", t, {}), input_moment(0, "mlp.up_proj.weight", t, {}))
+
+
+def _group_error(w: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, c: torch.Tensor, g: int) -> torch.Tensor:
+    """Weighted squared error per group of w against (q - 8) * s + z."""  # (N, K // g)
+    n, k = w.shape
+    deq = (q.float().view(n, -1, g) - 8) * sz[..., :1].float() + sz[..., 1:].float()
+    return ((deq - w.float().view(n, -1, g)).square() * c.view(1, -1, g)).sum(-1)
+
+
+def _hard_weights() -> torch.Tensor:
+    """Gaussian and heavy-tailed rows, constant groups, zero rows, huge outliers."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.02
+    w[8:16] = torch.distributions.StudentT(2.0).sample((8, 256)) * 0.02
+    w[16, :64] = 0.375  # a constant group (exact in every scale dtype)
+    w[17] = 0  # a zero row
+    w[18, 5] = 50.0  # huge outliers, one per group
+    w[19, 70], w[19, 200] = -80.0, 1e3
+    return w
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_default_method_never_has_more_weighted_error_than_rtn_in_any_group(scale_dtype):
+    from llm_sepweight.quant_search import scales_and_zeros
+
+    w = _hard_weights()
+    c = torch.rand(256) ** 4 * 10
+    c[:40] = 0  # columns that do not count, and one that counts 1e6 times more
+    c[100] = 1e6
+    for imp in (c, None, torch.ones(256)):
+        q, sz = scales_and_zeros(w, 64, scale_dtype, "clip", imp)
+        qr, szr = scales_and_zeros(w, 64, scale_dtype, "rtn")
+        assert torch.isfinite(sz).all() and int(q.max()) <= 15
+        weights = torch.ones(256) if imp is None else imp
+        err, rtn = _group_error(w, q, sz, weights, 64), _group_error(w, qr, szr, weights, 64)
+        assert (err <= rtn * (1 + 1e-5) + 1e-12).all()
+        assert err.sum() < rtn.sum()
+    exact = _group_error(w, q, sz, torch.ones(256), 64)
+    assert exact[16, 0] == 0 and exact[17].max() == 0  # a constant group, a zero row
+
+
+@pytest.mark.parametrize("layout", ["aten_cpu_avx512", "aten_cpu_avx2", "aten_cpu_default", "rows"])
+def test_quantized_codes_round_trip_through_every_layout(layout):
+    from llm_sepweight.quant_search import scales_and_zeros
+
+    w = _hard_weights().to(torch.bfloat16)
+    q, sz = scales_and_zeros(w, 64, torch.bfloat16, "clip", torch.rand(256))
+    packed, sz2 = sw.quantize_int4(w, 64, layout=layout, importance=torch.rand(256))
+    assert packed.dtype == torch.uint8 and packed.shape == (64, 128) and sz2.dtype == torch.bfloat16
+    assert torch.equal(sw.unpack_int4(sw.pack_int4(q, layout), layout), q)
+    spec = sw.QuantSpec("int4", (64, 256), 64, layout)
+    deq = sw.dequantize({"qweight": sw.pack_int4(q, layout), "scales_and_zeros": sz}, spec)
+    want = (q.float().view(64, 4, 64) - 8) * sz[..., :1].float() + sz[..., 1:].float()
+    assert torch.equal(deq, want.view(64, 256))
+
+
+def test_scales_a_scale_dtype_cannot_hold_are_rejected():
+    w = torch.randn(64, 64)
+    w[3, 7] = 3e6  # range / 15 overflows fp16
+    with pytest.raises(sw.SepweightError, match=r"down_proj.weight: int4 scales overflow torch.float16 .*fp32 scales"):
+        sw.quantize_int4(w, 64, scale_dtype=torch.float16, name="down_proj.weight")
+    with pytest.raises(sw.SepweightError, match=r"importance must be \[64\] non-negative finite"):
+        sw.quantize_int4(w, 64, importance=torch.full((64,), float("inf")))

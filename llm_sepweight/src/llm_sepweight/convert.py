@@ -22,7 +22,16 @@ from .errors import SepweightError
 from .folder_lock import claim_folder, finished_conversion
 from .hub import fetch, looks_like_repo_id
 from .manifest import FORMAT_VERSION, Manifest, Part, part_filename, read_if_complete
-from .quant import GROUP_SIZES, METHODS, SCHEMES, QuantSpec, default_scale_dtype, is_linear, quantize_linear
+from .quant import (
+    GROUP_SIZES,
+    METHOD_VERSIONS,
+    METHODS,
+    SCHEMES,
+    QuantSpec,
+    default_scale_dtype,
+    is_linear,
+    quantize_linear,
+)
 from .quant_importance import input_importance
 from .quant_pack import int4_layout
 from .safetensors_io import TensorSpec
@@ -296,7 +305,7 @@ def _out_bytes(source: Source, part: Part, target: torch.dtype | None) -> int:
 
 def _part_key(source: Source, part: Part, target: torch.dtype | None, settings: QuantSettings | None) -> str:
     """Identifies one part file's bytes: the source files it reads (name, size, mtime), dtype and quantization."""
-    quant = None if settings is None else [*settings.__dict__.values(), int4_layout()]
+    quant = _quant_key(settings)
     key = {"v": FORMAT_VERSION, **source.part_identity(part), "part": part, "dtype": str(target), "quant": quant}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -308,6 +317,14 @@ def _resume_key(source: Source, spec: PartSpec, target: torch.dtype | None, sett
         **source.identity(),
         "parts": str(spec),
         "dtype": str(target),
-        "quant": None if settings is None else [*settings.__dict__.values(), int4_layout()],
+        "quant": _quant_key(settings),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _quant_key(settings: QuantSettings | None) -> list[Any] | None:
+    """The quantization part of the keys: settings, layout and the int4 method's version (METHOD_VERSIONS)."""
+    if settings is None:
+        return None
+    version = METHOD_VERSIONS.get(settings.method, 1) if settings.scheme == "int4" else 1
+    return [*settings.__dict__.values(), int4_layout()] + ([f"v{version}"] if version > 1 else [])

@@ -25,6 +25,11 @@ from .quant_search import scales_and_zeros
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernel accepts
 METHODS = ("clip", "rtn")
+# A method's version, bumped when what it writes for the same weights changes (search or importance):
+# convert() keys a finished folder by it, so such a folder is re-quantized once. Absent = 1, which
+# adds nothing to the key (folders written before versions existed stay valid).
+# clip 2: columns weighed by E[x_k^2] / ||W[:, k]||^2 instead of E[x_k^2] (quant_importance.py).
+METHOD_VERSIONS: dict[str, int] = {"clip": 2}
 
 
 @dataclass(frozen=True)
@@ -163,9 +168,17 @@ def quantize_int4(
         raise SepweightError(f"{name}: quantization method {method!r} is not one of {METHODS}")
     layout = layout or default_layout(n)
     check_layout(layout, n, name)
-    if importance is not None and (importance.shape != (k,) or not bool((importance >= 0).all())):
-        raise SepweightError(f"{name}: importance must be [{k}] non-negative values, got {list(importance.shape)}")
-    q, sz = scales_and_zeros(w, group_size, scale_dtype or default_scale_dtype(w.dtype), method, importance)
+    if importance is not None and (
+        importance.shape != (k,) or not bool((importance >= 0).all()) or not bool(torch.isfinite(importance).all())
+    ):
+        raise SepweightError(
+            f"{name}: importance must be [{k}] non-negative finite values, got {list(importance.shape)}"
+        )
+    sd = scale_dtype or default_scale_dtype(w.dtype)
+    q, sz = scales_and_zeros(w, group_size, sd, method, importance)
+    if not bool(torch.isfinite(sz).all()):
+        big = float(w.abs().max())
+        raise SepweightError(f"{name}: int4 scales overflow {sd} (max |w| = {big:.3g}); use fp32 scales")
     return _pack(q, layout), sz
 
 
