@@ -14,6 +14,9 @@ memory as in a real decode step, not from the L3 cache. Ratios are measured in t
 - ``floor``: bytes of the int4 weight (packed + bf16 scales) / the read bandwidth measured in this run
   (a ``sum`` over a 1 GiB buffer, same threads and clock).
 
+``--int8-baseline PATH`` adds ``base int8``: the int8 GEMV of another build of llm_bsm_kernel's ``_kernel`` module
+(e.g. a copy of an older commit's ``.so``) timed in the same run, and the ratio ``ours int8/base``.
+
 Then a per-token estimate for the 7B int4 / int8 shape: 28 layers x (q, k, v, o, gate, up, down) at M=1,
 plus the head (3584 -> 152064, `--no-head` to skip), linears only (no attention, norms or sampling).
 
@@ -28,12 +31,14 @@ reports the best call instead of the median (with several threads: a call no thr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +101,30 @@ def read_bandwidth(reps: int) -> float:
     return buf.numel() * 4 / ms / 1e6
 
 
-def row(K: int, N: int, M: int, w: dict[str, list], reps: int) -> dict[str, float]:
+def baseline_int8(path: Path) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``int8_matmul(x, q, s)`` through the ``int8_gemv`` of the extension module at `path` (AVX2, torch's threads)."""
+    spec = importlib.util.spec_from_file_location("llm_bsm_kernel._kernel", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--int8-baseline {path}: not an extension module")
+    kernel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel)
+
+    def matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], q.shape[0])
+        args = [1, x.shape[0], q.shape[0], q.shape[1], x.data_ptr(), int(x.dtype == torch.bfloat16), q.data_ptr()]
+        args += [s.data_ptr(), y.data_ptr(), torch.get_num_threads()]
+        try:
+            kernel.int8_gemv(*args)  # the fp32 loop's signature (before the int16 one)
+        except TypeError:
+            kernel.int8_gemv(*args, bk.quant_gemv.INT8_X_BLOCK)
+        return y
+
+    return matmul
+
+
+def row(
+    K: int, N: int, M: int, w: dict[str, list], reps: int, base: Callable[..., torch.Tensor] | None = None
+) -> dict[str, float]:
     x = torch.randn(M, K).bfloat16()
     layout = int4_layout()
     cells = {
@@ -108,6 +136,9 @@ def row(K: int, N: int, M: int, w: dict[str, list], reps: int) -> dict[str, floa
         "torch int8": cycling([lambda q=q, s=s: torch.ops.aten._weight_int8pack_mm(x, q, s) for q, s in w["int8"]]),
         "bf16": cycling([lambda b=b: F.linear(x, b) for b in w["bf16"]]),
     }
+    if base is not None:
+        s32 = [(q, s.float()) for q, s in w["int8"]]
+        cells["base int8"] = cycling([lambda q=q, s=s: base(x, q, s) for q, s in s32])
     return {name: median_ms(fn, reps) for name, fn in cells.items()}
 
 
@@ -119,6 +150,7 @@ def main() -> None:
     ap.add_argument("--no-head", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch's and ours (default: torch's default)")
     ap.add_argument("--stat", choices=["median", "min"], default="median", help="of the reps, per cell")
+    ap.add_argument("--int8-baseline", type=Path, default=None, help="another build's _kernel .so: its int8 GEMV")
     args = ap.parse_args()
     STAT["fn"] = min if args.stat == "min" else statistics.median
     torch.set_grad_enabled(False)
@@ -136,10 +168,12 @@ def main() -> None:
     )
     gbs = read_bandwidth(args.reps)
     print(f"read bandwidth (sum over 1 GiB): {gbs:.1f} GB/s\n")
-    cols = ["ours int4", "torch int4", "ours int8", "torch int8", "bf16"]
+    base = baseline_int8(args.int8_baseline) if args.int8_baseline else None
+    cols = ["ours int4", "torch int4", "ours int8", "torch int8", "bf16"] + (["base int8"] if base else [])
+    extra = " ours int8/base |" if base else ""
     print("| shape (K x N) | M | " + " | ".join(f"{c} ms" for c in cols) + " | int4 ours/torch | int8 ours/torch |"
-          " ours int4/bf16 | ours int8/bf16 | int4 floor ms | ours int4/floor |")  # fmt: skip
-    print("|---|---|" + "---|" * (len(cols) + 6))
+          " ours int4/bf16 | ours int8/bf16 | int4 floor ms | ours int4/floor |" + extra)  # fmt: skip
+    print("|---|---|" + "---|" * (len(cols) + 6 + bool(base)))
     per_token: dict[str, float] = dict.fromkeys(cols, 0.0)
     shapes = dict(SHAPES)
     if not args.no_head:
@@ -150,7 +184,7 @@ def main() -> None:
         w = weights(K, N, copies)
         floor = int4_bytes / gbs / 1e6
         for M in rows:
-            ms = row(K, N, M, w, args.reps)
+            ms = row(K, N, M, w, args.reps, base)
             if M == 1:
                 for c in cols:
                     per_token[c] += ms[c] * (1 if name == "head" else LAYERS * PER_LAYER[name])
@@ -163,17 +197,18 @@ def main() -> None:
                 f"{ms['ours int8'] / ms['bf16']:.2f}",
             ]
             cells += [f"{floor:.2f}"]
-            cells += [f"{ms['ours int4'] / floor:.2f}"]
+            cells += [f"{ms['ours int4'] / floor:.2f}"] + ([f"{ms['ours int8'] / ms['base int8']:.2f}"] if base else [])
             print(f"| {name} ({K} x {N}) | {M} | " + " | ".join(cells) + " |", flush=True)
         del w
     what = f"{LAYERS} layers" + ("" if args.no_head else " + head")
     print(f"\nPer-token estimate, 7B shape, M=1, linears only ({what}): sum of the cells above")
-    print("| " + " | ".join(cols) + " | int4 ours/torch | int8 ours/torch | ours int8/bf16 |")
-    print("|" + "---|" * (len(cols) + 3))
+    print("| " + " | ".join(cols) + " | int4 ours/torch | int8 ours/torch | ours int8/bf16 |" + extra)
+    print("|" + "---|" * (len(cols) + 3 + bool(base)))
     cells = [f"{per_token[c] / 1e3:.3f} s" for c in cols]
     cells += [f"{per_token['ours int4'] / per_token['torch int4']:.2f}"]
     cells += [f"{per_token['ours int8'] / per_token['torch int8']:.2f}"]
     cells += [f"{per_token['ours int8'] / per_token['bf16']:.2f}"]
+    cells += [f"{per_token['ours int8'] / per_token['base int8']:.2f}"] if base else []
     print("| " + " | ".join(cells) + " |")
     print(f"\nloadavg at the end {os.getloadavg()[0]:.1f}")
 
