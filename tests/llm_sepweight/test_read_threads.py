@@ -1,6 +1,7 @@
 """read_into with concurrent readers, page-cache eviction and O_DIRECT returns the same bytes as one reader."""
 
 import errno
+import gc
 import os
 
 import pytest
@@ -76,3 +77,47 @@ def test_read_into_short_file_is_a_clear_error(sep, tmp_path, slack):
     buf = torch.empty(weights.nbytes(0) + slack, dtype=torch.uint8)
     with pytest.raises(sw.SepweightError, match="short.safetensors: .*short read"):
         safetensors_io.read_into(short, header, buf, threads=2, drop_cache=True)
+
+
+def _cached_pages(path, start=0):
+    """Pages of the file from `start` that sit in the page cache (mincore on a fresh mapping; Linux)."""
+    import ctypes
+
+    size = os.path.getsize(path)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        pages = -(-size // 4096)
+        vec = (ctypes.c_ubyte * pages)()
+        assert libc.mincore(addr, size, vec) == 0
+        libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec[start // 4096 :])
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_read_into_through_the_cache_with_readahead_leaves_it_empty(sep, monkeypatch, threads):
+    """direct=False: readahead on, several readers; every page read (and read ahead) is evicted after."""
+    monkeypatch.setattr(safetensors_read, "_PIECE", 8192)
+    path, _ = sep("qwen2")
+    weights = sw.SepWeights(path)
+    _check(weights, threads, True, 0)  # same bytes
+    want = {k: v.clone() for k, v in weights.layer(1).items()}  # (a mapping would pin its pages)
+    gc.collect()
+    for part, rows in ((1, None), ("end", ("lm_head.weight", 37, 301))):
+        name = "mid.00001.safetensors" if part == 1 else "end.safetensors"
+        header = weights._header(name)
+        start = header.data_start if rows is None else safetensors_read.row_span(path / name, header, *rows)[0]
+        weights.drop_cached(part)
+        buf = torch.empty(weights.nbytes(part, rows) + sw.SepWeights.READ_SLACK, dtype=torch.uint8)
+        got = weights.read_into(part, buf, rows, threads=threads, drop_cache=True, direct=False)
+        if rows is None:
+            assert all(torch.equal(got[k], want[k]) for k in want)
+        assert _cached_pages(path / name, start // 4096 * 4096) == 0
