@@ -32,7 +32,7 @@ from .kv_cache import KVCache
 from .layers import RMSNorm, fits, linear, match_linears
 from .quant import repacked, scratch_bytes
 from .rope import RotaryEmbedding
-from .streaming import READ_PIECE, LayerStreamer, Mode, item_size, layer_pieces
+from .streaming import READ_PIECE, READERS, LayerStreamer, Mode, item_size, layer_pieces
 from .weights import assign, meta_placeholders, release
 
 logger = logging.getLogger("llm_lazy_qwen")
@@ -308,7 +308,8 @@ class QwenPart(HeadMixin, nn.Module):
             max_context=max_context,
             max_batch=max_batch,
             head_chunk_size=self.head_chunk_size,
-            page_cache=min(largest, READ_PIECE),  # O_DIRECT: none; the fallback holds one piece
+            # O_DIRECT: none; through the cache: each reader's piece and its readahead (read_choice.py)
+            page_cache=min(largest, READERS * 2 * READ_PIECE),
             scratch=scratch_bytes(biggest, self.dtype, self.device) if biggest else 0,
         )
         plan = plan_memory(budget, sizes, runtime, slots=prefetch + 1)

@@ -39,6 +39,7 @@ import torch
 from llm_sepweight import SepweightError, SepWeights, hugepage_coverage, hugepages_available
 
 from .budget import Item, ItemSize, MemoryPlan, layer_of
+from .read_choice import ReadChoice
 
 Tensors = dict[str, torch.Tensor]
 Mode = Literal["auto", "copy", "mmap"]
@@ -161,6 +162,8 @@ class LayerStreamer:
         if mode == "auto":
             mode = "copy" if device.type == "cuda" else "mmap"
         self.plan = plan
+        # under a budget: O_DIRECT or the page cache with readahead, whichever reads faster here
+        self.read_choice = ReadChoice()
         self.bytes_read = 0  # stored bytes of the items read (copy mode) or mapped (mmap mode) so far
         self.source, self.order, self.device, self.dtype = source, order, device, dtype
         self._head_keys = head_keys(source) if any(is_head_chunk(i) for i in order) else []
@@ -281,17 +284,23 @@ class LayerStreamer:
         with self._lock:
             self.bytes_read += self._stored_nbytes(item)
         part, rows = self._where(item)
-        how = {"threads": READERS, "drop_cache": True} if self.plan is not None else {}
         if item in self.pinned:
             if self.plan is None:
                 return self._map(item), None
             # resident under a budget: anonymous memory of its own, read once
             own = torch.empty(self._room(item), dtype=torch.uint8)
-            return self._read_into(part, own, rows, how), None
+            return self._read_budgeted(item, part, own, rows), None
         if self.mode == "mmap":
             return (self._map_huge(item) if self.hugepages else self._map(item)), None
         buf = self._buffer()
-        return self._read_into(part, buf, rows, how), buf
+        if self.plan is not None:
+            return self._read_budgeted(item, part, buf, rows), buf
+        return self._read_into(part, buf, rows, {}), buf
+
+    def _read_budgeted(self, item: Item, part: int | str, buf: torch.Tensor, rows: Rows | None) -> Tensors:
+        """Under a budget: 4 readers, the page cache left as it was, O_DIRECT or readahead as timed."""
+        with self.read_choice.read(self._stored_nbytes(item)) as direct:
+            return self._read_into(part, buf, rows, {"threads": READERS, "drop_cache": True, "direct": direct})
 
     def _read_into(self, part: int | str, buf: torch.Tensor, rows: Rows | None, how: dict) -> Tensors:
         """A layer, or the rows of each tensor of a head chunk / layer piece one after the other (aligned)."""
