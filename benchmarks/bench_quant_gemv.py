@@ -14,7 +14,8 @@ memory as in a real decode step, not from the L3 cache. Ratios are measured in t
 - ``floor``: bytes of the int4 weight (packed + bf16 scales) / the read bandwidth measured in this run
   (a ``sum`` over a 1 GiB buffer, same threads and clock).
 
-``--int8-baseline PATH`` adds ``base int8``: the int8 GEMV of another build of llm_bsm_kernel's ``_kernel`` module
+``--interleave`` times the engines rep by rep (one call of each in turn) instead of all reps of one engine, then
+the next: on a shared box a burst of load then hits every column alike. ``--int8-baseline PATH`` adds ``base int8``: the int8 GEMV of another build of llm_bsm_kernel's ``_kernel`` module
 (e.g. a copy of an older commit's ``.so``) timed in the same run, and the ratio ``ours int8/base``.
 
 Then a per-token estimate for the 7B int4 / int8 shape: 28 layers x (q, k, v, o, gate, up, down) at M=1,
@@ -55,6 +56,20 @@ G = 64
 
 CLOCK = {"fn": time.perf_counter}  # time.thread_time with --threads 1: CPU time, blind to preemption
 STAT = {"fn": statistics.median}  # --stat min: the best call, when no thread of the call was preempted
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Like median_ms for each, but rep by rep across the engines: a burst of load hits them all alike."""
+    clock = CLOCK["fn"]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = clock()
+            fn()
+            times[name].append(clock() - t)
+    return {name: STAT["fn"](v) * 1e3 for name, v in times.items()}
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -123,7 +138,13 @@ def baseline_int8(path: Path) -> Callable[[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def row(
-    K: int, N: int, M: int, w: dict[str, list], reps: int, base: Callable[..., torch.Tensor] | None = None
+    K: int,
+    N: int,
+    M: int,
+    w: dict[str, list],
+    reps: int,
+    base: Callable[..., torch.Tensor] | None = None,
+    interleave: bool = False,
 ) -> dict[str, float]:
     x = torch.randn(M, K).bfloat16()
     layout = int4_layout()
@@ -139,6 +160,8 @@ def row(
     if base is not None:
         s32 = [(q, s.float()) for q, s in w["int8"]]
         cells["base int8"] = cycling([lambda q=q, s=s: base(x, q, s) for q, s in s32])
+    if interleave:
+        return interleaved_ms(cells, reps)
     return {name: median_ms(fn, reps) for name, fn in cells.items()}
 
 
@@ -150,6 +173,7 @@ def main() -> None:
     ap.add_argument("--no-head", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch's and ours (default: torch's default)")
     ap.add_argument("--stat", choices=["median", "min"], default="median", help="of the reps, per cell")
+    ap.add_argument("--interleave", action="store_true", help="time the engines rep by rep, not one after another")
     ap.add_argument("--int8-baseline", type=Path, default=None, help="another build's _kernel .so: its int8 GEMV")
     args = ap.parse_args()
     STAT["fn"] = min if args.stat == "min" else statistics.median
@@ -184,7 +208,7 @@ def main() -> None:
         w = weights(K, N, copies)
         floor = int4_bytes / gbs / 1e6
         for M in rows:
-            ms = row(K, N, M, w, args.reps, base)
+            ms = row(K, N, M, w, args.reps, base, args.interleave)
             if M == 1:
                 for c in cols:
                     per_token[c] += ms[c] * (1 if name == "head" else LAYERS * PER_LAYER[name])
