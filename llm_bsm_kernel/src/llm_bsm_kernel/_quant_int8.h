@@ -20,7 +20,7 @@
  * is NaN, as the non-finite x makes it in fp32. A block with max|x| < 1e-30 counts as zeros.
  *
  * AVX2: 16 weights per instruction, sign-extended to int16 (vpmovsxbw) and multiplied pairwise into int32
- * lanes (vpmaddwd), 8 independent chains; a unit is 4 output rows. One x row: one weight row after the
+ * lanes (vpmaddwd), 4-8 independent chains; a unit is 4 output rows. One x row: one weight row after the
  * other (K <= QK8_ROW_K) or the 4 side by side sharing each load of x; two x rows: side by side, each
  * widened weight serving both. The scalar version computes the same integers and the same fp32 operations
  * in the same order: the two are bit-identical, and so are all thread counts (each output is summed by one
@@ -45,7 +45,7 @@ typedef struct {
     const int8_t *q;        /* [N, K] */
     const float *scales;    /* [N] */
     int16_t *xq;            /* [M, K] */
-    float *sx;              /* [nb, M] (+ 4 floats of padding: the AVX2 loop loads 4 x rows' scales at once) */
+    float *sx;              /* [nb, M]: block b of x row m at b * M + m */
     float *y;               /* [M, N] */
 } qk8_args;
 
@@ -76,6 +76,10 @@ static void qk8_prepare_scalar(qk8_args *a, const void *x, int x_bf16) {
                 else if (v > amax) amax = v;
             }
             a->sx[b * a->M + m] = qk8_block_scale(amax, finite, &inv);
+            if (inv == 0.0f) { /* zeros, tiny or non-finite: xq = 0 (x * 0 would be NaN for inf) */
+                memset(a->xq + k0, 0, (size_t)(k1 - k0) * sizeof(int16_t));
+                continue;
+            }
             for (k = k0; k < k1; k++) { /* rintf: half to even, as torch.round; |t| <= 32767 (+ rounding) */
                 float t = rintf(qk8_x(x, x_bf16, k) * inv);
                 a->xq[k] = (int16_t)(t > QK8_XMAX ? QK8_XMAX : t < -QK8_XMAX ? -QK8_XMAX : t);
@@ -115,6 +119,10 @@ QK_TARGET static void qk8_prepare_avx2(qk8_args *a, const void *x, int x_bf16) {
                 else if (v > amax) amax = v;
             }
             a->sx[b * a->M + m] = qk8_block_scale(amax, finite, &inv);
+            if (inv == 0.0f) {
+                memset(a->xq + k0, 0, (size_t)(k1 - k0) * sizeof(int16_t));
+                continue;
+            }
             __m256 vinv = _mm256_set1_ps(inv);
             for (k = k0; k < kv; k += 8) {
                 __m256i t = _mm256_cvtps_epi32(_mm256_mul_ps(qk8_load8(x, x_bf16, k), vinv));
@@ -289,7 +297,7 @@ static int qk_int8(int isa, int64_t M, int64_t N, int64_t K, const void *x, int 
     a.M = M, a.N = N, a.K = K, a.B = xblock, a.nb = (K + xblock - 1) / xblock;
     a.q = q, a.scales = scales, a.y = y;
     a.xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t) + 64);
-    a.sx = (float *)calloc((size_t)(M * a.nb + 4), sizeof(float));
+    a.sx = (float *)malloc((size_t)(M * a.nb) * sizeof(float) + 64);
     int err = a.xq == NULL || a.sx == NULL ? -1 : 0;
 #if QK_X86
     if (err == 0 && isa == QK_AVX2) qk8_prepare_avx2(&a, x, x_bf16);
