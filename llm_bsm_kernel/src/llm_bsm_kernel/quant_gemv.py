@@ -297,16 +297,14 @@ def int8_matmul_reference(
     used = finite & (amax >= _INT8_X_TINY)
     top = torch.full_like(amax, _INT16_MAX)  # (tensor / tensor: `32767 / amax` is reciprocal * 32767 in torch)
     inv = torch.where(used, top / amax, torch.zeros_like(amax))  # fp32 division, as the C loops
-    xq = (
-        torch.where(used[..., None], xb * inv[..., None], torch.zeros_like(xb)).round_().clamp_(-_INT16_MAX, _INT16_MAX)
-    )
+    xq = torch.where(used[..., None], xb * inv[..., None], torch.zeros_like(xb))
+    xq = xq.round_().clamp_(-_INT16_MAX, _INT16_MAX)  # (M, nb, B), half to even as vcvtps2dq / rintf
     sx = torch.where(used, amax / top, torch.zeros_like(amax))
     sx = torch.where(finite, sx, torch.full_like(amax, float("nan")))  # (M, nb)
     wb = torch.zeros(N, nb * B, dtype=torch.float64)
     wb[:, :K] = qweight.double()
-    dot = torch.einsum(
-        "mbk,nbk->mnb", xq.double(), wb.view(N, nb, B)
-    ).float()  # (M, N, nb): exact integers < 2^31, rounded once
+    # (M, N, nb): the blocks' exact integer dot products (< 2^31, exact in float64), rounded to fp32 once
+    dot = torch.einsum("mbk,nbk->mnb", xq.double(), wb.view(N, nb, B)).float()
     acc = torch.zeros(M, N)
     for b in range(nb):  # fmaf(dot, sx, acc): the product is exact in float64, the sum rounded (twice, rarely apart)
         acc = (dot[:, :, b].double() * sx[:, b, None].double() + acc.double()).float()
