@@ -19,7 +19,7 @@ from .loading import from_pretrained, load_part
 from .part import QwenPart, Step
 from .quant import QuantLinear
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str) -> object:
