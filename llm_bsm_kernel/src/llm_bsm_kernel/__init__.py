@@ -12,7 +12,7 @@ from .blas import backend, backend_info
 from .bundled import bsm
 from .quant_gemv import int4_matmul, int8_matmul, int8_matmul_reference, prepare_int4_scales, quant_gemv_isa
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "__version__",
     "backend",
