@@ -203,3 +203,19 @@ def test_cache_under_a_budget_is_allocated_once_as_the_plan_counts(sep):
     assert all(c.k.shape[2] > SMALL["max_context"] for c in cache.layers.values())
     assert all(c.k.shape[2] < SMALL["max_context"] for c in ram.new_cache().layers.values() if c.k is not None)
     part.close()
+
+
+def test_reserve_keeps_part_of_the_budget_for_the_caller(sep):
+    path, _ = sep("qwen2")
+    budget = _budget_with_partial_layers(path)
+    plain = load_part(path, memory_budget=budget, **SMALL).memory_plan
+    kept = load_part(path, memory_budget=budget, reserve=plain.resident_bytes // 2, **SMALL).memory_plan
+    assert kept.runtime.reserved == plain.resident_bytes // 2 and kept.peak <= budget
+    assert kept.resident_bytes < plain.resident_bytes and kept.read_per_token > plain.read_per_token
+    assert "reserved for the caller" in str(kept)
+    with pytest.raises(ValueError, match="reserve must be positive"):
+        load_part(path, memory_budget=budget, reserve="0MB", **SMALL)
+    with pytest.raises(ValueError, match="reserve keeps part of a memory_budget for the caller"):
+        load_part(path, reserve="1MB", **SMALL)
+    with pytest.raises(ValueError, match="too small"):
+        load_part(path, memory_budget=budget, reserve=budget, **SMALL)

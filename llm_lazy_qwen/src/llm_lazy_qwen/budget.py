@@ -115,10 +115,11 @@ class Runtime:
     page_cache: int = 0  # of the read in progress (none with O_DIRECT; else the piece read at a time)
     scratch: int = 0  # quantized weights: the buffer prefill dequantizes the largest linear into
     context: int = 0  # tokens per row the KV cache is made for (``part.new_cache()`` allocates them at once)
+    reserved: int = 0  # kept for the caller (``load_part(..., reserve=...)``): e.g. training state
 
     @property
     def total(self) -> int:
-        return self.kv_cache + self.activations + self.logits + self.page_cache + self.scratch
+        return self.kv_cache + self.activations + self.logits + self.page_cache + self.scratch + self.reserved
 
     def describe(self) -> str:
         parts = [
@@ -127,6 +128,7 @@ class Runtime:
             ("logits", self.logits),
             ("page cache of a read", self.page_cache),
             ("dequantize buffer", self.scratch),
+            ("reserved for the caller", self.reserved),
         ]
         return ", ".join(f"{name} {format_size(n)}" for name, n in parts if n)
 
@@ -143,6 +145,7 @@ def runtime_bytes(
     head_chunk_size: int = 16384,
     page_cache: int = 0,
     scratch: int = 0,
+    reserved: int = 0,
 ) -> Runtime:
     """KV cache, activations and logits of a part with `layers` decoder layers (and the head if `head`).
 
@@ -164,7 +167,7 @@ def runtime_bytes(
     if n_heads != n_kv:  # GQA: keys and values of the whole context repeated over the query heads
         act += 2 * max_batch * n_heads * d * itemsize * max_context
     logits = itemsize * T * (config.vocab_size + min(head_chunk_size, config.vocab_size)) if head else 0
-    return Runtime(kv, act if layers or head else 0, logits, page_cache, scratch, max_context)
+    return Runtime(kv, act if layers or head else 0, logits, page_cache, scratch, max_context, reserved)
 
 
 @dataclass(frozen=True)

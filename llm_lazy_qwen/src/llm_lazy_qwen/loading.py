@@ -50,6 +50,7 @@ def load_part(
     memory_budget: int | str | None = None,
     max_context: int = 4096,
     max_batch: int = 1,
+    reserve: int | str = 0,
 ) -> QwenPart:
     """Build the part `spec` of the model stored in a sepweight folder.
 
@@ -81,6 +82,9 @@ def load_part(
             naming the minimum. Not together with ``resident_mb`` or ``stream_mode="mmap"``.
         max_context, max_batch: the KV cache the budget makes room for (tokens x rows); forwards of
             more than 512 tokens per row may exceed it (prefill long prompts in chunks).
+        reserve: bytes (or a size string) of the budget kept for the caller's own use: training state
+            on top of the forward the plan counts (``llm_sft.training_reserve``), other models in the
+            process. Only with ``memory_budget``.
 
     Example::
 
@@ -103,6 +107,7 @@ def load_part(
         memory_budget=memory_budget,
         max_context=max_context,
         max_batch=max_batch,
+        reserve=reserve,
     )
     return part.eval()  # like transformers' from_pretrained: trainers call .train() themselves
 

@@ -157,6 +157,7 @@ class QwenPart(HeadMixin, nn.Module):
         memory_budget: int | str | None = None,
         max_context: int = 4096,
         max_batch: int = 1,
+        reserve: int | str = 0,
     ) -> QwenPart:
         """Take weights from a sepweight folder: all now (``lazy=False``) or streamed per forward.
 
@@ -174,8 +175,12 @@ class QwenPart(HeadMixin, nn.Module):
         self._match_storage(source, lazy or memory_budget is not None)
         plan = None
         if memory_budget is not None:
-            plan = self._plan(source, memory_budget, prefetch, resident_mb, stream_mode, max_context, max_batch)
+            plan = self._plan(
+                source, memory_budget, prefetch, resident_mb, stream_mode, max_context, max_batch, reserve
+            )
             lazy = True
+        elif reserve:
+            raise ValueError("reserve keeps part of a memory_budget for the caller: give memory_budget too")
         self._source = source
         cpu_same = self.device.type == "cpu"
 
@@ -280,6 +285,7 @@ class QwenPart(HeadMixin, nn.Module):
         stream_mode: Mode,
         max_context: int,
         max_batch: int,
+        reserve: int | str = 0,
     ) -> MemoryPlan:
         """The memory plan for `budget`, checked before anything is loaded (the policy: budget.py)."""
         if resident_mb:
@@ -293,6 +299,10 @@ class QwenPart(HeadMixin, nn.Module):
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         budget = parse_size(budget)
+        try:
+            reserved = 0 if reserve == 0 else parse_size(reserve)  # (parse_size refuses 0 and negatives)
+        except (TypeError, ValueError) as e:
+            raise type(e)(str(e).replace("memory_budget", "reserve")) from None
         sizes = [item_size(source, item, self.dtype) for item in self._stream_order(source)]
         largest = max((s.stored for s in sizes), default=0)
         # the largest quantized weight prefill dequantizes at once: a linear, or a head chunk
@@ -311,6 +321,7 @@ class QwenPart(HeadMixin, nn.Module):
             # O_DIRECT: none; through the cache: each reader's piece and its readahead (read_choice.py)
             page_cache=min(largest, READERS * 2 * READ_PIECE),
             scratch=scratch_bytes(biggest, self.dtype, self.device) if biggest else 0,
+            reserved=reserved,
         )
         plan = plan_memory(budget, sizes, runtime, slots=prefetch + 1)
         logger.info("%s", plan)

@@ -32,6 +32,7 @@ from .data import (
 )
 from .distributed import init_distributed, local_device
 from .engine import LayerwiseEngine, StepLoss, chunked_cross_entropy
+from .memory import training_reserve
 from .report import plot_losses, write_loss_log
 from .schedule import warmup_cosine
 from .trainer import StepInfo, evaluate, sft, steps_per_epoch
@@ -39,6 +40,7 @@ from .trainer import StepInfo, evaluate, sft, steps_per_epoch
 __version__ = "0.2.0"
 
 __all__ = [
+    "training_reserve",
     "IGNORE_INDEX",
     "Batch",
     "DataWarning",

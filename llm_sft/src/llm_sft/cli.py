@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from llm_lazy_qwen import ConfigError, QwenPart, from_pretrained, load_part, size_argument
+from llm_lazy_qwen import ConfigError, QwenConfig, QwenPart, from_pretrained, load_part, size_argument
 from llm_lora_mmap import apply_lora, mark_only_lora_trainable, save_adapter
-from llm_sepweight import SepweightError
+from llm_sepweight import SepweightError, SepWeights
 
 from .checkpoint import write_atomic
 from .data import TEMPLATES, prepare_dataset, read_records
 from .distributed import barrier, init_distributed
+from .memory import training_reserve
 from .report import write_loss_log
 from .schedule import warmup_cosine
 from .trainer import sft, steps_per_epoch
@@ -142,28 +143,51 @@ def _parser() -> argparse.ArgumentParser:
 def _load_model(args: argparse.Namespace, rank: int) -> tuple[QwenPart, Path]:
     """The whole model as a QwenPart, and the folder holding its tokenizer."""
     src = Path(args.model)
-    kwargs = {
+    sepweight = (src / "manifest.json").is_file()  # already a sepweight folder
+
+    def load(**kwargs: object) -> QwenPart:
+        if sepweight:
+            return load_part(src, "f", **kwargs)  # type: ignore[arg-type]
+        return from_pretrained(args.model, "f", cache_dir=args.cache_dir, **kwargs)
+
+    kwargs: dict[str, object] = {
         "device": args.device,
         "dtype": _DTYPES[args.dtype],
         "lazy": args.lazy,
         "prefetch": args.prefetch,
         "head_chunk_size": args.head_chunk_size,
     }
+    if not sepweight and rank != 0:
+        barrier()  # rank 0 converts first; the others then find the conversion complete
     if args.memory_budget is not None:
         kwargs.update(memory_budget=args.memory_budget, max_context=args.max_seq_len, max_batch=args.batch_size)
-    if (src / "manifest.json").is_file():  # already a sepweight folder
-        return load_part(src, "f", **kwargs), src
-    if rank != 0:
-        barrier()  # rank 0 converts first; the others then find the conversion complete
-    part = from_pretrained(args.model, "f", cache_dir=args.cache_dir, **kwargs)
-    if rank == 0:
+        # training state on top of the forward the plan counts (LoRA + AdamW, saved inputs, backward);
+        # the config of a model not yet converted: from a lazy load, which converts it (once) and reads nothing
+        probe = None if sepweight else load(lazy=True)
+        kwargs["reserve"] = training_reserve(
+            QwenConfig.from_folder(SepWeights(src)) if probe is None else probe.config,
+            batch=args.batch_size,
+            seq=args.max_seq_len,
+            r=args.r,
+            targets=_targets(args),
+            dtype=_DTYPES[args.dtype],
+            head_chunk_size=args.head_chunk_size,
+        )
+        if probe is not None:
+            probe.close()
+    part = load(**kwargs)
+    if not sepweight and rank == 0:
         barrier()
-    if src.is_dir():
+    if sepweight or src.is_dir():
         return part, src
     import huggingface_hub as hf
 
     # a hub id: the conversion fetched config and tokenizer files into the hub cache, next to each other
     return part, Path(hf.hf_hub_download(args.model, "config.json")).parent
+
+
+def _targets(args: argparse.Namespace) -> str | list[str]:
+    return args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
 
 
 # flags a resumed run must share with the run that wrote the checkpoint (besides sft's own settings)
@@ -230,9 +254,7 @@ def train(args: argparse.Namespace) -> int:
         prepare_dataset(tokenizer, **read_records(args.eval_data, **columns), **common) if args.eval_data else None
     )
 
-    targets = (
-        args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
-    )
+    targets = _targets(args)
     apply_lora(part, targets, r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout)
     params = mark_only_lora_trainable(part)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)

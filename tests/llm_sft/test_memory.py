@@ -1,0 +1,48 @@
+"""training_reserve: what LoRA training adds on top of the forward a memory budget plans for."""
+
+import pytest
+import torch
+
+from llm_lazy_qwen import QwenConfig
+from llm_sft import training_reserve
+
+CONFIG = QwenConfig.from_dict(
+    dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=384,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+    )
+)
+
+
+def test_reserve_is_the_documented_sum():
+    H, inter, L, V, nh, nkv, d = 64, 96, 3, 384, 4, 2, 16
+    B, T, r = 2, 10, 4
+    lora = L * r * ((H + nh * d) + 2 * (H + nkv * d) + (nh * d + H) + 3 * (H + inter)) * 4 * 4
+    inputs = L * B * T * H * 4
+    layer = 4 * B * T * (10 * H + 4 * inter + 3 * (nh + 2 * nkv) * d) * 2
+    attention = 4 * B * nh * T * T * 2
+    loss = 4 * B * T * V * 3
+    total = lora + inputs + layer + attention + loss
+    assert training_reserve(CONFIG, batch=B, seq=T, r=r) == total + total // 8
+
+
+def test_reserve_grows_with_what_training_holds():
+    base = training_reserve(CONFIG, batch=1, seq=32)
+    assert training_reserve(CONFIG, batch=2, seq=32) > base
+    assert training_reserve(CONFIG, batch=1, seq=64) > base
+    assert training_reserve(CONFIG, batch=1, seq=32, r=16) > base
+    assert training_reserve(CONFIG, batch=1, seq=32, targets=["q_proj", "v_proj"]) < base
+    assert training_reserve(CONFIG, batch=1, seq=32, dtype=torch.bfloat16) < base
+
+
+def test_reserve_refuses_nonsense():
+    with pytest.raises(ValueError, match="batch, seq and r must be >= 1"):
+        training_reserve(CONFIG, batch=0, seq=32)
