@@ -109,6 +109,19 @@ def ours_kw(budget: str, max_context: int = 4096) -> tuple[dict, str]:
     return {"lazy": True}, "lazy=True (no memory_budget yet)"
 
 
+def sft_reserve(sep: Path, args: argparse.Namespace) -> int:
+    """llm_sft.training_reserve for the bench's SFT step (r=8 on all 7 projections, batch 1)."""
+    import torch
+
+    import llm_sepweight as sw
+    from llm_lazy_qwen import QwenConfig
+    from llm_sft import training_reserve
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.sft_dtype]
+    config = QwenConfig.from_folder(sw.SepWeights(sep))
+    return training_reserve(config, batch=1, seq=args.sft_seq, r=8, dtype=dtype, head_chunk_size=8192)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engines", default=ALL, help=f"comma-separated subset of {ALL}")
@@ -230,6 +243,8 @@ def main() -> int:
                 rep.add(engine, {"error": str(e)})
                 continue
             kw = {"lazy": True, "prefetch": 0} if box is None else ours_kw(args.budget, args.sft_seq)[0]
+            if box is not None:  # the training state on top of the forward (llm-sft train plans the same)
+                kw["reserve"] = sft_reserve(d, args)
             print(f"[{time.strftime('%H:%M:%S')}] {engine} ... (loadavg {loadavg()})", file=sys.stderr, flush=True)
             cfg = sft | {"engine": engine, "sep": str(d), "load_kw": kw}
             rep.add(engine, run_child("_big_child.py", cfg, box, [d], args.timeout, log=log))
