@@ -28,6 +28,7 @@ No ``gc.collect()`` anywhere: buffers are reused explicitly.
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -359,10 +360,10 @@ class LayerStreamer:
         """The next `prefetch` streamed (not pinned) items after `item`: the rest of its unit, then the
         units after it cyclically in direction `step` (each unit's pieces in order)."""
         (u, p), n, out = self._unit_of[item], len(self._units), []
-        following = self._units[u][p + 1 :]
-        for k in range(1, n):
-            following += self._units[(u + step * k) % n]
-        for nxt in following[: len(self.order) - 1]:
+        following = itertools.chain(
+            self._units[u][p + 1 :], *(self._units[(u + step * k) % n] for k in range(1, n))
+        )  # lazily: stops at the first `prefetch` streamed items (O(prefetch) when few are pinned)
+        for nxt in following:
             if len(out) == self.prefetch:
                 break
             if nxt not in self.pinned and nxt != item:
