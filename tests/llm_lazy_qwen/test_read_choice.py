@@ -1,4 +1,5 @@
-"""ReadChoice: a budgeted part times O_DIRECT and readahead reads in turn and keeps the faster."""
+"""ReadChoice: a budgeted part times each way of reading in turn (O_DIRECT or the page cache, and how
+many readers) and keeps the fastest."""
 
 import threading
 import time
@@ -8,33 +9,35 @@ import torch
 from lazy_helpers import FP32, token_ids
 
 from llm_lazy_qwen import load_part
-from llm_lazy_qwen.read_choice import ReadChoice
+from llm_lazy_qwen.read_choice import WAYS, ReadChoice
+
+A, B, C = (True, 4), (False, 1), (False, 4)
 
 
 def _timed(choice, nbytes, seconds_of):
-    with choice.read(nbytes) as direct:
-        time.sleep(seconds_of[direct])
-    return direct
+    with choice.read(nbytes) as way:
+        time.sleep(seconds_of.get(way, 0.0))
+    return way
 
 
-def test_alternates_then_keeps_the_faster_way():
-    choice = ReadChoice(trials=2, min_bytes=1)
-    ways = [_timed(choice, 10**6, {True: 0.02, False: 0.005}) for _ in range(4)]
-    assert ways == [True, False, True, False] and choice.direct is False
-    assert [_timed(choice, 10**6, {True: 0.0, False: 0.0}) for _ in range(3)] == [False] * 3
-    assert len(choice.rates[True]) == len(choice.rates[False]) == 2  # nothing timed after the choice
-    choice = ReadChoice(trials=2, min_bytes=1)
-    for _ in range(4):
-        _timed(choice, 10**6, {True: 0.005, False: 0.02})
-    assert choice.direct is True
+def test_tries_each_way_in_turn_then_keeps_the_fastest():
+    choice = ReadChoice(trials=2, min_bytes=1, ways=(A, B, C))
+    slow = {A: 0.02, B: 0.005, C: 0.01}
+    ways = [_timed(choice, 10**6, slow) for _ in range(6)]
+    assert ways == [A, B, C, A, B, C] and choice.way == B
+    assert [_timed(choice, 10**6, {}) for _ in range(3)] == [B] * 3
+    assert all(len(r) == 2 for r in choice.rates.values())  # nothing timed after the choice
+    choice = ReadChoice(trials=1, min_bytes=1, ways=(A, B))
+    for _ in range(2):
+        _timed(choice, 10**6, {A: 0.005, B: 0.02})
+    assert choice.way == A
 
 
 def test_small_and_overlapping_reads_are_not_timed():
-    choice = ReadChoice(trials=1, min_bytes=1000)
-    _timed(choice, 10, {True: 0.0, False: 0.0})  # too small to tell
-    assert choice.rates == {True: [], False: []}
-    inside = threading.Event()
-    release = threading.Event()
+    choice = ReadChoice(trials=1, min_bytes=1000, ways=(A, B))
+    _timed(choice, 10, {})  # too small to tell
+    assert choice.rates == {A: [], B: []}
+    inside, release = threading.Event(), threading.Event()
 
     def long_read():
         with choice.read(10**6):
@@ -44,24 +47,26 @@ def test_small_and_overlapping_reads_are_not_timed():
     t = threading.Thread(target=long_read)
     t.start()
     inside.wait(5)
-    _timed(choice, 10**6, {True: 0.0, False: 0.0})  # ran while another read was in progress
+    _timed(choice, 10**6, {})  # ran while another read was in progress
     release.set()
     t.join()
-    assert choice.rates == {True: [], False: []} and choice.direct is None
+    assert choice.rates == {A: [], B: []} and choice.way is None
 
 
-def test_a_given_way_is_kept():
-    choice = ReadChoice(direct=False)
-    assert [_timed(choice, 10**9, {True: 0.0, False: 0.0}) for _ in range(3)] == [False] * 3
+def test_a_given_way_is_kept_and_no_ways_is_refused():
+    choice = ReadChoice(way=C)
+    assert [_timed(choice, 10**9, {}) for _ in range(3)] == [C] * 3
+    with pytest.raises(ValueError, match="at least one way"):
+        ReadChoice(ways=())
 
 
-@pytest.mark.parametrize("direct", [True, False, None])
-def test_budgeted_decode_equals_ram_either_way(sep, direct):
+@pytest.mark.parametrize("way", [*WAYS, None])
+def test_budgeted_decode_equals_ram_every_way(sep, way):
     path, _ = sep("qwen2")
     small = {"max_context": 64, "head_chunk_size": 128}
     everything = load_part(path, memory_budget=10**12, **small).memory_plan
     part = load_part(path, memory_budget=(everything.minimum + everything.peak) // 2, **small)
-    part._streamer.read_choice = ReadChoice(trials=1, min_bytes=1, direct=direct)
+    part._streamer.read_choice = ReadChoice(trials=1, min_bytes=1, way=way)
     assert part.memory_plan.streamed
     ids = token_ids(batch=2, seq=7, seed=1)
     ram = load_part(path, **small)
@@ -74,5 +79,5 @@ def test_budgeted_decode_equals_ram_either_way(sep, direct):
             want.append(ram(nxt, cache=want_cache))
     part.close()
     torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), **FP32)
-    if direct is None:  # both ways were tried on this part's reads, and one was kept
-        assert part._streamer.read_choice.direct is not None
+    if way is None:  # every way was tried on this part's reads, and one was kept
+        assert part._streamer.read_choice.way in WAYS

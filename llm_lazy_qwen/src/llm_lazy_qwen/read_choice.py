@@ -1,64 +1,72 @@
-"""How a budgeted part's streamed reads go: ``O_DIRECT``, or through the page cache with readahead.
+"""How a budgeted part's streamed reads go: ``O_DIRECT`` or through the page cache, and how many readers.
 
 Both leave the page cache as it was (llm_sepweight's ``read_into(drop_cache=True, direct=...)``).
-Which is faster depends on the disk and its driver: on a virtio disk with 8 MiB readahead, 4 readers
-got 2.0 GB/s through the cache and 1.2 GB/s with ``O_DIRECT``; on another machine ``O_DIRECT`` was
-9% faster. So the first streamed reads try both ways in turn, timing only reads that ran alone, and
-the faster (bytes per second) is kept for good.
+Which way is faster depends on the disk and its driver. Measured on one virtio disk (8 MiB readahead),
+136 MB pieces: ``O_DIRECT`` 1.6 GB/s with 2, 4 or 8 readers; the page cache with readahead 2.0 GB/s
+with 1 reader, 1.8 with 2, 1.5 with 4 (the kernel's readahead is the concurrency); on another machine
+``O_DIRECT`` was 9% faster than the page cache. So the first streamed reads try each way in turn,
+timing only reads that ran alone, and the fastest (median bytes per second) is kept for good.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+
+Way = tuple[bool, int]  # (O_DIRECT, concurrent readers)
+WAYS: tuple[Way, ...] = ((True, 4), (False, 1), (False, 2), (False, 4))
 
 
 class ReadChoice:
-    """Picks ``direct`` for each read until both ways have been timed ``trials`` times, then the faster.
+    """Picks the way of each read until every way has been timed ``trials`` times, then the fastest.
 
     Example::
 
         choice = ReadChoice()
-        with choice.read(nbytes) as direct:
-            source.read_into(part, buf, threads=4, drop_cache=True, direct=direct)
-        choice.direct   # None while trying, then True (O_DIRECT) or False (page cache + readahead)
+        with choice.read(nbytes) as (direct, readers):
+            source.read_into(part, buf, threads=readers, drop_cache=True, direct=direct)
+        choice.way   # None while trying, then e.g. (False, 1): the page cache, one reader
     """
 
-    def __init__(self, trials: int = 3, min_bytes: int = 8 << 20, direct: bool | None = None) -> None:
-        self.trials, self.min_bytes = trials, min_bytes
-        self.direct = direct  # the choice once made (or given)
-        self.rates: dict[bool, list[float]] = {True: [], False: []}  # GB/s of each timed read
+    def __init__(
+        self, trials: int = 3, min_bytes: int = 8 << 20, ways: Sequence[Way] = WAYS, way: Way | None = None
+    ) -> None:
+        if not ways:
+            raise ValueError("ReadChoice needs at least one way to read")
+        self.trials, self.min_bytes, self.ways = trials, min_bytes, tuple(ways)
+        self.way = way  # the choice once made (or given)
+        self.rates: dict[Way, list[float]] = {w: [] for w in self.ways}  # GB/s of each timed read
         self._lock = threading.Lock()
         self._reading = 0  # reads in progress
         self._started = 0  # reads started so far
 
-    def _pick(self) -> bool:
-        if self.direct is not None:
-            return self.direct
-        return len(self.rates[True]) <= len(self.rates[False])  # alternate, O_DIRECT first
+    def _pick(self) -> Way:
+        if self.way is not None:
+            return self.way
+        return min(self.ways, key=lambda w: len(self.rates[w]))  # round robin, in the order given
 
     @contextmanager
-    def read(self, nbytes: int) -> Iterator[bool]:
+    def read(self, nbytes: int) -> Iterator[Way]:
         """The way to read `nbytes` now; the read is timed when nothing else read meanwhile."""
         with self._lock:
-            direct = self._pick()
+            way = self._pick()
             self._reading += 1
             self._started += 1
             mine, alone = self._started, self._reading == 1
         t0 = time.perf_counter()
         try:
-            yield direct
+            yield way
         finally:
             seconds = time.perf_counter() - t0
             with self._lock:
                 self._reading -= 1
                 alone = alone and self._started == mine
-                if self.direct is None and alone and nbytes >= self.min_bytes and seconds > 0:
-                    self.rates[direct].append(nbytes / seconds / 1e9)
+                if self.way is None and alone and nbytes >= self.min_bytes and seconds > 0:
+                    self.rates[way].append(nbytes / seconds / 1e9)
                     if min(len(r) for r in self.rates.values()) >= self.trials:
-                        self.direct = _median(self.rates[True]) >= _median(self.rates[False])
+                        self.way = max(self.ways, key=lambda w: _median(self.rates[w]))
 
 
 def _median(values: list[float]) -> float:

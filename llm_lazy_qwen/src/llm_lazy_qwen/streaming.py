@@ -44,7 +44,7 @@ from .read_choice import ReadChoice
 
 Tensors = dict[str, torch.Tensor]
 Mode = Literal["auto", "copy", "mmap"]
-READERS = 4  # concurrent O_DIRECT preads per item under a budget: 1.0-1.7 GB/s here, 0.06 CPU-s per GB
+READERS = 4  # the most concurrent preads per item under a budget (read_choice.WAYS): the page cache's share
 READ_PIECE = 16 << 20  # page cache read_into's fallback (no O_DIRECT) holds at a time: its piece
 _INT_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "I32": 4, "I64": 8}
 _INT4_SCALES = "scales_and_zeros"  # the int4 kernel takes them transposed: a copy per weight in use
@@ -299,9 +299,9 @@ class LayerStreamer:
         return self._read_into(part, buf, rows, {}), buf
 
     def _read_budgeted(self, item: Item, part: int | str, buf: torch.Tensor, rows: Rows | None) -> Tensors:
-        """Under a budget: 4 readers, the page cache left as it was, O_DIRECT or readahead as timed."""
-        with self.read_choice.read(self._stored_nbytes(item)) as direct:
-            return self._read_into(part, buf, rows, {"threads": READERS, "drop_cache": True, "direct": direct})
+        """Under a budget: the page cache left as it was; O_DIRECT or readahead, and the readers, as timed."""
+        with self.read_choice.read(self._stored_nbytes(item)) as (direct, readers):
+            return self._read_into(part, buf, rows, {"threads": readers, "drop_cache": True, "direct": direct})
 
     def _read_into(self, part: int | str, buf: torch.Tensor, rows: Rows | None, how: dict) -> Tensors:
         """A layer, or the rows of each tensor of a head chunk / layer piece one after the other (aligned)."""
