@@ -8,7 +8,7 @@ logits = last(first(ids, cache=cache_a), cache=cache_b, logits_to_keep=1)
 q4 = load_part("qwen-sep-int4", "f", lazy=True)    # a quantized folder: QuantLinear modules, same API
 """
 
-from .budget import ItemSize, MemoryPlan, Runtime, parse_size, plan_memory, size_argument
+from .budget import ItemSize, MemoryPlan, Runtime, layer_activation_bytes, parse_size, plan_memory, size_argument
 from .chat_template import read_chat_template, read_special_tokens, render_chat
 from .config import ConfigError, QwenConfig
 from .eos import eos_token_ids
@@ -42,6 +42,7 @@ __all__ = [
     "QwenConfig",
     "QwenPart",
     "Runtime",
+    "layer_activation_bytes",
     "Step",
     "as_transformers",
     "eos_token_ids",

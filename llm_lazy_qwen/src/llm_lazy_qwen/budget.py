@@ -133,6 +133,20 @@ class Runtime:
         return ", ".join(f"{name} {format_size(n)}" for name, n in parts if n)
 
 
+def layer_activation_bytes(config: QwenConfig, tokens: int, itemsize: int) -> int:
+    """Activations of one decoder layer over `tokens` tokens (all rows): the residual stream and norms,
+    q/k/v with RoPE temporaries, gate/up/product. The one formula for forward (:func:`runtime_bytes`)
+    and training (``llm_sft.training_reserve``) budgets.
+
+    Example::
+
+        layer_activation_bytes(QwenConfig.from_dict(cfg), tokens=512, itemsize=2)
+    """
+    d, n_heads, n_kv = config.head_dim or 0, config.num_attention_heads, config.num_key_value_heads or 1
+    H, inter = config.hidden_size, config.intermediate_size
+    return itemsize * tokens * (10 * H + 4 * inter + 3 * (n_heads + 2 * n_kv) * d)
+
+
 def runtime_bytes(
     config: QwenConfig,
     layers: int,
@@ -158,12 +172,11 @@ def runtime_bytes(
             f"max_context, max_batch and prefill_chunk must be >= 1, got {max_context}, {max_batch}, {prefill_chunk}"
         )
     d, n_heads, n_kv = config.head_dim or 0, config.num_attention_heads, config.num_key_value_heads or 1
-    H, inter = config.hidden_size, config.intermediate_size
+    H = config.hidden_size
     # k and v of every layer, allocated for max_context tokens at once (FullLayerCache's capacity)
     kv = 2 * layers * max_batch * n_kv * d * itemsize * max_context
     T = max_batch * min(prefill_chunk, max_context)
-    # residual stream, norms (fp32 inside), q/k/v with RoPE temporaries, gate/up/product
-    act = itemsize * T * (10 * H + 4 * inter + 3 * (n_heads + 2 * n_kv) * d) + 4 * T * H * 2
+    act = layer_activation_bytes(config, T, itemsize) + 4 * T * H * 2  # (+ the norms' fp32 insides)
     if n_heads != n_kv:  # GQA: keys and values of the whole context repeated over the query heads
         act += 2 * max_batch * n_heads * d * itemsize * max_context
     logits = itemsize * T * (config.vocab_size + min(head_chunk_size, config.vocab_size)) if head else 0

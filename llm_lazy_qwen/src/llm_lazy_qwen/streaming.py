@@ -40,11 +40,11 @@ import torch
 from llm_sepweight import SepweightError, SepWeights, hugepage_coverage, hugepages_available
 
 from .budget import Item, ItemSize, MemoryPlan, layer_of
-from .read_choice import ReadChoice
+from .read_choice import WAYS, ReadChoice
 
 Tensors = dict[str, torch.Tensor]
 Mode = Literal["auto", "copy", "mmap"]
-READERS = 4  # the most concurrent preads per item under a budget (read_choice.WAYS): the page cache's share
+READERS = max(readers for _, readers in WAYS)  # the most concurrent preads per item under a budget
 READ_PIECE = 16 << 20  # page cache read_into's fallback (no O_DIRECT) holds at a time: its piece
 _INT_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "I32": 4, "I64": 8}
 _INT4_SCALES = "scales_and_zeros"  # the int4 kernel takes them transposed: a copy per weight in use

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from llm_lazy_qwen import QwenConfig
+from llm_lazy_qwen import QwenConfig, layer_activation_bytes
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -57,7 +57,7 @@ def training_reserve(
     T = batch * seq
     lora = L * r * sum(sum(shapes[n]) for n in names) * isz * 4  # A and B: weights, grads, 2 AdamW moments
     inputs = L * T * H * isz  # each layer's input, kept for its backward
-    layer = isz * T * (10 * H + 4 * inter + 3 * (nh + 2 * nkv) * d) * 2  # one layer's activations + gradients
+    layer = layer_activation_bytes(config, T, isz) * 2  # one layer's activations and their gradients
     attention = isz * batch * nh * seq * seq * 2  # probabilities and their gradient
     loss = isz * T * min(V, head_chunk_size) * 3  # a head chunk's logits, softmax and gradient
     total = lora + inputs + layer + attention + loss
