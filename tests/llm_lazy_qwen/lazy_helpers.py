@@ -22,3 +22,25 @@ def decode(part: QwenPart, ids: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps):
         logits.append(part(logits[-1][:, -1:].argmax(-1), cache=cache))
     return torch.cat(logits, dim=1)
+
+
+def sweep_plans(items, runtime, slots: int, budgets) -> list:
+    """plan_memory over rising `budgets` from the minimum: each plan within its budget, covering every
+    item, reading no more than the one before; one byte under the minimum is refused."""
+    import pytest
+
+    from llm_lazy_qwen import plan_memory
+
+    minimum = plan_memory(10**15, items, runtime, slots=slots).minimum
+    plans, previous = [], None
+    for budget in budgets(minimum):
+        plan = plan_memory(int(budget), items, runtime, slots=slots)
+        assert plan.peak <= plan.budget and plan.minimum == minimum
+        assert set(plan.resident) | set(plan.streamed) == {s.item for s in items}
+        if previous is not None:
+            assert plan.read_per_token <= previous
+        previous = plan.read_per_token
+        plans.append(plan)
+    with pytest.raises(ValueError, match="too small"):
+        plan_memory(minimum - 1, items, runtime, slots=slots)
+    return plans

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lazy_helpers import FP32, token_ids
+from lazy_helpers import FP32, sweep_plans, token_ids
 
 import llm_sepweight as sw
 from llm_lazy_qwen import ItemSize, Runtime, load_part, parse_size, plan_memory
@@ -102,17 +102,7 @@ def test_plan_is_monotone_on_random_models():
             converted = bool(torch.rand(1, generator=g) < 0.2)
             items.append(ItemSize(k, stored, 2 * stored if converted else stored, converted))
         runtime = Runtime(kv_cache=int(torch.randint(0, 50, (1,), generator=g)) * MiB, page_cache=MiB)
-        minimum = plan_memory(10**15, items, runtime, slots=3).minimum
-        previous = None
-        for budget in range(minimum, minimum + 200 * 5 * MiB, 5 * MiB + 777):
-            plan = plan_memory(budget, items, runtime, slots=3)
-            assert plan.peak <= budget and plan.minimum == minimum
-            assert set(plan.resident) | set(plan.streamed) == {s.item for s in items}
-            if previous is not None:
-                assert plan.read_per_token <= previous
-            previous = plan.read_per_token
-        with pytest.raises(ValueError, match="too small"):
-            plan_memory(minimum - 1, items, runtime, slots=3)
+        sweep_plans(items, runtime, 3, lambda minimum: range(minimum, minimum + 200 * 5 * MiB, 5 * MiB + 777))
 
 
 def test_plan_spreads_the_streamed_layers():

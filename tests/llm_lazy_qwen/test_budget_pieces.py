@@ -7,7 +7,7 @@ decode allocates.
 
 import pytest
 import torch
-from lazy_helpers import FP32, token_ids
+from lazy_helpers import FP32, sweep_plans, token_ids
 
 import llm_sepweight as sw
 from llm_lazy_qwen import ItemSize, Runtime, load_part, plan_memory
@@ -66,18 +66,9 @@ def test_plan_in_pieces_is_monotone_and_within_budget():
     for _ in range(20):
         attn, mlp = (int(torch.randint(1, 60, (), generator=gen)) * MiB for _ in range(2))
         items = _pieces(layers=int(torch.randint(1, 9, (), generator=gen)), attn=attn, mlp=mlp)
-        minimum = plan_memory(10**15, items, RUNTIME, slots=2).minimum
-        previous = None
-        for budget in torch.linspace(minimum, sum(s.stored for s in items) + RUNTIME.total + 5 * mlp, 15).long():
-            plan = plan_memory(int(budget), items, RUNTIME, slots=2)
-            assert plan.peak <= plan.budget
+        top = sum(s.stored for s in items) + RUNTIME.total + 5 * mlp
+        for plan in sweep_plans(items, RUNTIME, 2, lambda minimum, top=top: torch.linspace(minimum, top, 15).long()):
             assert plan.slots == (2 + together(plan.streamed) - 1 if plan.streamed else 0)
-            assert set(plan.resident) | set(plan.streamed) == {s.item for s in items}
-            if previous is not None:
-                assert plan.read_per_token <= previous
-            previous = plan.read_per_token
-        with pytest.raises(ValueError, match="too small"):
-            plan_memory(minimum - 1, items, RUNTIME, slots=2)
 
 
 def test_layer_pieces_in_the_order_a_layer_uses_them(sep, tmp_path):
