@@ -360,9 +360,9 @@ class LayerStreamer:
         """The next `prefetch` streamed (not pinned) items after `item`: the rest of its unit, then the
         units after it cyclically in direction `step` (each unit's pieces in order)."""
         (u, p), n, out = self._unit_of[item], len(self._units), []
-        following = itertools.chain(
-            self._units[u][p + 1 :], *(self._units[(u + step * k) % n] for k in range(1, n))
-        )  # lazily: stops at the first `prefetch` streamed items (O(prefetch) when few are pinned)
+        following = itertools.chain(  # lazily: stops at the first `prefetch` streamed items
+            self._units[u][p + 1 :], itertools.chain.from_iterable(self._units[(u + step * k) % n] for k in range(1, n))
+        )
         for nxt in following:
             if len(out) == self.prefetch:
                 break
