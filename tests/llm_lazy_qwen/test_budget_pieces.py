@@ -210,3 +210,35 @@ def test_reserve_keeps_part_of_the_budget_for_the_caller(sep):
         load_part(path, reserve="1MB", **SMALL)
     with pytest.raises(ValueError, match="too small"):
         load_part(path, memory_budget=budget, reserve=budget, **SMALL)
+
+
+def test_a_piece_failing_to_load_leaves_the_part_usable(sep, monkeypatch):
+    """A read failing on a layer's second piece: the call raises, the pieces already fetched are handed
+    back, and the next call equals RAM with no more buffers than the plan counts."""
+    path, _ = sep("qwen2")
+    part = load_part(path, memory_budget=_budget_with_partial_layers(path), prefetch=0, **SMALL)
+    plan = part.memory_plan
+    layer = next(layer_of(i) for i in plan.streamed if layer_of(i) is not None)
+    pieces = [i for i in part._streamer.order if layer_of(i) == layer]
+    victim = pieces[-1]  # fetched after the layer's other pieces
+    real_load = part._streamer._load
+    failed = []
+
+    def flaky(item):
+        if item == victim and not failed:
+            failed.append(item)
+            raise OSError("disk went away")
+        return real_load(item)
+
+    monkeypatch.setattr(part._streamer, "_load", flaky)
+    ids = token_ids(batch=1, seq=5, seed=9)
+    ram = load_part(path, **SMALL)
+    with torch.no_grad():
+        with pytest.raises(OSError, match="disk went away"):
+            part(ids, cache=part.new_cache())
+        assert failed and part._held == set()
+        got = part(ids, cache=part.new_cache())
+        want = ram(ids, cache=ram.new_cache())
+    torch.testing.assert_close(got, want, **FP32)
+    assert part._streamer._allocated <= plan.slots
+    part.close()
