@@ -15,7 +15,7 @@ from .eos import eos_token_ids
 from .hf_compat import as_transformers
 from .incremental import IncrementalPart
 from .kv_cache import KVCache
-from .loading import from_pretrained, load_part
+from .loading import cache_folder, from_pretrained, load_part
 from .part import QwenPart, Step
 from .quant import QuantLinear
 
@@ -46,6 +46,7 @@ __all__ = [
     "Step",
     "as_transformers",
     "eos_token_ids",
+    "cache_folder",
     "from_pretrained",
     "load_part",
     "parse_size",

@@ -120,7 +120,14 @@ def default_cache_dir() -> Path:
 
 
 def cache_folder(src: str | Path, spec: str | PartSpec = "f", storage_dtype: str | None = None) -> Path:
-    """The folder :func:`from_pretrained` converts `src` into when no `cache_dir` is given."""
+    """The folder :func:`from_pretrained` converts `src` into when no `cache_dir` is given
+    (under ``$LLM_MICROLIBS_CACHE``, else ``~/.cache/llm_microlibs/sepweight``); it also holds the
+    model's tokenizer files (copied, or built from a GGUF file's metadata).
+
+    Example::
+
+        cache_folder("Qwen/Qwen2.5-0.5B")  # ~/.cache/llm_microlibs/sepweight/Qwen2.5-0.5B-<key>
+    """
     key = hashlib.sha256(
         f"{Path(src).resolve() if Path(src).exists() else src}|{storage_dtype}|{PartSpec.parse(spec)}".encode()
     ).hexdigest()[:16]

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 
-from llm_lazy_qwen import ConfigError, QwenConfig, QwenPart, from_pretrained, load_part, size_argument
+from llm_lazy_qwen import (
+    ConfigError,
+    QwenConfig,
+    QwenPart,
+    cache_folder,
+    from_pretrained,
+    load_part,
+    size_argument,
+)
 from llm_lora_mmap import apply_lora, mark_only_lora_trainable, save_adapter
 from llm_sepweight import SepweightError, SepWeights
 
@@ -144,11 +152,13 @@ def _load_model(args: argparse.Namespace, rank: int) -> tuple[QwenPart, Path]:
     """The whole model as a QwenPart, and the folder holding its tokenizer."""
     src = Path(args.model)
     sepweight = (src / "manifest.json").is_file()  # already a sepweight folder
+    # where an HF folder, a hub id or a .gguf file is converted (once); it gets the tokenizer files too
+    dst = src if sepweight else Path(args.cache_dir) if args.cache_dir else cache_folder(args.model, "f")
 
     def load(**kwargs: object) -> QwenPart:
         if sepweight:
             return load_part(src, "f", **kwargs)  # type: ignore[arg-type]
-        return from_pretrained(args.model, "f", cache_dir=args.cache_dir, **kwargs)
+        return from_pretrained(args.model, "f", cache_dir=dst, **kwargs)
 
     kwargs: dict[str, object] = {
         "device": args.device,
@@ -178,12 +188,9 @@ def _load_model(args: argparse.Namespace, rank: int) -> tuple[QwenPart, Path]:
     part = load(**kwargs)
     if not sepweight and rank == 0:
         barrier()
-    if sepweight or src.is_dir():
-        return part, src
-    import huggingface_hub as hf
-
-    # a hub id: the conversion fetched config and tokenizer files into the hub cache, next to each other
-    return part, Path(hf.hf_hub_download(args.model, "config.json")).parent
+    # a hub id or a .gguf file: the converted folder holds the tokenizer files (copied, or built from
+    # the GGUF metadata), where the hub cache would need the network and a .gguf has no folder of its own
+    return part, src if sepweight or src.is_dir() else dst
 
 
 def _targets(args: argparse.Namespace) -> str | list[str]:
