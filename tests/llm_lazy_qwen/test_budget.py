@@ -283,8 +283,8 @@ def test_too_small_budget_is_an_error_before_anything_is_loaded(sep, monkeypatch
 
     for method in ("begin", "end", "layer", "read_into", "gather_rows"):
         monkeypatch.setattr(sw.SepWeights, method, boom)
-    with pytest.raises(ValueError, match=r"memory_budget 1000\.0 KiB is too small to run this part: it needs at least"):
-        load_part(path, memory_budget="1024000B", max_context=64)
+    with pytest.raises(ValueError, match=r"memory_budget 500\.0 KiB is too small to run this part: it needs at least"):
+        load_part(path, memory_budget="512000B", max_context=64)
 
 
 def test_budget_refuses_resident_mb_mmap_and_bad_strings(sep):

@@ -4,8 +4,7 @@ Under ``load_part(..., memory_budget=...)`` a lazy part adds to its process, abo
 
 - the resident items, held for good in the compute dtype (read once; their page cache dropped);
 - streaming buffers of the largest streamed item (+ its converted copy when the stored dtype is not
-  the compute dtype): ``prefetch + k`` of them, ``k`` the most streamed pieces of one layer (a layer's
-  pieces are all in use while it runs; the next piece is read meanwhile);
+  the compute dtype): ``prefetch + 1`` of them (the one in use, and those read meanwhile);
 - the page cache of the read in progress: streamed reads evict each piece right after reading it;
 - the KV cache for ``max_context`` tokens x ``max_batch`` rows (``part.new_cache()`` allocates them at
   once under a budget, instead of growing by doubling);
@@ -14,10 +13,12 @@ Under ``load_part(..., memory_budget=...)`` a lazy part adds to its process, abo
   and, per int4 item, the kernel's transposed copy of its scales (counted in the item's size).
 
 :func:`plan_memory` keeps as much resident as fits, so the bytes read per token (the stored bytes of
-the streamed items) are the least the budget allows. Under a budget a layer is planned in pieces (its
-attention with the norms, and each MLP projection: ``(layer, "mlp.up_proj")``), so a layer can be part
-resident and part streamed and a buffer holds one piece, not a whole layer: on the Qwen2.5-7B shape
-a buffer is 136 MB instead of 466 MB, which leaves more of the budget to resident weights. Without a budget the page cache decides instead,
+the streamed items) are the least the budget allows. Under a budget every linear of a layer is planned
+in row slabs (``(layer, "mlp.up_proj", j)``: output rows of its stored tensors, ~``SLAB_BYTES`` each,
+streaming.py), used one at a time just in time (slab_linear.py), plus one tiny item per layer that is
+always resident (its norms and biases: ``(layer, "small")``). So a layer can be part resident and part
+streamed, and a buffer holds one slab: on the Qwen2.5-7B shape ~27 MB instead of a 466 MB layer, which
+leaves more of the budget to resident weights. Without a budget the page cache decides instead,
 and in a box smaller than the model its LRU evicts exactly the layer needed next: every token then
 re-reads the whole model (notes: 14.1 GB per token for a 15.2 GB model in an 8 GiB box).
 """
@@ -26,14 +27,14 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from .config import QwenConfig
 
-# a layer index, a head chunk (first row, last row + 1), or a piece of a layer (index, "attn" | "mlp.up_proj" | ...)
-Item = int | tuple[int, int] | tuple[int, str]
+# a layer index, a head chunk (first row, last row + 1), a layer's small tensors (index, "small"), or slab j of
+# one of a layer's linears (index, "mlp.up_proj", j)
+Item = int | tuple[int, int] | tuple[int, str] | tuple[int, str, int]
 PREFILL_CHUNK = 512  # tokens per row of the largest forward the plan makes room for
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -98,6 +99,7 @@ class ItemSize:
     stored: int  # bytes on disk: read once per token when streamed
     resident: int  # bytes when held in the compute dtype (ints keep their stored size), + kernel scales
     converted: bool = False  # stored floats differ from the compute dtype: a copy is made after the read
+    forced: bool = False  # always resident (a layer's norms and biases: tiny, used with each of its slabs)
 
     @property
     def slot(self) -> int:
@@ -224,27 +226,8 @@ def _spread(members: list[ItemSize], keep: int) -> set[Item]:
 
 
 def layer_of(item: Item) -> int | None:
-    """The layer a piece ``(layer, group)`` belongs to; None for a whole layer or a head chunk."""
+    """The layer a layer's item (its small tensors, or a slab) belongs to; None for a whole layer or a head chunk."""
     return item[0] if isinstance(item, tuple) and isinstance(item[1], str) else None
-
-
-def together(items: Iterable[Item]) -> int:
-    """Streamed items in use at once while a forward runs: the most pieces of one layer (1 for whole
-    layers and head chunks, which are used one at a time; 0 for none)."""
-    counts = Counter(layer_of(i) for i in items)
-    return max((n if layer is not None else 1 for layer, n in counts.items()), default=0)
-
-
-def _excess(free: list[ItemSize], k: int) -> list[ItemSize]:
-    """The pieces to hold so that no layer streams more than k: each layer's smallest beyond k."""
-    by_layer: dict[int, list[ItemSize]] = {}
-    for s in free:
-        layer = layer_of(s.item)
-        if layer is not None:
-            by_layer.setdefault(layer, []).append(s)
-    return [
-        s for pieces in by_layer.values() for s in sorted(pieces, key=lambda s: s.resident)[: max(0, len(pieces) - k)]
-    ]
 
 
 def _hold(free: list[ItemSize], cap: int, largest_first: bool) -> set[Item]:
@@ -265,14 +248,13 @@ def _hold(free: list[ItemSize], cap: int, largest_first: bool) -> set[Item]:
 def plan_memory(budget: int, items: Sequence[ItemSize], runtime: Runtime, slots: int) -> MemoryPlan:
     """The plan that reads the fewest bytes per token within `budget` (ties: the lower peak).
 
-    `slots` is the number of streaming buffers when items are used one at a time (``prefetch + 1``:
-    the one in use and the one being read); pieces of a layer (``(layer, group)`` items) are in use
-    together, so a plan streaming up to k pieces of one layer has ``slots + k - 1`` buffers.
+    `slots` is the number of streaming buffers (``prefetch + 1``: the item in use and those being
+    read); items are used one at a time (whole layers, head chunks, slabs of a linear).
 
-    For each candidate buffer size S (no streaming, or the slot of some item) and each k, items whose
-    slot exceeds S must be resident, and so must each layer's smallest pieces beyond k; the others are
-    held while they fit, in order of stored bytes saved per byte held, then largest first or smallest
-    first (both are tried). Raises ValueError when nothing fits.
+    For each candidate buffer size S (no streaming, or the slot of some item), items whose slot
+    exceeds S must be resident, and so must ``forced`` ones; the others are held while they fit, in
+    order of stored bytes saved per byte held, then largest first or smallest first (both are tried).
+    Raises ValueError when nothing fits.
 
     Example::
 
@@ -286,47 +268,42 @@ def plan_memory(budget: int, items: Sequence[ItemSize], runtime: Runtime, slots:
         raise ValueError("plan_memory: an item is listed twice")
     stored = sum(s.stored for s in items)
     load = max((s.stored for s in items if s.converted), default=0)
+    # kept whatever S: forced ones, and those with nothing to read or hold
+    always = [s for s in items if s.forced or not (s.slot or s.stored)]
+    movable = [s for s in items if s not in always]
     best: MemoryPlan | None = None
     minimum: int | None = None
-    for S in [0, *sorted({s.slot for s in items})]:
-        empty = [s for s in items if not (s.slot or s.stored)]  # nothing to read or hold: kept
-        free = [s for s in items if s.slot <= S and (s.slot or s.stored)]
-        most = together(s.item for s in free) if S > 0 else 0
-        for k in range(1, most + 1) if most else [0]:
-            excess = _excess(free, k)
-            forced = [s for s in items if s.slot > S] + empty + excess
-            rest = [s for s in free if s not in excess]
-            n_slots = slots + k - 1 if k else 0
-            base = runtime.total + n_slots * S + sum(s.resident for s in forced)
-            need = base + (load if any(s.converted for s in forced) else 0)
-            minimum = need if minimum is None else min(minimum, need)
-            if need > budget:
-                continue
-            cap = budget - base - (load if any(s.converted for s in items) else 0)
-            for largest_first in (True, False):
-                keep = {s.item for s in forced} | _hold(rest, cap, largest_first)
-                streamed = tuple(s.item for s in items if s.item not in keep)
-                assert together(streamed) <= max(k, 1)
-                held = [s for s in items if s.item in keep]
-                plan = MemoryPlan(
-                    budget=budget,
-                    resident=tuple(s.item for s in held),
-                    streamed=streamed,
-                    resident_bytes=sum(s.resident for s in held),
-                    read_per_token=sum(s.stored for s in items if s.item not in keep),
-                    model_bytes=stored,
-                    slots=slots + together(streamed) - 1 if streamed else 0,
-                    slot_bytes=max((s.slot for s in items if s.item not in keep), default=0),
-                    load_bytes=load if any(s.converted for s in held) else 0,
-                    runtime=runtime,
-                )
-                if best is None or (plan.read_per_token, plan.peak) < (best.read_per_token, best.peak):
-                    best = plan
+    for S in [0, *sorted({s.slot for s in movable})]:
+        forced = always + [s for s in movable if s.slot > S]
+        rest = [s for s in movable if s.slot <= S]
+        base = runtime.total + (slots * S if S else 0) + sum(s.resident for s in forced)
+        need = base + (load if any(s.converted for s in forced) else 0)
+        minimum = need if minimum is None else min(minimum, need)
+        if need > budget:
+            continue
+        cap = budget - base - (load if any(s.converted for s in items) else 0)
+        for largest_first in (True, False):
+            keep = {s.item for s in forced} | _hold(rest, cap, largest_first)
+            held = [s for s in items if s.item in keep]
+            streamed = tuple(s.item for s in items if s.item not in keep)
+            plan = MemoryPlan(
+                budget=budget,
+                resident=tuple(s.item for s in held),
+                streamed=streamed,
+                resident_bytes=sum(s.resident for s in held),
+                read_per_token=sum(s.stored for s in items if s.item not in keep),
+                model_bytes=stored,
+                slots=slots if streamed else 0,
+                slot_bytes=max((s.slot for s in items if s.item not in keep), default=0),
+                load_bytes=load if any(s.converted for s in held) else 0,
+                runtime=runtime,
+            )
+            if best is None or (plan.read_per_token, plan.peak) < (best.read_per_token, best.peak):
+                best = plan
     assert minimum is not None
     if best is None:
-        big = max(items, key=lambda s: s.slot, default=None)
-        n = slots + together(s.item for s in items) - 1
-        buffers = f"{n} streaming buffers of {format_size(big.slot)} (the largest item), " if big else ""
+        big = max(movable, key=lambda s: s.slot, default=None)
+        buffers = f"{slots} streaming buffers of {format_size(big.slot)} (the largest item), " if big else ""
         raise ValueError(
             f"memory_budget {format_size(budget)} is too small to run this part: it needs at least "
             f"{format_size(minimum)} ({buffers}{runtime.describe()}); raise the budget, lower max_context "

@@ -16,6 +16,7 @@ from torch import nn
 from llm_sepweight import QuantSpec
 
 from .quant import QuantLinear
+from .slab_linear import SlabLinear
 
 
 def linear(
@@ -51,7 +52,7 @@ def match_linears(module: nn.Module, specs: Mapping[str, QuantSpec], dtype: torc
     """
     names = set()
     for name, mod in list(module.named_modules()):
-        if not isinstance(mod, (nn.Linear, QuantLinear)):
+        if not isinstance(mod, (nn.Linear, QuantLinear, SlabLinear)):  # (a budget's SlabLinear: swapped back)
             continue
         key = name.replace(".base_layer", "")
         names.add(key)

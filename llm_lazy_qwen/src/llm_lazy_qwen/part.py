@@ -24,7 +24,7 @@ from llm_sepweight import PartSpec, QuantSpec, SepWeights, int4_layout
 
 from .block import DecoderLayer
 from .bsm_path import Matmul, check_matmul
-from .budget import Item, MemoryPlan, layer_of, parse_size, plan_memory, runtime_bytes
+from .budget import Item, MemoryPlan, parse_size, plan_memory, runtime_bytes
 from .config import QwenConfig
 from .head import HeadMixin, LogitsToKeep, select_positions
 from .inputs import check_input, keyword_inputs, masks, positions
@@ -32,7 +32,8 @@ from .kv_cache import KVCache
 from .layers import RMSNorm, fits, linear, match_linears
 from .quant import repacked, scratch_bytes
 from .rope import RotaryEmbedding
-from .streaming import READ_PIECE, READERS, LayerStreamer, Mode, item_size, layer_pieces
+from .slab_linear import SlabLinear, use_slabs
+from .streaming import READ_PIECE, READERS, SMALL, LayerStreamer, Mode, item_size, layer_slabs
 from .weights import assign, meta_placeholders, release
 
 logger = logging.getLogger("llm_lazy_qwen")
@@ -178,6 +179,9 @@ class QwenPart(HeadMixin, nn.Module):
             plan = self._plan(
                 source, memory_budget, prefetch, resident_mb, stream_mode, max_context, max_batch, reserve
             )
+            for i in self.layer_ids:  # linears computed slab by slab, each slab fetched just in time
+                use_slabs(self._layer(i), i, layer_slabs(source, i)[1], source.linears(i), self.dtype)
+            self._placeholders = {i: meta_placeholders(self._layer(i)) for i in self.layer_ids}
             lazy = True
         elif reserve:
             raise ValueError("reserve keeps part of a memory_budget for the caller: give memory_budget too")
@@ -223,6 +227,9 @@ class QwenPart(HeadMixin, nn.Module):
                 hugepages,
                 plan,
             )
+            for module in self.modules():
+                if isinstance(module, SlabLinear):
+                    module.streamer = self._streamer
         else:
             for i in self.layer_ids:
                 layer = {k: prep(v) for k, v in source.layer(i).items()}
@@ -264,13 +271,17 @@ class QwenPart(HeadMixin, nn.Module):
                 stacklevel=3,
             )
 
-    def _stream_order(self, pieces: SepWeights | None = None) -> list[Item]:
-        """What a lazy part streams, in forward order: its layers (given `pieces`, each layer's pieces:
-        a memory budget plans them separately), then the head's vocabulary chunks."""
-        if pieces is None:
-            order: list[Item] = list(self.layer_ids)
-        else:
-            order = [(i, name) for i in self.layer_ids for name in layer_pieces(pieces, i)]
+    def _stream_order(self, slabs: SepWeights | None = None) -> list[Item]:
+        """What a lazy part streams, in forward order: its layers (given `slabs`, as a memory budget
+        plans them: each layer's small tensors, then its linears' slabs in the order of use), then the
+        head's vocabulary chunks."""
+        order: list[Item] = []
+        for i in self.layer_ids:
+            if slabs is None:
+                order.append(i)
+                continue
+            order.append((i, SMALL))
+            order += [(i, name, j) for name, rows in layer_slabs(slabs, i)[1].items() for j in range(len(rows))]
         if self.spec.end:
             V, c = self.config.vocab_size, self._head_chunk
             order += [(v0, min(V, v0 + c)) for v0 in range(0, V, c)]
@@ -305,8 +316,13 @@ class QwenPart(HeadMixin, nn.Module):
             raise type(e)(str(e).replace("memory_budget", "reserve")) from None
         sizes = [item_size(source, item, self.dtype) for item in self._stream_order(source)]
         largest = max((s.stored for s in sizes), default=0)
-        # the largest quantized weight prefill dequantizes at once: a linear, or a head chunk
-        shapes = [q.shape for i in self.layer_ids for q in source.linears(i).values()]
+        # the largest quantized weight prefill dequantizes at once: a slab of a linear, or a head chunk
+        shapes = [
+            (b - a, q.shape[1])
+            for i in self.layer_ids
+            for name, q in source.linears(i).items()
+            for a, b in layer_slabs(source, i)[1][name]
+        ]
         head = source.linears("end").get("lm_head") if self.spec.end else None
         shapes += [(min(self._head_chunk, head.shape[0]), head.shape[1])] if head is not None else []
         biggest = max((n * k for n, k in shapes), default=0)
@@ -421,11 +437,12 @@ class QwenPart(HeadMixin, nn.Module):
         return cached
 
     def _layer_items(self, i: int) -> list[Item]:
-        """What the streamer hands out for layer i: the layer, or its pieces under a memory budget."""
+        """What materializing layer i fetches: the layer, or under a memory budget its small tensors
+        (norms, biases; its linears fetch their own slabs as they run)."""
         assert self._streamer is not None
         items = self._pieces.get(i)
         if items is None:
-            items = self._pieces[i] = [it for it in self._streamer.order if it == i or layer_of(it) == i]
+            items = self._pieces[i] = [it for it in self._streamer.order if it in (i, (i, SMALL))]
         return items
 
     @contextmanager
@@ -450,7 +467,7 @@ class QwenPart(HeadMixin, nn.Module):
             got: list[dict[str, torch.Tensor]] = []
             try:
                 params: dict[str, torch.Tensor] = {}
-                for item in self._layer_items(i):  # a layer, or its pieces: all in place while it runs
+                for item in self._layer_items(i):  # a layer, or its small tensors: in place while it runs
                     got.append(self._streamer.get(item))
                     params.update(self._same_params(item, got[-1]) if item in self._streamer.pinned else got[-1])
                 assign(layer, params, f"layer {i}", self._placeholders[i].keys())

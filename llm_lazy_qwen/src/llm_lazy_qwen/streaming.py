@@ -16,11 +16,12 @@ first layers again for the next token; requests in reverse order (a layer-wise b
 prefetched in reverse, and prefetched items that fall out of the window are dropped. ``resident_bytes`` pins items (kept for good, never
 re-read) greedily in that order: a knob between lowest memory and in-RAM speed.
 
-Under a memory budget (a :class:`~llm_lazy_qwen.budget.MemoryPlan`) layers are streamed in pieces
-(:func:`layer_pieces`: the attention with the norms, and each MLP projection), the plan says which
-items are resident and the rest streams in copy mode: resident items are read once into anonymous memory,
+Under a memory budget (a :class:`~llm_lazy_qwen.budget.MemoryPlan`) each linear of a layer streams
+as row slabs (:func:`layer_slabs`; used one at a time by ``SlabLinear``, in the order of use) and a
+layer's norms and biases are one small item kept resident; the plan says which items are resident and
+the rest streams in copy mode: resident items are read once into anonymous memory,
 streamed ones into the reusable buffers, both with ``O_DIRECT`` (no page cache, no copy; where the
-file system refuses it, ``pread`` s that evict each piece from the page cache right after reading it).
+file system refuses it, ``pread`` s that evict each slab from the page cache right after reading it).
 So the page cache never grows and never evicts anything the part needs: in a box smaller than the
 model, only the streamed bytes are read per token.
 No ``gc.collect()`` anywhere: buffers are reused explicitly.
@@ -64,21 +65,55 @@ def head_keys(source: SepWeights) -> list[str]:
     return ["lm_head.weight"] if spec is None else ["lm_head.qweight", f"lm_head.{spec.scales_key}"]
 
 
-def layer_pieces(source: SepWeights, i: int) -> dict[str, list[str]]:
-    """Layer i's tensors in the pieces a memory budget plans separately: ``"attn"`` (attention, its
-    biases and the norms), then each MLP projection by name in file order (``"mlp.gate_proj"``: its
-    weight, or a quantized weight's integers and scales). A layer runs once all its pieces are in.
+SMALL = "small"  # (layer, SMALL): a layer's tensors that are not linear weights (norms, biases); kept resident
+SLAB_BYTES = 32 << 20  # stored bytes a slab of a linear aims at (buffers ~ this; more slabs per linear below it)
+USE_ORDER = (  # the order a decoder layer uses its linears: slabs stream in it, just in time
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+_INT4_ROWS = 64  # int4 in a kernel layout is cut at multiples of the largest block (as the head's chunks)
+_ROWS = 8  # other weights: slab boundaries at multiples of this many rows
+
+
+def linear_keys(source: SepWeights, i: int, name: str) -> list[str]:
+    """The stored tensors slabs of linear `name` of layer i are rows of: its weight, or a quantized
+    weight's integers and scales (biases live in the layer's small item)."""
+    spec = source.linears(i).get(name)
+    return [f"{name}.weight"] if spec is None else [f"{name}.qweight", f"{name}.{spec.scales_key}"]
+
+
+def layer_slabs(source: SepWeights, i: int) -> tuple[list[str], dict[str, list[tuple[int, int]]]]:
+    """How a memory budget streams layer i: its small tensors (norms, biases: one item, always resident)
+    and, for each linear in the order of use, its slabs' output rows ``[(first, stop), ...]``: about
+    :data:`SLAB_BYTES` each, nearly equal, cut at multiples of 64 rows for int4 kernel layouts.
 
     Example::
 
-        layer_pieces(SepWeights("qwen-sep"), 0)
-        # {"attn": ["input_layernorm.weight", ...], "mlp.down_proj": [...], "mlp.gate_proj": [...], ...}
+        small, slabs = layer_slabs(SepWeights("qwen7b-sep"), 0)
+        small        # ["input_layernorm.weight", "self_attn.q_proj.bias", ...]
+        slabs["mlp.gate_proj"]   # [(0, 3792), (3792, 7584), ..., (15168, 18944)]: 5 slabs of ~27 MB
     """
-    pieces: dict[str, list[str]] = {"attn": []}
-    for key in source.manifest.files[f"mid.{i:05d}.safetensors"].tensors:
-        group = key.rsplit(".", 1)[0] if key.startswith("mlp.") else "attn"
-        pieces.setdefault(group, []).append(key)
-    return pieces if pieces["attn"] else {k: v for k, v in pieces.items() if k != "attn"}
+    tensors = source.manifest.files[f"mid.{i:05d}.safetensors"].tensors
+    quant = source.linears(i)
+    names = [k.rsplit(".", 1)[0] for k, t in tensors.items() if k.endswith(".weight") and len(t["shape"]) == 2]
+    names = sorted(set(names) | set(quant), key=lambda n: USE_ORDER.index(n) if n in USE_ORDER else len(USE_ORDER))
+    linear = {key for n in names for key in linear_keys(source, i, n)}
+    small = [k for k in tensors if k not in linear]
+    slabs = {}
+    for name in names:
+        keys = linear_keys(source, i, name)
+        rows = int(tensors[keys[0]]["shape"][0])
+        spec = quant.get(name)
+        step = _INT4_ROWS if spec is not None and spec.scheme == "int4" and spec.layout != "rows" else _ROWS
+        n = max(1, -(-sum(source.nbytes(i, (k, 0, rows)) for k in keys) // SLAB_BYTES))
+        size = rows if n == 1 else math.ceil(math.ceil(rows / n) / step) * step  # nearly equal, step-aligned
+        slabs[name] = [(a, min(rows, a + size)) for a in range(0, rows, size)]
+    return small, slabs
 
 
 def is_head_chunk(item: Item) -> bool:
@@ -92,8 +127,12 @@ def _where(source: SepWeights, item: Item, keys: list[str]) -> tuple[int | str, 
         first, stop = item  # type: ignore[misc]
         return "end", [(key, first, stop) for key in keys]
     i = layer_of(item)
+    if i is not None and len(item) == 2:  # type: ignore[arg-type]
+        return i, [(key, 0, source.shape(i, key)[0]) for key in layer_slabs(source, i)[0]]
     if i is not None:
-        return i, [(key, 0, source.shape(i, key)[0]) for key in layer_pieces(source, i)[item[1]]]  # type: ignore[index]
+        _, name, j = item  # type: ignore[misc]
+        first, stop = layer_slabs(source, i)[1][name][j]
+        return i, [(key, first, stop) for key in linear_keys(source, i, name)]
     return item, None  # type: ignore[return-value]
 
 
@@ -115,7 +154,7 @@ def item_size(source: SepWeights, item: Item, dtype: torch.dtype) -> ItemSize:
                 converted |= stored_dtype != dtype
             else:
                 resident += nbytes
-        return ItemSize(item, stored, resident, converted)
+        return ItemSize(item, stored, resident, converted, forced=isinstance(item, tuple) and item[1] == SMALL)
     resident, converted = 0, False
     for key, t in source.manifest.files[f"mid.{item:05d}.safetensors"].tensors.items():
         numel = math.prod(t["shape"])
@@ -174,8 +213,8 @@ class LayerStreamer:
         # hugepages: item -> mappings since its page-cache page size was last checked
         self._checked: dict[Item, int] = {}
         self._index = {item: i for i, item in enumerate(order)}
-        # units: a layer's pieces (used together, in order) or one item; the direction of traversal
-        # (forward, or a layer-wise backward) applies to units, pieces inside a unit always go forward
+        # units: a layer's items (its small tensors and slabs, in the order of use) or one item; the direction
+        # of traversal (forward, or a layer-wise backward) applies to units; items inside a unit always go forward
         self._units: list[list[Item]] = []
         for item in order:
             layer = layer_of(item)
@@ -221,7 +260,7 @@ class LayerStreamer:
 
     def _room(self, item: Item) -> int:
         """Buffer bytes an item is read into: its stored bytes, each tensor read separately (rows of the
-        head, pieces of a layer) aligned, and the spare bytes each O_DIRECT read needs."""
+        head, slabs of a layer) aligned, and the spare bytes each O_DIRECT read needs."""
         rows = self._where(item)[1]
         return self._stored_nbytes(item) + _ALIGN * len(rows or ()) + self._slack * len(rows or [None])
 
@@ -358,7 +397,7 @@ class LayerStreamer:
 
     def _window(self, item: Item, step: int) -> list[Item]:
         """The next `prefetch` streamed (not pinned) items after `item`: the rest of its unit, then the
-        units after it cyclically in direction `step` (each unit's pieces in order)."""
+        units after it cyclically in direction `step` (each unit's items in order)."""
         (u, p), n, out = self._unit_of[item], len(self._units), []
         following = itertools.chain(  # lazily: stops at the first `prefetch` streamed items
             self._units[u][p + 1 :], itertools.chain.from_iterable(self._units[(u + step * k) % n] for k in range(1, n))
@@ -381,7 +420,7 @@ class LayerStreamer:
         with self._state:
             units, unit = len(self._units), self._unit_of[item][0]
             last = self._unit_of[self._last][0] if self._last is not None else None
-            if last is not None and unit != last:  # pieces of one unit keep the direction
+            if last is not None and unit != last:  # items of one unit keep the direction
                 self._step = -1 if units > 2 and unit == (last - 1) % units else 1
             backward = self._step == -1
             self._last = item
