@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import bsm_path
+from .attention import grouped_attention
 from .bsm_path import Matmul
 from .config import QwenConfig
 from .kv_cache import LayerCache, attention_mask
@@ -15,7 +15,8 @@ from .rope import apply_rope
 
 
 class Attention(nn.Module):
-    """GQA self-attention; Qwen3 adds per-head RMSNorm on q and k before RoPE (``cfg.qk_norm``).
+    """GQA self-attention (k and v are not repeated over the query heads: attention.py); Qwen3 adds
+    per-head RMSNorm on q and k before RoPE (``cfg.qk_norm``).
 
     ``matmul="bsm"`` computes q/k/v and the attention products as llm_bsm_kernel bundles (bsm_path.py);
     quantized q/k/v (``QuantLinear``) are not plain ``nn.Linear`` and keep their own path.
@@ -74,11 +75,7 @@ class Attention(nn.Module):
         if bsm:  # GQA by broadcasting each KV head over its query group, no repeat_interleave
             out = bsm_path.gqa_attention(q, k, v, mask)  # (B, nH, T, d)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        groups = self.n_heads // self.n_kv
-        if groups > 1:  # KV head j serves query heads j*g .. j*g+g-1 (repeat_interleave, as transformers)
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nH, T, d)
+        out = grouped_attention(q, k, v, mask, causal)  # (B, nH, T, d): k, v not repeated (attention.py)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
