@@ -297,7 +297,7 @@ def test_budget_refuses_resident_mb_mmap_and_bad_strings(sep):
         load_part(path, memory_budget="6 gigs")
     with pytest.raises(ValueError, match="prefetch must be >= 0"):
         load_part(path, memory_budget="1GiB", prefetch=-1)
-    with pytest.raises(ValueError, match="max_context, max_batch and prefill_chunk must be >= 1"):
+    with pytest.raises(ValueError, match="max_context, max_batch and max_tokens must be >= 1"):
         load_part(path, memory_budget="1GiB", max_context=0)
 
 

@@ -8,7 +8,8 @@ Under ``load_part(..., memory_budget=...)`` a lazy part adds to its process, abo
 - the page cache of the read in progress: streamed reads evict each piece right after reading it;
 - the KV cache for ``max_context`` tokens x ``max_batch`` rows (``part.new_cache()`` allocates them at
   once under a budget, instead of growing by doubling);
-- the activations and logits of one forward of ``prefill_chunk`` tokens per row;
+- the activations of one forward of ``max_tokens`` tokens per row (longer forwards through a KV cache
+  run in chunks of that many; without one they are refused), and the logits of one position per row;
 - quantized folders: the buffer their prefill dequantizes a weight into (``quant.scratch_bytes``),
   and, per int4 item, the kernel's transposed copy of its scales (counted in the item's size).
 
@@ -30,12 +31,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from .attention import attention_bytes
 from .config import QwenConfig
 
 # a layer index, a head chunk (first row, last row + 1), a layer's small tensors (index, "small"), or slab j of
 # one of a layer's linears (index, "mlp.up_proj", j)
 Item = int | tuple[int, int] | tuple[int, str] | tuple[int, str, int]
-PREFILL_CHUNK = 512  # tokens per row of the largest forward the plan makes room for
+MAX_TOKENS = 512  # tokens per row of the largest forward the plan makes room for, by default
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({u: 1024**p for p, u in enumerate(("", "k", "m", "g", "t")) if u})
@@ -117,6 +119,7 @@ class Runtime:
     page_cache: int = 0  # of the read in progress (none with O_DIRECT; else the piece read at a time)
     scratch: int = 0  # quantized weights: the buffer prefill dequantizes the largest linear into
     context: int = 0  # tokens per row the KV cache is made for (``part.new_cache()`` allocates them at once)
+    tokens: int = 0  # tokens per row of the largest forward (``max_tokens``, at most ``context``); 0: unsized
     reserved: int = 0  # kept for the caller (``load_part(..., reserve=...)``): e.g. training state
 
     @property
@@ -157,7 +160,7 @@ def runtime_bytes(
     *,
     max_context: int = 4096,
     max_batch: int = 1,
-    prefill_chunk: int = PREFILL_CHUNK,
+    max_tokens: int = MAX_TOKENS,
     head_chunk_size: int = 16384,
     page_cache: int = 0,
     scratch: int = 0,
@@ -165,24 +168,35 @@ def runtime_bytes(
 ) -> Runtime:
     """KV cache, activations and logits of a part with `layers` decoder layers (and the head if `head`).
 
+    Activations are those of one forward of `max_tokens` tokens per row (at most `max_context`) x
+    `max_batch` rows; attention repeats no keys or values over the query heads (attention.py), so
+    what it adds is its mask and kernel blocks (:func:`~llm_lazy_qwen.attention.attention_bytes`; the
+    ``repeat_interleave`` of the whole context, 59 MB per layer on the 7B shape at 4096 tokens, is gone).
+    Logits are counted for one position per row: what generation keeps (llm_sampler's
+    ``logits_to_keep=1``, so the chat, ``IncrementalPart`` and llm-pipeline generate). A forward keeping the logits
+    of n positions per row holds ``n x vocab_size x itemsize`` more per row (156 MB for 512 positions
+    of the 7B shape in bf16), which is the caller's result: budget it with ``reserve``.
+
     Example::
 
         runtime_bytes(QwenConfig.from_dict(cfg), layers=28, head=True, itemsize=2, max_context=4096)
     """
-    if max_context < 1 or max_batch < 1 or prefill_chunk < 1:
+    if max_context < 1 or max_batch < 1 or max_tokens < 1:
         raise ValueError(
-            f"max_context, max_batch and prefill_chunk must be >= 1, got {max_context}, {max_batch}, {prefill_chunk}"
+            f"max_context, max_batch and max_tokens must be >= 1, got {max_context}, {max_batch}, {max_tokens}"
         )
     d, n_heads, n_kv = config.head_dim or 0, config.num_attention_heads, config.num_key_value_heads or 1
     H = config.hidden_size
     # k and v of every layer, allocated for max_context tokens at once (FullLayerCache's capacity)
     kv = 2 * layers * max_batch * n_kv * d * itemsize * max_context
-    T = max_batch * min(prefill_chunk, max_context)
+    tokens = min(max_tokens, max_context)
+    T = max_batch * tokens
     act = layer_activation_bytes(config, T, itemsize) + 4 * T * H * 2  # (+ the norms' fp32 insides)
-    if n_heads != n_kv:  # GQA: keys and values of the whole context repeated over the query heads
-        act += 2 * max_batch * n_heads * d * itemsize * max_context
-    logits = itemsize * T * (config.vocab_size + min(head_chunk_size, config.vocab_size)) if head else 0
-    return Runtime(kv, act if layers or head else 0, logits, page_cache, scratch, max_context, reserved)
+    act += attention_bytes(max_batch, tokens, max_context, n_heads // n_kv, itemsize)
+    # one kept position per row: the (B, 1, V) logits and one head chunk's product
+    logits = itemsize * max_batch * (config.vocab_size + min(head_chunk_size, config.vocab_size)) if head else 0
+    activations = act if layers or head else 0
+    return Runtime(kv, activations, logits, page_cache, scratch, context=max_context, tokens=tokens, reserved=reserved)
 
 
 @dataclass(frozen=True)
