@@ -61,6 +61,25 @@ def check_input(x: torch.Tensor, config: QwenConfig, begin: bool, layer_ids: lis
     return x.shape[0], x.shape[1]
 
 
+def check_tokens(T: int, max_tokens: int | None, call: str) -> None:
+    """Refuse a `call` ("forward" without a cache, or "prepare") of more tokens per row than the part's
+    memory budget was planned for (``max_tokens``; None: no budget). A forward with a cache is never
+    refused: it runs in chunks of ``max_tokens`` through the cache instead."""
+    if max_tokens is None or T <= max_tokens:
+        return
+    if call == "forward":
+        raise ValueError(
+            f"this forward has {T} tokens per row, but the part's memory_budget was planned for forwards of "
+            f"at most max_tokens={max_tokens}: pass a KV cache (cache=part.new_cache(); the forward then runs "
+            f"in chunks of {max_tokens} tokens through it), or load the part with max_tokens >= {T}"
+        )
+    raise ValueError(
+        f"prepare() got {T} tokens per row, but the part's memory_budget was planned for forwards of at most "
+        f"max_tokens={max_tokens}: run at most {max_tokens} tokens per step (forward(..., cache=...) splits "
+        f"its input itself), or load the part with max_tokens >= {T}"
+    )
+
+
 def masks(
     attention_mask: torch.Tensor | None,
     cache: KVCache | None,

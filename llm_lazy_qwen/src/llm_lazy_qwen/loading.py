@@ -11,6 +11,7 @@ import torch
 from llm_sepweight import PartSpec, SepWeights, convert
 
 from .bsm_path import Matmul
+from .budget import MAX_TOKENS
 from .config import QwenConfig
 from .part import QwenPart
 from .streaming import Mode
@@ -51,6 +52,7 @@ def load_part(
     max_context: int = 4096,
     max_batch: int = 1,
     reserve: int | str = 0,
+    max_tokens: int = MAX_TOKENS,
 ) -> QwenPart:
     """Build the part `spec` of the model stored in a sepweight folder.
 
@@ -80,8 +82,13 @@ def load_part(
             process stays within the budget above its baseline and reads only the streamed bytes per
             token. The plan is ``part.memory_plan``; a budget too small to run at all is a ValueError
             naming the minimum. Not together with ``resident_mb`` or ``stream_mode="mmap"``.
-        max_context, max_batch: the KV cache the budget makes room for (tokens x rows); forwards of
-            more than 512 tokens per row may exceed it (prefill long prompts in chunks).
+        max_context, max_batch: the KV cache the budget makes room for (tokens x rows).
+        max_tokens: with ``memory_budget``: tokens per row of the largest forward the budget makes room
+            for (512; at most ``max_context``). A longer forward with a KV cache runs as chunks of
+            ``max_tokens`` through it (the same logits; each chunk streams the weights that are not
+            resident again: slower prefill for more resident weights); without a cache it is a
+            ValueError. Generation needs 1 per decode step: a smaller value leaves more of the budget
+            to weights (fewer bytes read per token) at the cost of a chunked prefill.
         reserve: bytes (or a size string) of the budget kept for the caller's own use: training state
             on top of the forward the plan counts (``llm_sft.training_reserve``), other models in the
             process. Only with ``memory_budget``.
@@ -108,6 +115,7 @@ def load_part(
         max_context=max_context,
         max_batch=max_batch,
         reserve=reserve,
+        max_tokens=max_tokens,
     )
     return part.eval()  # like transformers' from_pretrained: trainers call .train() themselves
 

@@ -24,10 +24,11 @@ from llm_sepweight import PartSpec, QuantSpec, SepWeights, int4_layout
 
 from .block import DecoderLayer
 from .bsm_path import Matmul, check_matmul
-from .budget import Item, MemoryPlan, parse_size, plan_memory, runtime_bytes
+from .budget import MAX_TOKENS, Item, MemoryPlan, parse_size, plan_memory, runtime_bytes
+from .chunked import forward_in_chunks
 from .config import QwenConfig
 from .head import HeadMixin, LogitsToKeep, select_positions
-from .inputs import check_input, keyword_inputs, masks, positions
+from .inputs import check_input, check_tokens, keyword_inputs, masks, positions
 from .kv_cache import KVCache
 from .layers import RMSNorm, fits, linear, match_linears
 from .quant import repacked, scratch_bytes
@@ -159,13 +160,16 @@ class QwenPart(HeadMixin, nn.Module):
         max_context: int = 4096,
         max_batch: int = 1,
         reserve: int | str = 0,
+        max_tokens: int = MAX_TOKENS,
     ) -> QwenPart:
         """Take weights from a sepweight folder: all now (``lazy=False``) or streamed per forward.
 
         ``memory_budget`` (bytes, or a string such as ``"6GiB"``; implies lazy): keep resident what
         fits so that the part's memory (weights, KV cache of ``max_context`` x ``max_batch`` tokens,
         activations, the page cache of its reads) stays within it, stream the rest (``budget.py``).
-        Too small a budget is a ValueError before anything is loaded.
+        Too small a budget is a ValueError before anything is loaded. The activations are those of a
+        forward of ``max_tokens`` tokens per row: a longer one runs in chunks through its KV cache
+        (each chunk streams the weights again), and without a cache it is refused (chunked.py).
 
         In lazy mode, ``resident_mb`` keeps that many MB of layers / head chunks mapped for good
         (the rest is streamed): a knob between lowest memory (0) and in-RAM speed. ``stream_mode``
@@ -177,7 +181,7 @@ class QwenPart(HeadMixin, nn.Module):
         plan = None
         if memory_budget is not None:
             plan = self._plan(
-                source, memory_budget, prefetch, resident_mb, stream_mode, max_context, max_batch, reserve
+                source, memory_budget, prefetch, resident_mb, stream_mode, max_context, max_batch, reserve, max_tokens
             )
             for i in self.layer_ids:  # linears computed slab by slab, each slab fetched just in time
                 use_slabs(self._layer(i), i, layer_slabs(source, i)[1], source.linears(i), self.dtype)
@@ -297,6 +301,7 @@ class QwenPart(HeadMixin, nn.Module):
         max_context: int,
         max_batch: int,
         reserve: int | str = 0,
+        max_tokens: int = MAX_TOKENS,
     ) -> MemoryPlan:
         """The memory plan for `budget`, checked before anything is loaded (the policy: budget.py)."""
         if resident_mb:
@@ -333,6 +338,7 @@ class QwenPart(HeadMixin, nn.Module):
             self.dtype.itemsize,
             max_context=max_context,
             max_batch=max_batch,
+            max_tokens=max_tokens,
             head_chunk_size=self.head_chunk_size,
             # O_DIRECT: none; through the cache: each reader's piece and its readahead (read_choice.py)
             page_cache=min(largest, READERS * 2 * READ_PIECE),
@@ -347,6 +353,13 @@ class QwenPart(HeadMixin, nn.Module):
     def memory_plan(self) -> MemoryPlan | None:
         """What a ``memory_budget`` keeps resident and streams (None without a budget)."""
         return self._streamer.plan if self._streamer is not None else None
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Tokens per row of the largest forward the memory budget was planned for (None without one):
+        a longer forward runs in chunks through its cache, or is refused without one."""
+        plan = self.memory_plan
+        return plan.runtime.tokens or None if plan is not None else None
 
     def _layer(self, i: int) -> nn.Module:
         return self.model.layers[str(i)]
@@ -390,6 +403,12 @@ class QwenPart(HeadMixin, nn.Module):
                 one (``as_transformers(part)`` gives the full transformers interface).
         """
         x, cache = keyword_inputs(x, input_ids, cache, past_key_values)
+        T = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
+        limit = self.max_tokens
+        if limit is not None and T > limit:  # more than the memory budget planned for
+            if cache is None:
+                check_tokens(T, limit, "forward")  # refused: nothing to chunk through
+            return forward_in_chunks(self, x, limit, cache, position_ids, attention_mask, logits_to_keep)
         h, step = self.prepare(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
         if self.spec.end:
             select_positions(h[..., :1], logits_to_keep)  # a bad logits_to_keep is refused before any layer runs
@@ -411,6 +430,7 @@ class QwenPart(HeadMixin, nn.Module):
     ) -> tuple[torch.Tensor, Step]:
         """Validate the input, embed token ids (begin part) and compute RoPE / masks once."""
         B, T = check_input(x, self.config, self.spec.begin, self.layer_ids)
+        check_tokens(T, self.max_tokens, "prepare")
         # nothing is stored in the cache before finish(): a call refused here leaves it as it was
         start = cache.start_call(self.layer_ids, B) if cache is not None else 0
         new_mask, key_mask = masks(attention_mask, cache, B, T, start, x.device)
@@ -491,7 +511,10 @@ class QwenPart(HeadMixin, nn.Module):
         """Close the step: with the end part, final norm + head on the kept positions; then the cache
         counts the step (a step that fails before this point is rolled back by the next one)."""
         if self.spec.end:
-            h = self._logits(h, logits_to_keep)
+            if select_positions(h[..., :1], logits_to_keep).shape[1]:
+                h = self._logits(h, logits_to_keep)
+            else:  # no position kept (a chunk of a chunked forward): no head to read
+                h = h.new_empty(h.shape[0], 0, self.config.vocab_size)
         if step.cache is not None:
             assert step.next_position is not None
             step.cache.commit(step.start, step.length, step.key_mask, step.next_position, step.rope_length)
