@@ -217,6 +217,10 @@ class QwenPart(HeadMixin, nn.Module):
                     stored = {"": q} if q is not None else {}
                     assign(self.lm_head, repacked(head, stored, self.lm_head), "end part")
             del end
+        if self._streamer is not None:  # weights loaded again: the previous streamer's thread and weights go
+            self._streamer.close()
+            self._streamer = None
+            self._resident_params.clear()
         if lazy:
             self._lock = self._lock or threading.RLock()
             self._pieces.clear()

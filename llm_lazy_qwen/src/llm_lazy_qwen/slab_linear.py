@@ -85,10 +85,14 @@ class SlabLinear(nn.Module):
         )
         self.streamer: Fetcher | None = None  # set by the part once its streamer exists
 
-    def _slab(self, x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: QuantSpec | None) -> torch.Tensor:
+    def _slab(
+        self, x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: QuantSpec | None, a: int, b: int
+    ) -> torch.Tensor:
+        """``x @ W[a:b].T + bias[a:b]``: (..., b - a), as nn.Linear / QuantLinear round it."""
+        bias = self.bias[a:b] if self.bias is not None else None
         if spec is None:
-            return F.linear(x, weights[self.keys["weight"]])  # (..., b - a)
-        return quant_linear(x, weights[self.keys["qweight"]], weights[self.keys["scales"]], None, spec)
+            return F.linear(x, weights[self.keys["weight"]], bias)
+        return quant_linear(x, weights[self.keys["qweight"]], weights[self.keys["scales"]], bias, spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if self.streamer is None:
@@ -99,7 +103,7 @@ class SlabLinear(nn.Module):
         for item, (a, b), spec in zip(self.items, self.rows, self.specs):
             weights = self.streamer.get(item)
             try:
-                y = self._slab(x, weights, spec)  # (..., b - a)
+                y = self._slab(x, weights, spec, a, b)  # (..., b - a)
             finally:
                 self.streamer.retire(weights, reuse=not grad)
                 del weights
@@ -107,10 +111,7 @@ class SlabLinear(nn.Module):
                 pieces.append(y)
             else:
                 out[..., a:b] = y
-        out = torch.cat(pieces, dim=-1) if out is None else out  # (..., out)
-        if self.bias is None:
-            return out
-        return out + self.bias.to(out.dtype) if grad else out.add_(self.bias.to(out.dtype))
+        return torch.cat(pieces, dim=-1) if out is None else out  # (..., out)
 
     def extra_repr(self) -> str:
         kind = "float" if self.spec is None else self.spec.scheme
