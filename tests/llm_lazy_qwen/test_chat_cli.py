@@ -114,6 +114,25 @@ def test_answer_equals_generate(chat_model, turns, capsys, tmp_path, kind):
         assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "conv").glob("*.safetensors")} == before
 
 
+def test_max_tokens_is_passed_and_a_longer_prompt_is_prefilled_in_chunks(chat_model, turns, capsys, monkeypatch):
+    import llm_lazy_qwen.cli as cli
+
+    hf, sep, model = chat_model
+    parts = []
+
+    def spy(*args, **kwargs):
+        parts.append(load_part(*args, **kwargs))
+        return parts[-1]
+
+    monkeypatch.setattr(cli, "load_part", spy)
+    budget = ["--memory-budget", "64MiB", "--max-context", "256", "--max-tokens", "8"]
+    assert main(["chat", str(sep), *budget, "--prompt", "Name a colour.", *GREEDY]) == 0
+    assert parts[0].max_tokens == 8
+    ids, new, text = hf_turn(model, hf_tokenizer(hf), [{"role": "user", "content": "Name a colour."}])
+    assert len(ids) > 8 and turns == [(ids, new + [2] * (len(new) < N))]
+    assert capsys.readouterr().out == text + "\n"
+
+
 def test_history_renders_as_apply_chat_template(chat_model, turns, capsys, monkeypatch):
     hf, sep, model = chat_model
     tok = hf_tokenizer(hf)

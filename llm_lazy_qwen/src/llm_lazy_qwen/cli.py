@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .budget import size_argument
+from .budget import MAX_TOKENS, size_argument
 from .chat_template import CHATML, read_chat_template, read_special_tokens
 from .eos import eos_token_ids
 from .loading import cache_folder, from_pretrained, load_part
@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         help="e.g. 6GiB (implies --lazy): layers that fit stay in RAM, the rest streams",
     )
     load.add_argument("--max-context", type=int, default=4096, help="with --memory-budget: tokens the KV cache holds")
+    load.add_argument(
+        "--max-tokens",
+        type=int,
+        default=MAX_TOKENS,
+        help="with --memory-budget: tokens of the largest forward it makes room for; longer prompts are "
+        "prefilled in chunks of this many (each streams the weights again); smaller leaves more to weights",
+    )
     load.add_argument("--dtype", default=None, help="compute dtype: bf16, fp16, fp32 (default: stored)")
     load.add_argument("--device", default="cpu")
     load.add_argument(
@@ -127,7 +134,7 @@ def _load(args: argparse.Namespace) -> tuple[QwenPart, Path]:
     folder, convert = model_folder(args.model, args.cache_dir, args.storage_dtype)
     how: dict[str, Any] = {"lazy": args.lazy, "dtype": args.dtype, "device": args.device}
     if args.memory_budget is not None:
-        how |= {"memory_budget": args.memory_budget, "max_context": args.max_context}
+        how |= {"memory_budget": args.memory_budget, "max_context": args.max_context, "max_tokens": args.max_tokens}
     if convert:  # resumable; a complete folder is not converted again (progress bar on stderr)
         part = from_pretrained(args.model, "f", cache_dir=folder, storage_dtype=args.storage_dtype, **how)
     else:
