@@ -170,7 +170,13 @@ def _load_model(args: argparse.Namespace, rank: int) -> tuple[QwenPart, Path]:
     if not sepweight and rank != 0:
         barrier()  # rank 0 converts first; the others then find the conversion complete
     if args.memory_budget is not None:
-        kwargs.update(memory_budget=args.memory_budget, max_context=args.max_seq_len, max_batch=args.batch_size)
+        # a training forward is one whole batch with no KV cache to chunk through: the plan's forward is it
+        kwargs.update(
+            memory_budget=args.memory_budget,
+            max_context=args.max_seq_len,
+            max_batch=args.batch_size,
+            max_tokens=args.max_seq_len,
+        )
         # training state on top of the forward the plan counts (LoRA + AdamW, saved inputs, backward);
         # the config of a model not yet converted: from a lazy load, which converts it (once) and reads nothing
         probe = None if sepweight else load(lazy=True)
