@@ -160,6 +160,19 @@ def test_plan_holds_the_small_items_and_counts_one_slab_in_use():
         plan_memory(plan.minimum - 1, items, RUNTIME, slots=2)
 
 
+def test_plan_counts_the_page_cache_of_the_largest_streamed_read():
+    """The page cache a read holds is counted up to the largest item that may stream, not a large
+    resident one (a head chunk held for good: its one read's pages are reclaimable)."""
+    items = _slab_items() + [ItemSize((0, 4096), 200 * MiB, 200 * MiB)]
+    runtime = Runtime(kv_cache=8 * MiB, page_cache=128 * MiB)
+    minimum = plan_memory(10**12, items, runtime, slots=2).minimum
+    assert minimum == runtime.kv_cache + 30 * MiB + 4 * MiB + 200 * MiB + 2 * 30 * MiB  # the chunk held
+    plan = plan_memory(minimum, items, runtime, slots=2)
+    assert (0, 4096) in plan.resident and plan.runtime.page_cache == 30 * MiB and plan.peak <= plan.budget
+    everything = plan_memory(10**12, items, runtime, slots=2)
+    assert everything.streamed == () and everything.runtime.page_cache == 0
+
+
 def test_plan_in_slabs_is_monotone_and_within_budget():
     gen = torch.Generator().manual_seed(1)
     for _ in range(10):

@@ -116,7 +116,9 @@ class Runtime:
     kv_cache: int = 0
     activations: int = 0
     logits: int = 0
-    page_cache: int = 0  # of the read in progress (none with O_DIRECT; else the piece read at a time)
+    # of the read in progress (none with O_DIRECT; else the piece read at a time): at most this, and
+    # plan_memory counts no more than the largest streamed item (resident reads' pages are reclaimable)
+    page_cache: int = 0
     scratch: int = 0  # quantized weights: the buffer prefill dequantizes the largest linear into
     context: int = 0  # tokens per row the KV cache is made for (``part.new_cache()`` allocates them at once)
     tokens: int = 0  # tokens per row of the largest forward (``max_tokens``, at most ``context``); 0: unsized
@@ -287,12 +289,16 @@ def plan_memory(budget: int, items: Sequence[ItemSize], runtime: Runtime, slots:
     movable = [s for s in items if s not in always]
     best: MemoryPlan | None = None
     minimum: int | None = None
+    least = runtime  # the runtime of the least budget that runs
     for S in [0, *sorted({s.slot for s in movable})]:
         forced = always + [s for s in movable if s.slot > S]
         rest = [s for s in movable if s.slot <= S]
-        base = runtime.total + (slots * S if S else 0) + sum(s.resident for s in forced)
+        # the page cache of a streamed read: no more than the largest item that may stream
+        run = replace(runtime, page_cache=min(runtime.page_cache, max((s.stored for s in rest), default=0)))
+        base = run.total + (slots * S if S else 0) + sum(s.resident for s in forced)
         need = base + (load if any(s.converted for s in forced) else 0)
-        minimum = need if minimum is None else min(minimum, need)
+        if minimum is None or need < minimum:
+            minimum, least = need, run
         if need > budget:
             continue
         cap = budget - base - (load if any(s.converted for s in items) else 0)
@@ -310,7 +316,7 @@ def plan_memory(budget: int, items: Sequence[ItemSize], runtime: Runtime, slots:
                 slots=slots if streamed else 0,
                 slot_bytes=max((s.slot for s in items if s.item not in keep), default=0),
                 load_bytes=load if any(s.converted for s in held) else 0,
-                runtime=runtime,
+                runtime=run,
             )
             if best is None or (plan.read_per_token, plan.peak) < (best.read_per_token, best.peak):
                 best = plan
@@ -320,7 +326,7 @@ def plan_memory(budget: int, items: Sequence[ItemSize], runtime: Runtime, slots:
         buffers = f"{slots} streaming buffers of {format_size(big.slot)} (the largest item), " if big else ""
         raise ValueError(
             f"memory_budget {format_size(budget)} is too small to run this part: it needs at least "
-            f"{format_size(minimum)} ({buffers}{runtime.describe()}); raise the budget, lower max_context "
+            f"{format_size(minimum)} ({buffers}{least.describe()}); raise the budget, lower max_context "
             "or max_batch, or store the model quantized (llm-sepweight convert SRC DST --quant int8)"
         )
     return replace(best, minimum=minimum)
