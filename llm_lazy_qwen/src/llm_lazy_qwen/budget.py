@@ -131,7 +131,7 @@ class Runtime:
     def describe(self) -> str:
         parts = [
             ("KV cache", self.kv_cache),
-            ("activations", self.activations),
+            (f"activations of {self.tokens}-token forwards" if self.tokens else "activations", self.activations),
             ("logits", self.logits),
             ("page cache of a read", self.page_cache),
             ("dequantize buffer", self.scratch),

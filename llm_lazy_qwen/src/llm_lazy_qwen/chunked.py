@@ -57,7 +57,7 @@ def forward_in_chunks(
     pos, _ = positions(position_ids, cache, new_mask, B, T, start, x.device, part.config)
     wanted = kept_positions(T, logits_to_keep) if part.spec.end else None
     kept = torch.unique(wanted) if wanted is not None else None  # sorted: the chunks give them in this order
-    outs = []
+    outs: list[torch.Tensor] = []
     try:
         for c0 in range(0, T, chunk):
             c1 = min(T, c0 + chunk)
