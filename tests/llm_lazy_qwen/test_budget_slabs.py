@@ -17,7 +17,7 @@ import llm_sepweight as sw
 from llm_lazy_qwen import ItemSize, QwenConfig, QwenPart, Runtime, load_part, plan_memory, streaming
 from llm_lazy_qwen.budget import layer_of
 from llm_lazy_qwen.slab_linear import SlabLinear
-from llm_lazy_qwen.streaming import SMALL, USE_ORDER, layer_slabs
+from llm_lazy_qwen.streaming import SMALL, USE_ORDER, item_size, layer_slabs
 
 MiB = 1 << 20
 SMALL_RUN = {"max_context": 64, "head_chunk_size": 128}
@@ -282,6 +282,42 @@ BEFORE_LOAD = pytest.param(
         "(SlabLinear here, QuantLinear alike) needs it derived from the current base_layer",
     ),
 )
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_a_layerwise_training_step_stays_within_the_plans_buffers(sep, tmp_path, quant):
+    """llm_sft's step: a forward without a graph, then each layer from the top recomputed under grad and
+    backpropagated. The graph keeps no slab (backward fetches them again): the buffers are the plan's
+    even with autograd on; each streamed slab is read three times (forward, recompute, backward), plus
+    at most a few prefetches per layer where the direction turns; input gradients equal RAM's."""
+    path = _quantized(sep, tmp_path, quant)
+    part = load_part(path, memory_budget=_budgets(path)["minimum"], prefetch=1, **SMALL_RUN)
+    ram = load_part(path, **SMALL_RUN)
+    plan, source = part.memory_plan, sw.SepWeights(path)
+    streamed = sum(item_size(source, i, torch.float32).stored for i in plan.streamed if layer_of(i) is not None)
+    resident = sum(item_size(source, i, torch.float32).stored for i in plan.resident if layer_of(i) is not None)
+    ids = token_ids(batch=1, seq=6, seed=8)
+    grads = []
+    for model in (part, ram):
+        with torch.no_grad():
+            h, step = model.prepare(ids)
+            inputs = {}
+            for i in model.layer_ids:
+                inputs[i] = h
+                h = model.run_layer(i, h, step)
+        g = torch.ones_like(h)
+        for i in reversed(model.layer_ids):
+            x = inputs[i].clone().requires_grad_(True)
+            with torch.no_grad(), model.materialized(i) as layer:
+                with torch.enable_grad():
+                    layer(x, step.cos, step.sin, step.start, None, step.key_mask).backward(g)
+            g = x.grad
+        grads.append(g)
+    part.close()  # waits for the prefetch in flight
+    torch.testing.assert_close(grads[0], grads[1], **FP32)
+    assert part._streamer._allocated == plan.slots
+    extra = part._streamer.bytes_read - resident - 3 * streamed
+    assert 0 <= extra <= 2 * len(part.layer_ids) * plan.slot_bytes
 
 
 @pytest.mark.parametrize("when", [BEFORE_LOAD, "after load_weights"])

@@ -6,14 +6,16 @@ streamer for slab j (output rows ``[a_j, b_j)`` of the stored weight, or of a qu
 integers and scales), computes ``out[..., a_j:b_j]`` with it and hands it back before the next one,
 so one streaming buffer is in use at a time (``budget.py`` counts ``prefetch + 1``). Resident slabs
 come back as the same tensors every call. The bias (with the layer's norms, one small resident item)
-is a parameter of the module, put in place by ``QwenPart.materialized``.
+is a parameter of the module, put in place by ``QwenPart.materialized``. With autograd the graph keeps
+nothing of the weight: backward fetches the slabs again (``grad_x = sum_j grad[..., a_j:b_j] @ W_j``),
+so a layer-wise backward stays within the same buffers too, for one more read of the streamed slabs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from torch import nn
 from llm_sepweight import QuantSpec
 
 from .budget import Item
-from .quant import QuantLinear, quant_linear
+from .quant import QuantLinear, _gemm_dtype, _scratch, dequantize_into, quant_linear
 
 
 class Fetcher(Protocol):
@@ -97,21 +99,47 @@ class SlabLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if self.streamer is None:
             raise RuntimeError(f"{self.name}: a SlabLinear computes only inside a part loaded with a memory_budget")
-        grad = torch.is_grad_enabled()  # autograd may keep views of a slab: its buffer is then not reused
-        out = None if grad else x.new_empty(*x.shape[:-1], self.out_features)
-        pieces = []
+        bias_grad = self.bias is not None and self.bias.requires_grad
+        if torch.is_grad_enabled() and (x.requires_grad or bias_grad):
+            out: torch.Tensor = _SlabLinearFn.apply(x, self.bias, self)  # type: ignore[no-untyped-call]
+            return out
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """The output, slab by slab; each slab handed back (its buffer reused) before the next is fetched."""
+        assert self.streamer is not None
+        out = x.new_empty(*x.shape[:-1], self.out_features)  # (..., out)
         for item, (a, b), spec in zip(self.items, self.rows, self.specs):
             weights = self.streamer.get(item)
             try:
-                y = self._slab(x, weights, spec, a, b)  # (..., b - a)
+                out[..., a:b] = self._slab(x, weights, spec, a, b)  # (..., b - a)
             finally:
-                self.streamer.retire(weights, reuse=not grad)
+                self.streamer.retire(weights)
                 del weights
-            if out is None:
-                pieces.append(y)
-            else:
-                out[..., a:b] = y
-        return torch.cat(pieces, dim=-1) if out is None else out  # (..., out)
+        return out
+
+    def _grad_input(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad @ W``: (..., out) -> (..., in), the slabs fetched again one at a time (none is kept
+        by the graph, so a layer-wise backward stays within the buffers the plan counts)."""
+        assert self.streamer is not None
+        gx: torch.Tensor | None = None
+        for item, (a, b), spec in zip(self.items, self.rows, self.specs):
+            weights = self.streamer.get(item)
+            try:
+                g = grad[..., a:b]  # (..., b - a)
+                if spec is None:
+                    part = g @ weights[self.keys["weight"]].to(g.dtype)  # (..., in)
+                else:
+                    dt = _gemm_dtype(g.dtype, g.device)
+                    q, scales = weights[self.keys["qweight"]], weights[self.keys["scales"]]
+                    w = dequantize_into(q, scales, spec, dt, _scratch((b - a) * self.in_features, dt, g.device))
+                    part = (g.to(dt) @ w).to(g.dtype)  # (..., in)
+            finally:
+                self.streamer.retire(weights)
+                del weights
+            gx = part if gx is None else gx.add_(part)
+        assert gx is not None
+        return gx
 
     def extra_repr(self) -> str:
         kind = "float" if self.spec is None else self.spec.scheme
@@ -119,6 +147,22 @@ class SlabLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{kind}, {len(self.rows)} slabs"
         )
+
+
+class _SlabLinearFn(torch.autograd.Function):
+    """Autograd through a SlabLinear: nothing of the weight is saved; backward fetches the slabs again."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, lin: SlabLinear) -> torch.Tensor:
+        ctx.lin = lin
+        return lin._product(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        lin: SlabLinear = ctx.lin
+        gx = lin._grad_input(grad) if ctx.needs_input_grad[0] else None
+        gb = grad.reshape(-1, lin.out_features).sum(0) if ctx.needs_input_grad[1] else None
+        return gx, gb, None
 
 
 def use_slabs(

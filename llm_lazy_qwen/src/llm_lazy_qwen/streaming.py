@@ -116,6 +116,11 @@ def layer_slabs(source: SepWeights, i: int) -> tuple[list[str], dict[str, list[t
     return small, slabs
 
 
+def _unit(item: Item) -> tuple[int, str] | None:
+    """The linear a slab belongs to, ``(layer, "mlp.up_proj")``: its slabs are used in order; None otherwise."""
+    return item[:2] if isinstance(item, tuple) and len(item) == 3 else None  # type: ignore[return-value]
+
+
 def is_head_chunk(item: Item) -> bool:
     return isinstance(item, tuple) and isinstance(item[1], int)
 
@@ -213,12 +218,11 @@ class LayerStreamer:
         # hugepages: item -> mappings since its page-cache page size was last checked
         self._checked: dict[Item, int] = {}
         self._index = {item: i for i, item in enumerate(order)}
-        # units: a layer's items (its small tensors and slabs, in the order of use) or one item; the direction
-        # of traversal (forward, or a layer-wise backward) applies to units; items inside a unit always go forward
+        # units: the slabs of one linear (in order), or one item; the direction of traversal (forward, or
+        # a backward: layers and a layer's linears in reverse) applies to units; a unit's slabs always go forward
         self._units: list[list[Item]] = []
         for item in order:
-            layer = layer_of(item)
-            if layer is None or not self._units or layer_of(self._units[-1][0]) != layer:
+            if not self._units or _unit(item) is None or _unit(item) != _unit(self._units[-1][0]):
                 self._units.append([])
             self._units[-1].append(item)
         self._unit_of = {item: (u, p) for u, unit in enumerate(self._units) for p, item in enumerate(unit)}
