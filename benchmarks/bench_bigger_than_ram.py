@@ -97,16 +97,18 @@ class Files:
         return self._timed(fmt, dst, lambda: sw.convert(src, dst, quant=fmt, progress=False, **kw))
 
 
-def ours_kw(budget: str, max_context: int = 4096) -> tuple[dict, str]:
-    """load_part kwargs for a boxed engine: the memory budget when load_part has one (H4), else plain lazy."""
+def ours_kw(budget: str, max_context: int = 4096, max_tokens: int | None = None) -> tuple[dict, str]:
+    """load_part kwargs for a boxed engine: the memory budget (and the largest forward it plans for, when
+    load_part takes ``max_tokens``), else plain lazy."""
     from llm_lazy_qwen import load_part
 
-    if "memory_budget" in inspect.signature(load_part).parameters:
-        return {
-            "memory_budget": budget,
-            "max_context": max_context,
-        }, f"memory_budget={budget}, max_context={max_context}"
-    return {"lazy": True}, "lazy=True (no memory_budget yet)"
+    params = inspect.signature(load_part).parameters
+    if "memory_budget" not in params:
+        return {"lazy": True}, "lazy=True (no memory_budget yet)"
+    kw: dict = {"memory_budget": budget, "max_context": max_context}
+    if max_tokens is not None and "max_tokens" in params:
+        kw["max_tokens"] = max_tokens
+    return kw, ", ".join(f"{k}={v}" for k, v in kw.items())
 
 
 def sft_reserve(sep: Path, args: argparse.Namespace) -> int:
@@ -208,7 +210,7 @@ def main() -> int:
                 rep.add(engine, {"error": str(e)})
                 continue
             rep.stream_bytes[fmt] = folder_bytes(d, "mid.*.safetensors") + (d / "end.safetensors").stat().st_size
-            kw, rep.load_note[engine] = ours_kw(args.budget, args.max_context)
+            kw, rep.load_note[engine] = ours_kw(args.budget, args.max_context, args.prefill)  # plans the prefill
             cfg = {"sep": str(d), "load_kw": kw, "no_bsm": engine.endswith("_torch")}
             infer(engine, args.box, cfg, [d])
         elif engine == "accelerate":
@@ -242,7 +244,7 @@ def main() -> int:
             except RuntimeError as e:
                 rep.add(engine, {"error": str(e)})
                 continue
-            kw = {"lazy": True, "prefetch": 0} if box is None else ours_kw(args.budget, args.sft_seq)[0]
+            kw = {"lazy": True, "prefetch": 0} if box is None else ours_kw(args.budget, args.sft_seq, args.sft_seq)[0]
             if box is not None:  # the training state on top of the forward (llm-sft train plans the same)
                 kw["reserve"] = sft_reserve(d, args)
             print(f"[{time.strftime('%H:%M:%S')}] {engine} ... (loadavg {loadavg()})", file=sys.stderr, flush=True)
