@@ -54,7 +54,7 @@ def test_sft_train_with_a_budget_equals_ram(sep, tmp_path, capsys):
     rows = [{"instruction": f"say {w}", "input": "", "output": f"{w} {w} done"} for w in ("cat", "dog", "fox", "owl")]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert _train(path, data, tmp_path / "ram") == 0
-    assert _train(path, data, tmp_path / "budget", "--memory-budget", "2.15MB") == 0
+    assert _train(path, data, tmp_path / "budget", "--memory-budget", "2.4MB") == 0
     plan = capsys.readouterr().err.split("llm-sft: memory plan: budget ")[1].splitlines()[0]
     assert " resident " in plan and "streamed" in plan and "0 streamed" not in plan
     assert "reserved for the caller" in plan  # llm_sft.training_reserve: LoRA + AdamW, saved inputs, backward

@@ -6,6 +6,10 @@ and every layer's input (the backward recomputes each layer from it); and, while
 backward, its activations with their gradients, the attention probabilities and the loss over a
 head chunk. Measured on the Qwen2.5-7B shape (int8 base, r=8 on all 7 projections, 1 x 256 tokens,
 fp32 compute): 0.76 GiB above the plan's peak; this estimate gives 0.76 GiB (the sum below + 1/8).
+That plan counted the logits of every position of its forward (``itemsize x tokens x (vocab + head
+chunk)``, 172 MB there); it now counts one position per row (what generation keeps), so this reserve
+carries that term (``head``) to keep the fit, until the step is measured again. ``llm-sft train`` plans
+its forward for ``batch x max_seq_len`` tokens (``max_tokens=max_seq_len``: no cache to chunk through).
 """
 
 from __future__ import annotations
@@ -60,5 +64,6 @@ def training_reserve(
     layer = layer_activation_bytes(config, T, isz) * 2  # one layer's activations and their gradients
     attention = isz * batch * nh * seq * seq * 2  # probabilities and their gradient
     loss = isz * T * min(V, head_chunk_size) * 3  # a head chunk's logits, softmax and gradient
-    total = lora + inputs + layer + attention + loss
+    head = isz * T * (V + min(V, head_chunk_size))  # what the fitted plan counted for logits (see above)
+    total = lora + inputs + layer + attention + loss + head
     return total + total // 8
