@@ -108,14 +108,19 @@ class SlabLinear(nn.Module):
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """The output, slab by slab; each slab handed back (its buffer reused) before the next is fetched."""
         assert self.streamer is not None
-        out = x.new_empty(*x.shape[:-1], self.out_features)  # (..., out)
+        one = len(self.rows) == 1  # (q/k/v/o of a 7B): the slab's product is the output, no copy
+        out = None if one else x.new_empty(*x.shape[:-1], self.out_features)  # (..., out)
         for item, (a, b), spec in zip(self.items, self.rows, self.specs):
             weights = self.streamer.get(item)
             try:
-                out[..., a:b] = self._slab(x, weights, spec, a, b)  # (..., b - a)
+                y = self._slab(x, weights, spec, a, b)  # (..., b - a)
             finally:
                 self.streamer.retire(weights)
                 del weights
+            if out is None:
+                return y
+            out[..., a:b] = y
+        assert out is not None
         return out
 
     def _grad_input(self, grad: torch.Tensor) -> torch.Tensor:

@@ -226,6 +226,7 @@ class LayerStreamer:
                 self._units.append([])
             self._units[-1].append(item)
         self._unit_of = {item: (u, p) for u, unit in enumerate(self._units) for p, item in enumerate(unit)}
+        self._windows: dict[tuple[Item, int], list[Item]] = {}  # (item, direction) -> _window
         self._step = 1  # the direction of traversal over units
         self.pinned: set[Item] = set(plan.resident) if plan is not None else set()
         budget = 0 if plan is not None else resident_bytes
@@ -234,6 +235,7 @@ class LayerStreamer:
                 self.pinned.add(item)
                 budget -= self._nbytes(item)
         self._kept: dict[Item, Tensors] = {}
+        self._kept_ids: set[int] = set()  # id() of each dict in _kept: retire checks it per item (~20 a layer)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm_lazy_qwen-prefetch")
         self._pending: dict[Item, Future[Tensors]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -402,6 +404,9 @@ class LayerStreamer:
     def _window(self, item: Item, step: int) -> list[Item]:
         """The next `prefetch` streamed (not pinned) items after `item`: the rest of its unit, then the
         units after it cyclically in direction `step` (each unit's items in order)."""
+        known = self._windows.get((item, step))
+        if known is not None:  # what is pinned never changes: each window is found once (a walk over every
+            return known  # item when all are resident, and under a budget there are ~20 items per layer)
         (u, p), n, out = self._unit_of[item], len(self._units), []
         following = itertools.chain(  # lazily: stops at the first `prefetch` streamed items
             self._units[u][p + 1 :], itertools.chain.from_iterable(self._units[(u + step * k) % n] for k in range(1, n))
@@ -411,6 +416,7 @@ class LayerStreamer:
                 break
             if nxt not in self.pinned and nxt != item:
                 out.append(nxt)
+        self._windows[item, step] = out
         return out
 
     def get(self, item: Item) -> Tensors:
@@ -439,6 +445,7 @@ class LayerStreamer:
             if item in self.pinned:
                 if item not in self._kept:
                     self._kept[item] = self._handoff(self._load(item), keep=True)
+                    self._kept_ids.add(id(self._kept[item]))
                 kept = self._kept[item]
             else:
                 kept = None
@@ -467,7 +474,7 @@ class LayerStreamer:
         still hold views of it: then a fresh buffer replaces it). Mmap mode: the worker drops the
         views, so unmapping happens off the compute thread. Pinned items are kept."""
         with self._state:
-            if any(tensors is kept for kept in self._kept.values()):
+            if id(tensors) in self._kept_ids:  # (the dicts in _kept live, so their ids are theirs)
                 return
             self._ready.pop(id(tensors), None)  # a prefetch dropped unused: never used off the side stream
             buf = self._buffer_of.pop(id(tensors), None)
@@ -486,6 +493,7 @@ class LayerStreamer:
         with self._state:
             self._closed = True
             self._kept.clear()
+            self._kept_ids.clear()
             for fut in self._pending.values():
                 fut.cancel()
             self._pending.clear()
