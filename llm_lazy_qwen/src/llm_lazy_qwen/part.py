@@ -141,7 +141,7 @@ class QwenPart(HeadMixin, nn.Module):
         # resident (pinned) layers get the same Parameter objects every call, so caches keyed by them
         # (QuantLinear's prepared kernel scales) hit instead of re-preparing per token
         self._resident_params: dict[Item, dict[str, nn.Parameter]] = {}
-        self._pieces: dict[int, list[Item]] = {}  # lazy: what the streamer hands out per layer
+        self._layer_fetch: dict[int, list[Item]] = {}  # lazy: what materializing a layer fetches (_layer_items)
 
     # ------------------------------------------------------------------------------- weights
     @property
@@ -223,7 +223,7 @@ class QwenPart(HeadMixin, nn.Module):
             self._resident_params.clear()
         if lazy:
             self._lock = self._lock or threading.RLock()
-            self._pieces.clear()
+            self._layer_fetch.clear()
             self._streamer = LayerStreamer(
                 source,
                 self._stream_order(source if plan is not None else None),
@@ -464,9 +464,9 @@ class QwenPart(HeadMixin, nn.Module):
         """What materializing layer i fetches: the layer, or under a memory budget its small tensors
         (norms, biases; its linears fetch their own slabs as they run)."""
         assert self._streamer is not None
-        items = self._pieces.get(i)
+        items = self._layer_fetch.get(i)
         if items is None:
-            items = self._pieces[i] = [it for it in self._streamer.order if it in (i, (i, SMALL))]
+            items = self._layer_fetch[i] = [it for it in self._streamer.order if it in (i, (i, SMALL))]
         return items
 
     @contextmanager
