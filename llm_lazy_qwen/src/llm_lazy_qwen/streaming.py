@@ -349,7 +349,7 @@ class LayerStreamer:
             return self._read_into(part, buf, rows, {"threads": readers, "drop_cache": True, "direct": direct})
 
     def _read_into(self, part: int | str, buf: torch.Tensor, rows: Rows | None, how: dict) -> Tensors:
-        """A layer, or the rows of each tensor of a head chunk / layer piece one after the other (aligned)."""
+        """A layer, or the rows of each tensor of a head chunk / slab / small item one after the other (aligned)."""
         if rows is None:
             return self.source.read_into(part, buf, None, **how)
         out, at = {}, 0
