@@ -381,14 +381,18 @@ def test_sft_training_over_slabs_equals_ram(sep, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     rows = [{"instruction": f"say {w}", "input": "", "output": f"{w} {w} done"} for w in ("cat", "dog", "fox", "owl")]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["train", "--model", str(path), "--data", str(data), "--batch-size", "2", "--max-seq-len", "32"]
+    base += ["--no-progress", "--head-chunk-size", "128"]
+    # a budget just above the least that runs (it moves with llm_sft.training_reserve): most slabs stream
+    assert sft.main([*base, "--out", str(tmp_path / "small"), "--memory-budget", "100KB"]) == 2
+    least = float(re.search(r"needs at least ([0-9.]+) MiB", capsys.readouterr().err).group(1))
     losses = []
-    for name, extra in (("ram", []), ("budget", ["--memory-budget", "2.3MB"])):
-        argv = ["train", "--model", str(path), "--data", str(data), "--out", str(tmp_path / name), "--batch-size", "2"]
-        assert sft.main([*argv, "--max-seq-len", "32", "--no-progress", "--head-chunk-size", "128", *extra]) == 0
+    for name, extra in (("ram", []), ("budget", ["--memory-budget", f"{least + 0.1:.2f}MiB"])):
+        assert sft.main([*base, "--out", str(tmp_path / name), *extra]) == 0
         with open(tmp_path / name / "loss_log.csv", newline="") as f:
             losses.append([float(r["loss"]) for r in csv.DictReader(f)])
     plan = capsys.readouterr().err.split("llm-sft: memory plan: budget ")[1].splitlines()[0]
-    assert int(re.search(r"\), (\d+) streamed", plan).group(1)) > 50  # slabs of 4 KiB: several per linear
+    assert int(re.search(r"\), (\d+) streamed", plan).group(1)) > 30  # slabs of 4 KiB: several per linear
     assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)
 
 
