@@ -399,7 +399,9 @@ class QwenPart(HeadMixin, nn.Module):
             position_ids: RoPE positions (B, T). Default: continue from the cache, counting only
                 real tokens when there is padding (as transformers' generate).
             attention_mask: (B, T) for the new tokens or (B, past + T), 1 = token, 0 = padding.
-            cache: from :meth:`new_cache`; updated in place.
+            cache: from :meth:`new_cache`; updated in place. Under a memory budget a forward of more
+                than :attr:`max_tokens` tokens per row runs as chunks of that many through it (the same
+                result; chunked.py); without a cache such a forward is a ValueError.
             logits_to_keep: which positions get logits: None or 0 = all (0 as in transformers),
                 n = the last n, a slice or an index tensor. Ignored by parts without the head.
             input_ids, past_key_values: transformers' names for ``x`` and ``cache``. ``use_cache``
