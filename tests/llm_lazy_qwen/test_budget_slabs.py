@@ -274,17 +274,6 @@ def test_layerwise_backward_equals_ram(sep, tmp_path, quant):
     part.close()
 
 
-BEFORE_LOAD = pytest.param(
-    "before load_weights",
-    marks=pytest.mark.xfail(
-        raises=AttributeError,
-        strict=True,
-        reason="llm_lora_mmap's LoraLinear decides `plain` once when wrapping; a base swapped later "
-        "(SlabLinear here, QuantLinear alike) needs it derived from the current base_layer",
-    ),
-)
-
-
 @pytest.mark.parametrize("quant", [None, "int8"])
 def test_a_layerwise_training_step_stays_within_the_plans_buffers(sep, tmp_path, quant):
     """llm_sft's step: a forward without a graph, then each layer from the top recomputed under grad and
@@ -321,7 +310,7 @@ def test_a_layerwise_training_step_stays_within_the_plans_buffers(sep, tmp_path,
     assert 0 <= extra <= 2 * len(part.layer_ids) * plan.slot_bytes
 
 
-@pytest.mark.parametrize("when", [BEFORE_LOAD, "after load_weights"])
+@pytest.mark.parametrize("when", ["before load_weights", "after load_weights"])
 def test_lora_over_a_budgeted_part_equals_lora_over_ram(sep, when):
     lora = pytest.importorskip("llm_lora_mmap")
     path, _ = sep("qwen2")

@@ -85,3 +85,22 @@ def test_merge_into_a_quantized_folder_is_refused(quantized, tmp_path):
     with pytest.raises(LoraError, match=r"is a quantized folder \(model.layers.0.self_attn.q_proj is stored as packed"):
         merge_adapter(folder, tmp_path / "adapter", tmp_path / "merged")
     assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
+
+
+def test_an_adapter_wrapped_before_its_base_is_swapped_for_a_quantized_one(quantized, sep):
+    """LoRA first, then weights from a quantized folder: the loader swaps each ``base_layer`` for a
+    ``QuantLinear`` under the adapter, which must then let the base compute (it read ``base.weight``)."""
+    folder = quantized("int8")
+    dense_folder, _ = sep("qwen2")
+    ref = _dequantized_twin(folder, dense_folder)
+    part = load_part(dense_folder, "f")
+    for m in (ref, part):
+        apply_lora(m, "all-linear", r=4, lora_alpha=8)
+    randomize_adapters(ref)
+    lora = {k: v for k, v in ref.state_dict().items() if "lora_" in k}
+    part.load_state_dict(lora, strict=False)
+    part.load_weights(sw.SepWeights(folder))  # plain bases -> QuantLinear, adapters kept
+    assert not isinstance(part.get_submodule("model.layers.0.mlp.up_proj").base_layer, nn.Linear)
+    x = ids(seq=9)
+    with torch.no_grad():
+        torch.testing.assert_close(part(x), ref(x), **TOL)

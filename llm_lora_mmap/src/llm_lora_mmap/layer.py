@@ -151,7 +151,6 @@ class LoraLinear(nn.Module):
         check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
         check_matmul(matmul)
         self.matmul = matmul
-        self.plain = _plain_linear(base_layer)  # False: the base computes itself (quantized), no fast paths
         if device is None:
             device = _device_of(base_layer)
             if device.type == "meta":  # a lazy part: the base weight arrives per forward, adapters stay in RAM
@@ -164,6 +163,13 @@ class LoraLinear(nn.Module):
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = scaling(r, lora_alpha, use_rslora)
         self.reset_lora_parameters(init_lora_weights)
+
+    @property
+    def plain(self) -> bool:
+        """Whether the base is a plain ``nn.Linear`` (the cast and bsm fast paths apply); False: the base
+        computes itself (quantized, or streamed in slabs). Asked of the current base: a loader may swap
+        it after wrapping (llm_lazy_qwen's ``load_weights`` on a quantized or budgeted folder)."""
+        return _plain_linear(self.base_layer)
 
     @property
     def in_features(self) -> int:
