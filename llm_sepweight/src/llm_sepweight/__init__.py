@@ -15,6 +15,7 @@ from .errors import SepweightError
 from .folder_lock import FolderBusy, wait_for_writer
 from .hugepages import hugepage_coverage, hugepages_available
 from .manifest import FORMAT_VERSION, Manifest, part_filename
+from .mapping import FileMapping
 from .quant import QuantSpec, dequantize, is_linear, quantize_int4, quantize_int8, quantize_linear
 from .quant_pack import int4_layout, pack_int4, unpack_int4
 from .reader import PartWeights, SepWeights, load
@@ -43,6 +44,7 @@ __all__ = [
     "atomic_write_bytes",
     "fsync_dir",
     "FORMAT_VERSION",
+    "FileMapping",
     "FolderBusy",
     "Manifest",
     "PartSpec",

@@ -15,12 +15,14 @@ import torch
 from .errors import SepweightError
 from .hugepages import HUGE, drop_cached
 from .manifest import MANIFEST, Manifest, Part, part_filename
+from .mapping import FileMapping
 from .quant import QuantSpec
 from .safetensors_io import (
     DTYPES,
     READ_SLACK,
     Header,
     gather_rows,
+    map_unpopulated,
     open_rows,
     open_tensors,
     read_header,
@@ -208,6 +210,30 @@ class SepWeights:
         name, key = self._resolve(part, key)
         with self._open(name) as (path, header):
             return open_rows(path, header, key, start, stop, prefault)
+
+    def mapping(self, part: Part, rows: tuple[str, int, int] | None = None) -> FileMapping:
+        """A long-lived read-only mapping of a part's file (or of ``rows=(key, start, stop)`` of one
+        tensor, under `key`, also for the tied head) with nothing mapped into RSS yet.
+
+        For streaming the same weights every step without a mapping per use: ``populate()`` before
+        each use (checks the file is unchanged, maps every page), ``release()`` after it (RSS falls
+        back). See :class:`llm_sepweight.FileMapping`.
+
+        Example::
+
+            head = SepWeights("qwen-sep").mapping("end", ("lm_head.weight", 0, 16384))
+            head.populate(); logits = h @ head.tensors["lm_head.weight"].T; head.release()
+        """
+        if rows is None:
+            name, stored = self._name(part), None
+        else:
+            name, key = self._resolve(part, rows[0])
+            stored = (key, rows[1], rows[2])
+        with self._open(name) as (path, header):
+            mm, base, tensors = map_unpopulated(path, header, stored)
+        if rows is not None and stored is not None:
+            tensors = {rows[0]: tensors[stored[0]]}  # under the requested key, also for the tied head
+        return FileMapping(mm, base, tensors, path, lambda: self._open(name))
 
     def gather_rows(self, part: Part, key: str, index: torch.Tensor) -> torch.Tensor:
         """``tensor[index]`` (rows along dim 0, any index shape) read with ``pread``; nothing is mapped.

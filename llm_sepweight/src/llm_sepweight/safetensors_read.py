@@ -20,30 +20,74 @@ import torch
 
 from .errors import SepweightError
 from .hugepages import hugepages_available
+from .mapping import MADV_POPULATE_READ, madvise
 from .safetensors_header import Header, TensorInfo, _fail, read_header
 
-_MADV_POPULATE_READ = 22  # Linux >= 5.14; Python < 3.13 has no constant for it
+_MADV_POPULATE_READ = MADV_POPULATE_READ  # (tests set an advice no kernel knows)
 
 
-def _map(f: BinaryIO, length: int, offset: int, prefault: bool) -> mmap.mmap:
-    if prefault and hasattr(mmap, "MAP_POPULATE"):
-        # Read-only (a writable private mapping would copy every page), every page mapped now.
-        # MADV_HUGEPAGE first: pages that must come from disk arrive as 2 MiB folios, which this and
-        # later mappings map with PMD entries (see hugepages.py).
-        mm = mmap.mmap(f.fileno(), length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
+def _advised(f: BinaryIO, length: int, offset: int) -> mmap.mmap:
+    """A read-only mapping (a writable private one would copy every page) advised for streaming.
+
+    MADV_HUGEPAGE: pages that must come from disk arrive as 2 MiB folios, which this and later
+    mappings map with PMD entries (see hugepages.py). MADV_RANDOM: no async readahead, which would
+    continue in the folio size it found first (e.g. the 4 KiB ones of a header read earlier); each
+    missing 2 MiB block is then read as one folio.
+    """
+    mm = mmap.mmap(f.fileno(), length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
+    if hasattr(mmap, "MADV_HUGEPAGE") and hugepages_available():
         try:
-            if hasattr(mmap, "MADV_HUGEPAGE") and hugepages_available():
-                mm.madvise(mmap.MADV_HUGEPAGE)
-                # and no async readahead: it would continue in the folio size it found first (e.g. the
-                # 4 KiB ones of a header read earlier); each missing 2 MiB block is then read as one folio
-                mm.madvise(mmap.MADV_RANDOM)
-            mm.madvise(_MADV_POPULATE_READ)
-            return mm
-        except OSError:  # an older kernel: populate at mmap time instead
+            mm.madvise(mmap.MADV_HUGEPAGE)
+            mm.madvise(mmap.MADV_RANDOM)
+        except OSError:
             mm.close()
-            flags = mmap.MAP_PRIVATE | mmap.MAP_POPULATE
-            return mmap.mmap(f.fileno(), length, flags=flags, prot=mmap.PROT_READ, offset=offset)
-    return mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=offset)
+            raise
+    return mm
+
+
+def _map(f: BinaryIO, length: int, offset: int, prefault: bool) -> torch.Tensor:
+    """The mapping as one uint8 tensor (see :func:`_base`); ``prefault``: read-only, every page mapped now."""
+    if prefault and hasattr(mmap, "MAP_POPULATE"):
+        try:
+            mm = _advised(f, length, offset)
+        except OSError:
+            mm = None
+        if mm is not None:
+            base = _base(mm)
+            try:
+                madvise(mm, base.data_ptr(), _MADV_POPULATE_READ)
+                return base
+            except OSError:
+                del base, mm  # unmapped as the last reference goes
+        # an older kernel: populate at mmap time instead
+        flags = mmap.MAP_PRIVATE | mmap.MAP_POPULATE
+        return _base(mmap.mmap(f.fileno(), length, flags=flags, prot=mmap.PROT_READ, offset=offset))
+    return _base(mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=offset))
+
+
+def map_unpopulated(
+    path: str | os.PathLike[str], header: Header, rows: tuple[str, int, int] | None = None
+) -> tuple[mmap.mmap | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """A read-only mapping advised for streaming with nothing mapped yet: the ``mmap``, all of it as
+    one uint8 tensor, and READ-ONLY views of the tensors in it.
+
+    Of the whole file (views of all its tensors) or of ``rows=(key, start, stop)`` of one tensor
+    (its view under `key`). ``None`` for the mapping when there are no bytes to map.
+    """
+    if rows is not None:
+        offset, length, sub = _rows_mapping(path, header, *rows)
+        if length == 0:
+            return None, None, {rows[0]: torch.empty(sub.shape, dtype=sub.torch_dtype)}
+        with open(path, "rb") as f:
+            mm = _advised(f, length, offset)
+        base = _base(mm)
+        return mm, base, {rows[0]: _view(base, 0, sub)}
+    if header.file_size == header.data_start:
+        return None, None, {k: torch.empty(t.shape, dtype=t.torch_dtype) for k, t in header.tensors.items()}
+    with open(path, "rb") as f:
+        mm = _advised(f, 0, 0)
+    base = _base(mm)
+    return mm, base, {name: _view(base, header.data_start, t) for name, t in header.tensors.items()}
 
 
 def open_tensors(
@@ -64,7 +108,7 @@ def open_tensors(
     if header.file_size == header.data_start:  # nothing to map (no tensors or all empty)
         return {k: torch.empty(t.shape, dtype=t.torch_dtype) for k, t in header.tensors.items()}
     with open(path, "rb") as f:
-        base = _base(_map(f, 0, 0, prefault))
+        base = _map(f, 0, 0, prefault)
     out: dict[str, torch.Tensor] = {}
     for name, t in header.tensors.items():
         out[name] = _view(base, header.data_start, t)
@@ -79,16 +123,28 @@ def open_rows(
     Only that byte range is mapped, so reading it (e.g. one vocabulary chunk of a head) adds at
     most its own pages to RSS, and they leave when the tensor is dropped.
     """
+    offset, length, sub = _rows_mapping(path, header, name, start, stop)
+    if length == 0:
+        return torch.empty(sub.shape, dtype=sub.torch_dtype)
+    with open(path, "rb") as f:
+        base = _map(f, length, offset, prefault)
+    return _view(base, 0, sub)
+
+
+def _rows_mapping(
+    path: str | os.PathLike[str], header: Header, name: str, start: int, stop: int
+) -> tuple[int, int, TensorInfo]:
+    """(file offset, length) of the mapping holding rows ``start:stop`` of a tensor (the offset aligned
+    as mmap wants it; length 0: no rows), and where the rows lie in it."""
     t = header.tensors[name]
     begin, nbytes = row_span(path, header, name, start, stop)
-    shape = (stop - start, *t.shape[1:])
-    if nbytes == 0:
-        return torch.empty(shape, dtype=t.torch_dtype)
     aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-    with open(path, "rb") as f:
-        mm = _map(f, nbytes + (begin - aligned), aligned, prefault)
-    sub = TensorInfo(t.dtype, shape, begin - aligned, begin - aligned + nbytes)
-    return _view(_base(mm), 0, sub)
+    shape = (stop - start, *t.shape[1:])
+    return (
+        aligned,
+        nbytes and nbytes + (begin - aligned),
+        TensorInfo(t.dtype, shape, begin - aligned, begin - aligned + nbytes),
+    )
 
 
 def row_span(path: str | os.PathLike[str], header: Header, name: str, start: int, stop: int) -> tuple[int, int]:

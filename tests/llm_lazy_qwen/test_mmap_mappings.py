@@ -1,0 +1,133 @@
+"""mmap streaming maps each item once and populates / releases its pages per use.
+
+Oracle: the same part held in RAM (lazy=False), fp32 tolerance. RSS of the weights is read from
+/proc/self/smaps for the long-lived mappings' own address ranges (Linux).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+import pytest
+import torch
+from lazy_helpers import FP32, decode, token_ids
+
+import llm_sepweight as sw
+from llm_lazy_qwen import load_part
+from llm_lazy_qwen import quant as quant_mod
+
+LINUX = sys.platform.startswith("linux")
+
+
+def _rss_kb(addresses: list[int]) -> int:
+    """Sum of the Rss of the mappings holding `addresses` (kB), from /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                lo, _, hi = fields[0].partition("-")
+                try:
+                    inside = any(int(lo, 16) <= a < int(hi, 16) for a in addresses)
+                except ValueError:
+                    inside = False
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def _weights_rss_kb(part) -> dict[object, int]:
+    """Rss of each streamed item's long-lived mappings (kB), once the worker has nothing left to do."""
+    streamer = part._streamer
+    for fut in list(streamer._pending.values()):
+        fut.result()
+    streamer._pool.submit(lambda: None).result()
+    return {item: _rss_kb([t.data_ptr() for t in views.values()]) for item, views in list(streamer._views.items())}
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_items_are_mapped_once_and_equal_ram(sep, monkeypatch, prefetch):
+    path, _ = sep("qwen2_tied")
+    made: list[tuple] = []
+    real = sw.SepWeights.mapping
+    monkeypatch.setattr(sw.SepWeights, "mapping", lambda self, *a: made.append(a) or real(self, *a))
+    ram = load_part(path, head_chunk_size=100)
+    part = load_part(path, lazy=True, stream_mode="mmap", head_chunk_size=100, prefetch=prefetch)
+    ids = token_ids(seq=7)
+    with torch.no_grad():
+        want = decode(ram, ids, 3)
+        for _ in range(2):
+            torch.testing.assert_close(decode(part, ids, 3), want, **FP32)
+    streamer = part._streamer
+    assert set(streamer._mappings) == set(streamer.order)
+    assert len(made) == len(streamer.order)  # one mapping per item (a head chunk of the tied head: one row range)
+    part.close()
+    ram.close()
+
+
+@pytest.mark.skipif(not LINUX, reason="MADV_DONTNEED drops the pages from RSS on Linux")
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_pages_leave_rss_after_use(sep, prefetch):
+    """After a forward only the prefetched items (the next forward's first) hold pages; during it, the item in use."""
+    path, _ = sep("qwen2")
+    part = load_part(path, lazy=True, stream_mode="mmap", head_chunk_size=128, prefetch=prefetch)
+    streamer = part._streamer
+    ids = token_ids(seq=5)
+    seen: list[dict[object, int]] = []
+    real_get = streamer.get
+
+    def get(item):  # the RSS of every item's mapping right after one is handed out
+        out = real_get(item)
+        seen.append(_weights_rss_kb(part))
+        return out
+
+    with torch.no_grad():
+        part(ids)  # the mappings are made
+        streamer.get = get
+        for _ in range(2):
+            part(ids)
+    del streamer.get
+    after = _weights_rss_kb(part)
+    window = set(streamer.order[:prefetch])
+    assert all(kb == 0 for item, kb in after.items() if item not in window), after
+    assert all(after[item] > 0 for item in window)  # (populated, every page)
+    for rss in seen:  # in use: the item handed out and at most `prefetch` more
+        assert sum(kb > 0 for kb in rss.values()) <= 1 + prefetch, rss
+    part.close()
+
+
+def test_file_truncated_after_mapping_raises_naming_it(sep, tmp_path):
+    """The head's long-lived mapping outlives forwards: a truncated end file is refused before any page of it is touched."""
+    src, _ = sep("qwen2")
+    path = tmp_path / "sep"
+    path.mkdir()
+    for f in os.listdir(src):
+        (path / f).write_bytes((src / f).read_bytes())
+    part = load_part(path, lazy=True, stream_mode="mmap", head_chunk_size=128, prefetch=0)
+    ids = token_ids(seq=5)
+    with torch.no_grad():
+        part(ids)
+        name = path / "end.safetensors"
+        os.truncate(name, 4096)
+        for _ in range(2):
+            with pytest.raises(sw.SepweightError, match=rf"{name}: changed on disk while in use \(now 4096 bytes"):
+                part(ids)
+    part.close()
+
+
+def test_quantized_streamed_scales_are_not_kept_prepared(sep, tmp_path):
+    """The int kernels cache prepared scales per tensor object while it lives: a long-lived view would keep
+    them (a transposed copy of every streamed int4 scale) for good; each use gets tensor objects of its own."""
+    src, _ = sep("qwen2")
+    sw.convert(src, tmp_path / "int4", quant="int4", group_size=32, progress=False, fsync=False)
+    part = load_part(tmp_path / "int4", lazy=True, stream_mode="mmap", head_chunk_size=128, prefetch=0)
+    gc.collect()
+    before = len(quant_mod._prepared)
+    with torch.no_grad():
+        for _ in range(2):
+            part(token_ids(seq=1))
+    gc.collect()
+    assert len(quant_mod._prepared) == before
+    part.close()
