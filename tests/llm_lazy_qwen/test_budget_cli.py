@@ -32,6 +32,14 @@ def test_pipeline_generate_with_a_budget_equals_ram(sep, capsys, single_process)
     assert "items resident" in plan and " 0 streamed" not in plan  # slabs + the head chunks
 
 
+def test_pipeline_generate_prefills_a_prompt_longer_than_max_tokens_in_chunks(sep, capsys, single_process):
+    path, _ = sep("qwen2")
+    want, _ = _generate(path, capsys)
+    got, err = _generate(path, capsys, "--memory-budget", "1.4MB", "--max-context", "64", "--max-tokens", "2")
+    assert got == want  # the padded 4-token prompts went through each rank's cache 2 tokens at a time
+    assert "activations of 2-token forwards" in err
+
+
 def test_pipeline_refuses_a_bad_or_too_small_budget(sep, capsys, single_process):
     path, _ = sep("qwen2")
     with pytest.raises(SystemExit):

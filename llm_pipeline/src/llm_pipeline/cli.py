@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         help="with --memory-budget: tokens per prompt the KV cache is planned for",
     )
     g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="with --memory-budget: tokens per row of the largest forward it plans for (default 512); "
+        "a longer prompt is prefilled in chunks of this many, each streaming the weights again",
+    )
+    g.add_argument(
         "--dtype",
         default=None,
         help="compute dtype: bf16, fp16, fp32 (default: stored)",
@@ -188,6 +195,8 @@ def _generate(args: argparse.Namespace) -> None:
     if args.memory_budget is not None:
         rows = len(args.prompt) + len(args.prompt_ids)
         budget = {"memory_budget": args.memory_budget, "max_context": args.max_context, "max_batch": rows}
+        if args.max_tokens is not None:
+            budget["max_tokens"] = args.max_tokens
     stage = load_stage(
         model,
         args.parts,
