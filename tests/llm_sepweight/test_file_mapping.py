@@ -89,6 +89,27 @@ def test_file_truncated_under_the_mapping_raises_naming_it(folder):
         layer.populate()
 
 
+@pytest.mark.skipif(not LINUX, reason="MADV_POPULATE_READ is Linux's")
+def test_file_truncated_while_populating_raises_naming_it(folder, monkeypatch):
+    """Truncated between the check and the madvise: the kernel fails MADV_POPULATE_READ (EFAULT) where a
+    touch would be a SIGBUS, and the error names the change."""
+    path, _ = folder
+    layer = sw.SepWeights(path).mapping(2)
+    name = path / "mid.00002.safetensors"
+    real_check, checks = layer._check, []
+
+    def check_then_truncate() -> None:
+        real_check()
+        if not checks:
+            os.truncate(name, 4096)
+        checks.append(1)
+
+    monkeypatch.setattr(layer, "_check", check_then_truncate)
+    with pytest.raises(sw.SepweightError, match=rf"{name}: changed on disk while in use \(now 4096 bytes"):
+        layer.populate()
+    assert len(checks) == 1  # the second check raised
+
+
 def test_file_replaced_under_the_mapping_raises_naming_it(folder):
     path, ckpt = folder
     weights = sw.SepWeights(path)

@@ -23,7 +23,6 @@ import mmap
 import os
 import sys
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 
 import torch
 
@@ -77,33 +76,37 @@ class FileMapping:
         base: torch.Tensor | None,
         tensors: dict[str, torch.Tensor],
         path: str,
-        guard: Callable[[], AbstractContextManager],
+        check: Callable[[], object],
     ) -> None:
-        # `base`: all of `mm` as one tensor (its address; it keeps `mm` mapped while we live)
-        self._mm, self._base, self.tensors, self.path, self._guard = mm, base, tensors, path, guard
+        # `base`: all of `mm` as one tensor (its address; it keeps `mm` mapped while we live);
+        # `check`: raises SepweightError if the file changed since its folder was opened (one stat)
+        self._mm, self._base, self.tensors, self.path, self._check = mm, base, tensors, path, check
         self.nbytes = len(mm) if mm is not None else 0  # bytes mapped (its RSS when populated)
 
     def populate(self) -> None:
         """Map every page now, after checking the file is the one the folder was opened with.
 
-        A file truncated or replaced since is a :class:`SepweightError` naming it (never a SIGBUS later).
+        A file truncated or replaced since is a :class:`SepweightError` naming it, before any page is
+        touched (touching a page past the end of a truncated file is a SIGBUS); so is one truncated
+        while populating (the kernel then fails the call instead of signalling).
         """
         global _populate_works
         if self._mm is None or self._base is None:  # nothing to map
             return
-        with self._guard():
-            try:
-                if _populate_works:
-                    try:
-                        madvise(self._mm, self._base.data_ptr(), MADV_POPULATE_READ)
-                        return
-                    except OSError as e:
-                        if e.errno != _EINVAL:  # EINVAL: a kernel before 5.14; anything else is the file's
-                            raise
-                        _populate_works = False
-                madvise(self._mm, self._base.data_ptr(), mmap.MADV_WILLNEED)
-            except OSError as e:
-                raise SepweightError(f"{self.path}: mapping its pages failed ({e}); run `llm-sepweight verify`") from e
+        self._check()  # a truncated file is never touched (past its end: SIGBUS); after this, EFAULT
+        try:
+            if _populate_works:
+                try:
+                    madvise(self._mm, self._base.data_ptr(), MADV_POPULATE_READ)
+                    return
+                except OSError as e:
+                    if e.errno != _EINVAL:  # EINVAL: a kernel before 5.14; anything else is the file's
+                        raise
+                    _populate_works = False
+            madvise(self._mm, self._base.data_ptr(), mmap.MADV_WILLNEED)
+        except OSError as e:
+            self._check()  # a file changed meanwhile is reported as that change
+            raise SepweightError(f"{self.path}: mapping its pages failed ({e}); run `llm-sepweight verify`") from e
 
     def release(self) -> None:
         """Drop the pages from this process's page tables (its RSS); the page cache keeps them."""

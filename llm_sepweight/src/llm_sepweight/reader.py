@@ -233,7 +233,7 @@ class SepWeights:
             mm, base, tensors = map_unpopulated(path, header, stored)
         if rows is not None and stored is not None:
             tensors = {rows[0]: tensors[stored[0]]}  # under the requested key, also for the tied head
-        return FileMapping(mm, base, tensors, path, lambda: self._open(name))
+        return FileMapping(mm, base, tensors, path, lambda: self._unchanged(name))
 
     def gather_rows(self, part: Part, key: str, index: torch.Tensor) -> torch.Tensor:
         """``tensor[index]`` (rows along dim 0, any index shape) read with ``pread``; nothing is mapped.
