@@ -131,3 +131,18 @@ def test_quantized_streamed_scales_are_not_kept_prepared(sep, tmp_path):
     gc.collect()
     assert len(quant_mod._prepared) == before
     part.close()
+
+
+def test_without_rss_release_each_use_maps_afresh(sep, monkeypatch):
+    """Where MADV_DONTNEED cannot drop pages from RSS (not Linux), a long-lived mapping would keep the whole
+    model resident: each use maps the item afresh instead (unmapped when retired), as exact."""
+    path, _ = sep("qwen2_tied")
+    monkeypatch.setattr(sw.FileMapping, "RELEASES_RSS", False)
+    ram = load_part(path, head_chunk_size=100)
+    part = load_part(path, lazy=True, stream_mode="mmap", head_chunk_size=100)
+    ids = token_ids(seq=7)
+    with torch.no_grad():
+        torch.testing.assert_close(decode(part, ids, 2), decode(ram, ids, 2), **FP32)
+    assert part._streamer._mappings == {}
+    part.close()
+    ram.close()

@@ -379,8 +379,8 @@ class LayerStreamer:
             # resident under a budget: anonymous memory of its own, read once
             own = torch.empty(self._room(item), dtype=torch.uint8)
             return self._read_budgeted(item, part, own, rows), None
-        if self.mode == "mmap":
-            return self._mapped(item), None
+        if self.mode == "mmap":  # (where a release cannot drop pages from RSS: a fresh mapping per use)
+            return (self._mapped(item) if FileMapping.RELEASES_RSS else self._map(item)), None
         buf = self._buffer()
         if self.plan is not None:
             return self._read_budgeted(item, part, buf, rows), buf
