@@ -15,7 +15,7 @@ import torch
 from lazy_helpers import FP32, decode, token_ids
 
 import llm_sepweight as sw
-from llm_lazy_qwen import load_part
+from llm_lazy_qwen import load_part, streaming
 from llm_lazy_qwen import quant as quant_mod
 
 LINUX = sys.platform.startswith("linux")
@@ -67,11 +67,22 @@ def test_items_are_mapped_once_and_equal_ram(sep, monkeypatch, prefetch):
     ram.close()
 
 
+def _never_warm(monkeypatch) -> None:
+    """Every populate counts as a read from disk: every item is prefetched (a cold page cache's behaviour)."""
+    monkeypatch.setattr(streaming, "_WARM_MIN_S", 0.0)
+    monkeypatch.setattr(streaming, "_WARM_S_PER_BYTE", 0.0)
+
+
+def _always_warm(monkeypatch) -> None:
+    monkeypatch.setattr(streaming, "_WARM_MIN_S", 3600.0)
+
+
 @pytest.mark.skipif(not LINUX, reason="MADV_DONTNEED drops the pages from RSS on Linux")
 @pytest.mark.parametrize("prefetch", [0, 1])
-def test_pages_leave_rss_after_use(sep, prefetch):
+def test_pages_leave_rss_after_use(sep, monkeypatch, prefetch):
     """After a forward only the prefetched items (the next forward's first) hold pages; during it, the item in use."""
     path, _ = sep("qwen2")
+    _never_warm(monkeypatch)
     part = load_part(path, lazy=True, stream_mode="mmap", head_chunk_size=128, prefetch=prefetch)
     streamer = part._streamer
     ids = token_ids(seq=5)
@@ -146,3 +157,43 @@ def test_without_rss_release_each_use_maps_afresh(sep, monkeypatch):
     assert part._streamer._mappings == {}
     part.close()
     ram.close()
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_cached_items_are_mapped_where_used_and_cold_ones_prefetched(sep, monkeypatch, warm):
+    """Populating pages the page cache holds costs less than handing it to the prefetch thread on busy cores:
+    items found cached are mapped by get() itself; items read from disk are prefetched. Exact either way."""
+    path, _ = sep("qwen2_tied")
+    (_always_warm if warm else _never_warm)(monkeypatch)
+    ram = load_part(path, head_chunk_size=100)
+    part = load_part(path, lazy=True, stream_mode="mmap", head_chunk_size=100, prefetch=1)
+    streamer = part._streamer
+    submitted: list[object] = []
+    real_submit = streamer._pool.submit
+    monkeypatch.setattr(streamer._pool, "submit", lambda fn, *a: submitted.append(a) or real_submit(fn, *a))
+    ids = token_ids(seq=7)
+    with torch.no_grad():
+        torch.testing.assert_close(part(ids), ram(ids), **FP32)  # the first use of each item
+        submitted.clear()
+        for _ in range(2):
+            torch.testing.assert_close(part(ids), ram(ids), **FP32)
+    assert streamer._warm == (set(streamer.order) if warm else set())
+    loads = [a[0] for a in submitted if a and a[0] in streamer._index]
+    assert loads == [] if warm else len(loads) == 2 * len(streamer.order)
+    part.close()
+    ram.close()
+
+
+def test_an_evicted_warm_item_is_prefetched_again(sep, monkeypatch):
+    path, _ = sep("qwen2")
+    part = load_part(path, lazy=True, stream_mode="mmap", head_chunk_size=128, prefetch=1)
+    streamer = part._streamer
+    ids = token_ids(seq=5)
+    _always_warm(monkeypatch)
+    with torch.no_grad():
+        part(ids)
+        assert streamer._warm == set(streamer.order) and not streamer._pending
+        _never_warm(monkeypatch)  # its next populate reads from disk
+        part(ids)
+        assert streamer._warm == set() and streamer._pending  # the next forward's first item is prefetched
+    part.close()

@@ -1,10 +1,12 @@
 """Lazy streaming: a background thread reads the next layers / head chunks while the current one runs.
 
-Two ways to bring an item (a layer, or a vocabulary chunk of the head) in, both off the compute thread:
+Two ways to bring an item (a layer, or a vocabulary chunk of the head) in:
 
-- ``"mmap"`` (the default on CPU): each item is mapped read-only once (``SepWeights.mapping``); the
-  worker maps all its pages before each use (``MADV_POPULATE_READ``) and retiring it drops them from
-  RSS again (``MADV_DONTNEED``, on the retiring thread: no mmap / munmap per use). No anonymous memory
+- ``"mmap"`` (the default on CPU): each item is mapped read-only once (``SepWeights.mapping``); all
+  its pages are mapped before each use (``MADV_POPULATE_READ``: by the worker for items last found
+  out of the page cache, by ``get`` itself for items found cached, where a prefetch thread on busy
+  cores costs more than it hides) and retiring it drops them from RSS again (``MADV_DONTNEED``, on
+  the retiring thread: no mmap / munmap per use). No anonymous memory
   and no copy: the matmuls read the page cache directly. The first time an item is used, if its pages
   sit in the page cache as 4 KiB pages, they are evicted once and read back as 2 MiB pages
   (``hugepages=True``; see ``llm_sepweight.hugepages``): a 1 GB model's pages are then mapped and
@@ -35,6 +37,7 @@ import itertools
 import math
 import queue
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
@@ -53,6 +56,11 @@ READ_PIECE = 16 << 20  # page cache read_into's fallback (no O_DIRECT) holds at 
 _INT_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "I32": 4, "I64": 8}
 _INT4_SCALES = "scales_and_zeros"  # the int4 kernel takes them transposed: a copy per weight in use
 _HUGE_MIN_BYTES = 4 << 20  # smaller items cannot gain much from 2 MiB pages
+# mmap mode: an item whose populate took less than this (per byte, or at all) was in the page cache;
+# it is then populated where it is used rather than prefetched (see _mapped). Cached pages: ~2 us/MB
+# in 2 MiB pages, ~15 in 4 KiB ones; a disk read: 500+
+_WARM_S_PER_BYTE = 100e-6 / 1e6
+_WARM_MIN_S = 50e-6
 _RECHECK_EVERY = 512  # mappings of an item between checks: a check reads /proc/self/smaps (~3-5 ms)
 _HUGE_ENOUGH = 0.99  # re-cache an item unless all its whole 2 MiB blocks are huge pages (the header
 # block is read with read() first and comes in 4 KiB pages; re-cached, it joins the rest)
@@ -225,6 +233,7 @@ class LayerStreamer:
         self._mappings: dict[Item, list[FileMapping]] = {}
         self._views: dict[Item, dict[str, nn.Parameter]] = {}  # their tensors, as Parameters made once
         self._populated: dict[int, list[FileMapping]] = {}
+        self._warm: set[Item] = set()  # items whose pages were all cached when last populated
         self._index = {item: i for i, item in enumerate(order)}
         # units: the slabs of one linear (in order), or one item; the direction of traversal (forward, or
         # a backward: layers and a layer's linears in reverse) applies to units; a unit's slabs always go forward
@@ -319,8 +328,16 @@ class LayerStreamer:
             # frozen Parameters already: a part assigns them as they are (no new Parameter per use)
             views = {k: nn.Parameter(t, requires_grad=False) for m in maps for k, t in m.tensors.items()}
             self._views[item] = views
+        t0 = time.perf_counter()
         for m in maps:
             m.populate()
+        # On 2 busy cores a prefetch thread cannot hide a populate of cached pages (~45 us a layer): it
+        # waits for a core and its hand-off costs more. get() maps warm items itself; cold ones (read
+        # from disk) are prefetched. A warm item found evicted is read once here and prefetched again.
+        if time.perf_counter() - t0 < max(_WARM_MIN_S, _WARM_S_PER_BYTE * sum(m.nbytes for m in maps)):
+            self._warm.add(item)
+        else:
+            self._warm.discard(item)
         out = dict(self._views[item])
         if self.hugepages:
             self._recache(item, maps, out)
@@ -485,7 +502,7 @@ class LayerStreamer:
                 if not fut.cancel():  # already loading or loaded: hand its buffer back when done
                     fut.add_done_callback(lambda f: None if f.exception() else self.retire(f.result()))
             for nxt in window:
-                if nxt not in self._pending:
+                if nxt not in self._pending and nxt not in self._warm:  # (mmap mode: warm ones are mapped here)
                     self._pending[nxt] = self._pool.submit(self._load, nxt)
             if item in self.pinned:
                 if item not in self._kept:
