@@ -1,5 +1,5 @@
 """ReadChoice: a budgeted part times each way of reading in turn (O_DIRECT or the page cache, and how
-many readers) and keeps the fastest."""
+many readers) and keeps the cheapest: wall time plus the readers' CPU time per byte."""
 
 import threading
 import time
@@ -31,6 +31,23 @@ def test_tries_each_way_in_turn_then_keeps_the_fastest():
     for _ in range(2):
         _timed(choice, 10**6, {A: 0.005, B: 0.02})
     assert choice.way == A
+
+
+def test_a_way_that_reads_faster_but_burns_reader_cpu_loses(monkeypatch):
+    """The page cache may read faster alone yet cost the matmuls their cores (its copies): the choice
+    counts the readers' CPU seconds (llm_sepweight.read_cpu_seconds) with the wall time."""
+    import llm_lazy_qwen.read_choice as rc
+
+    spent = [0.0]
+    monkeypatch.setattr(rc, "read_cpu_seconds", lambda: spent[0])
+    choice = ReadChoice(trials=1, min_bytes=1, ways=(A, B))
+    for way, wall, cpu in ((A, 0.02, 0.001), (B, 0.01, 0.03)):  # B: twice as fast, 30x the CPU
+        with choice.read(10**6) as got:
+            assert got == way
+            time.sleep(wall)
+            spent[0] += cpu
+    assert choice.rates[B][0] > choice.rates[A][0] and choice.way == A
+    assert choice.costs[A][0] < choice.costs[B][0]
 
 
 def test_small_and_overlapping_reads_are_not_timed():

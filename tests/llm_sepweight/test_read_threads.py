@@ -121,3 +121,16 @@ def test_read_into_through_the_cache_with_readahead_leaves_it_empty(sep, monkeyp
         if rows is None:
             assert all(torch.equal(got[k], want[k]) for k in want)
         assert _cached_pages(path / name, start // 4096 * 4096) == 0
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_read_cpu_seconds_counts_the_readers_cpu_time(sep, threads):
+    """Every reader thread's CPU time is added up (the read choice weighs the page cache's copies)."""
+    path, _ = sep("qwen2")
+    weights = sw.SepWeights(path)
+    buf = torch.empty(weights.nbytes(1) + sw.SepWeights.READ_SLACK, dtype=torch.uint8)
+    before = sw.read_cpu_seconds()
+    for _ in range(20):
+        weights.read_into(1, buf, threads=threads, drop_cache=True, direct=False)
+    assert sw.read_cpu_seconds() > before  # copying out of the page cache takes CPU time
+    assert sw.read_cpu_seconds() == safetensors_io.read_cpu_seconds()  # one counter, exported twice

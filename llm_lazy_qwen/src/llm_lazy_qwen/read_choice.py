@@ -4,8 +4,13 @@ Both leave the page cache as it was (llm_sepweight's ``read_into(drop_cache=True
 Which way is faster depends on the disk and its driver. Measured on one virtio disk (8 MiB readahead),
 136 MB pieces: ``O_DIRECT`` 1.6 GB/s with 2, 4 or 8 readers; the page cache with readahead 2.0 GB/s
 with 1 reader, 1.8 with 2, 1.5 with 4 (the kernel's readahead is the concurrency); on another machine
-``O_DIRECT`` was 9% faster than the page cache. So the first streamed reads try each way in turn,
-timing only reads that ran alone, and the fastest (median bytes per second) is kept for good.
+``O_DIRECT`` was 9% faster than the page cache. And reading through the page cache costs CPU time
+(copies, page cache bookkeeping) that a decode on a few cores needs for its matmuls: 0.7-1.3 CPU
+seconds per GB here, against 0.06 for ``O_DIRECT`` (its DMA lands in the buffer); in the 8 GiB box
+the 7B decode took 6.2 s/token through the page cache and 3.9 with ``O_DIRECT``, although the page
+cache read faster alone. So the first streamed reads try each way in turn, timing only reads that ran
+alone, and the way with the least seconds per byte counting both (wall time + the readers' CPU time,
+``llm_sepweight.read_cpu_seconds``; median over its reads) is kept for good.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from llm_sepweight import read_cpu_seconds
+
 Way = tuple[bool, int]  # (O_DIRECT, concurrent readers)
 WAYS: tuple[Way, ...] = ((True, 4), (False, 1), (False, 2), (False, 4))
 
 
 class ReadChoice:
-    """Picks the way of each read until every way has been timed ``trials`` times, then the fastest.
+    """Picks the way of each read until every way has been timed ``trials`` times, then the cheapest:
+    the least wall + reader CPU seconds per byte (``costs``; ``rates`` keeps the GB/s of each read).
 
     Example::
 
@@ -38,6 +46,7 @@ class ReadChoice:
         self.trials, self.min_bytes, self.ways = trials, min_bytes, tuple(ways)
         self.way = way  # the choice once made (or given)
         self.rates: dict[Way, list[float]] = {w: [] for w in self.ways}  # GB/s of each timed read
+        self.costs: dict[Way, list[float]] = {w: [] for w in self.ways}  # its wall + reader CPU s per GB
         self._lock = threading.Lock()
         self._reading = 0  # reads in progress
         self._started = 0  # reads started so far
@@ -55,18 +64,19 @@ class ReadChoice:
             self._reading += 1
             self._started += 1
             mine, alone = self._started, self._reading == 1
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), read_cpu_seconds()
         try:
             yield way
         finally:
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, read_cpu_seconds() - cpu0
             with self._lock:
                 self._reading -= 1
                 alone = alone and self._started == mine
                 if self.way is None and alone and nbytes >= self.min_bytes and seconds > 0:
                     self.rates[way].append(nbytes / seconds / 1e9)
+                    self.costs[way].append((seconds + cpu) / nbytes * 1e9)
                     if min(len(r) for r in self.rates.values()) >= self.trials:
-                        self.way = max(self.ways, key=lambda w: _median(self.rates[w]))
+                        self.way = min(self.ways, key=lambda w: _median(self.costs[w]))
 
 
 def _median(values: list[float]) -> float:

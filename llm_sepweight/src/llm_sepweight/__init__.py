@@ -20,6 +20,7 @@ from .quant import QuantSpec, dequantize, is_linear, quantize_int4, quantize_int
 from .quant_pack import int4_layout, pack_int4, unpack_int4
 from .reader import PartWeights, SepWeights, load
 from .safetensors_file import load_safetensors, safetensors_metadata, save_safetensors
+from .safetensors_read import read_cpu_seconds
 from .spec import PartSpec
 from .verify import VerifyReport, verify
 from .writer import SepweightWriter, save_part
@@ -58,6 +59,7 @@ __all__ = [
     "convert_gguf",
     "dequantize",
     "hugepage_coverage",
+    "read_cpu_seconds",
     "hugepages_available",
     "int4_layout",
     "is_linear",

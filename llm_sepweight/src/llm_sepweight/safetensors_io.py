@@ -18,7 +18,16 @@ writing, hashing). This module gathers their names for the rest of the package.
 """
 
 from .safetensors_header import DTYPE_NAMES, DTYPES, Header, TensorInfo, read_header
-from .safetensors_read import READ_SLACK, gather_rows, map_unpopulated, open_rows, open_tensors, read_into, row_span
+from .safetensors_read import (
+    READ_SLACK,
+    gather_rows,
+    map_unpopulated,
+    open_rows,
+    open_tensors,
+    read_cpu_seconds,
+    read_into,
+    row_span,
+)
 from .safetensors_write import TensorSpec, sha256_file, write_file
 
 __all__ = [
@@ -32,6 +41,7 @@ __all__ = [
     "map_unpopulated",
     "open_rows",
     "open_tensors",
+    "read_cpu_seconds",
     "read_header",
     "read_into",
     "row_span",
