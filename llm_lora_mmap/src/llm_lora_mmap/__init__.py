@@ -21,7 +21,7 @@ from .layer import LoraLinear, frozen_linear, is_linear_like
 from .merge import merge_adapter, merged_weight
 from .peft_io import load_adapter, read_adapter, save_adapter
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 __all__ = [
     "LoraConfig",

@@ -18,7 +18,7 @@ from .pipeline import Pipeline
 from .spec import check_stages, parse_stages, split_bytes, split_layers, stage_specs
 from .stage import Stage, load_stage, pin_local_cpus
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Pipeline",

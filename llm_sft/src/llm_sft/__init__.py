@@ -37,7 +37,7 @@ from .report import plot_losses, write_loss_log
 from .schedule import warmup_cosine
 from .trainer import StepInfo, evaluate, sft, steps_per_epoch
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "training_reserve",
