@@ -32,6 +32,7 @@ from .data import (
 )
 from .distributed import init_distributed, local_device
 from .engine import LayerwiseEngine, StepLoss, chunked_cross_entropy
+from .heap import bound_heap
 from .memory import training_reserve
 from .report import plot_losses, write_loss_log
 from .schedule import warmup_cosine
@@ -40,6 +41,7 @@ from .trainer import StepInfo, evaluate, sft, steps_per_epoch
 __version__ = "0.3.0"
 
 __all__ = [
+    "bound_heap",
     "training_reserve",
     "IGNORE_INDEX",
     "Batch",

@@ -39,6 +39,7 @@ from llm_lazy_qwen import QwenPart
 
 from .batching import Batch
 from .data import IGNORE_INDEX
+from .heap import bound_heap
 
 RngState = tuple[torch.Tensor, torch.Tensor | None]  # (CPU generator state, CUDA generator state)
 
@@ -161,6 +162,8 @@ class LayerwiseEngine:
             )
         self.part = part
         self.device = part.device
+        if part.memory_plan is not None:  # the process must stay within the budget: no heap growth
+            bound_heap()
 
     # ------------------------------------------------------------------------------- parameters
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
