@@ -44,3 +44,18 @@ def sweep_plans(items, runtime, slots: int, budgets) -> list:
     with pytest.raises(ValueError, match="too small"):
         plan_memory(minimum - 1, items, runtime, slots=slots)
     return plans
+
+
+def check_layerwise_backward(part: QwenPart, ram: QwenPart, step, layer_input, rounds: int = 2) -> None:
+    """A layer-wise backward (each layer from the top, its input's gradient through autograd) gives the
+    same outputs and input gradients on `part` as on `ram` (fp32); `layer_input(i)` is layer i's input."""
+    for _ in range(rounds):
+        for i in reversed(part.layer_ids):
+            results = []
+            for model in (part, ram):
+                x = layer_input(i).clone().requires_grad_(True)
+                with model.materialized(i) as layer:
+                    out = layer(x, step.cos, step.sin, step.start, None, step.key_mask)
+                    (grad,) = torch.autograd.grad(out.square().sum(), x)
+                results.append((out.detach(), grad))
+            torch.testing.assert_close(results[0], results[1], **FP32)

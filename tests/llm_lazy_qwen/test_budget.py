@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lazy_helpers import FP32, sweep_plans, token_ids
+from lazy_helpers import FP32, check_layerwise_backward, sweep_plans, token_ids
 
 import llm_sepweight as sw
 from llm_lazy_qwen import ItemSize, Runtime, load_part, parse_size, plan_memory
@@ -231,16 +231,7 @@ def test_budget_layerwise_backward_order_equals_ram(sep):
         for i in ram.layer_ids:
             inputs.append(h)
             h = ram.run_layer(i, h, step)
-    for _ in range(2):
-        for i in reversed(part.layer_ids):
-            results = []
-            for model in (part, ram):
-                x = inputs[i].clone().requires_grad_(True)
-                with model.materialized(i) as layer:
-                    out = layer(x, step.cos, step.sin, step.start, None, step.key_mask)
-                    (grad,) = torch.autograd.grad(out.square().sum(), x)
-                results.append((out.detach(), grad))
-            torch.testing.assert_close(results[0], results[1], **FP32)
+    check_layerwise_backward(part, ram, step, lambda i: inputs[i])
     part.close()
 
 

@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 from family_fixtures import build_family
-from lazy_helpers import FP32, decode, sweep_plans, token_ids
+from lazy_helpers import FP32, check_layerwise_backward, decode, sweep_plans, token_ids
 
 import llm_sepweight as sw
 from llm_lazy_qwen import ItemSize, QwenConfig, QwenPart, Runtime, load_part, plan_memory, streaming
@@ -261,16 +261,7 @@ def test_layerwise_backward_equals_ram(sep, tmp_path, quant):
     ids = token_ids(batch=1, seq=6, seed=5)
     with torch.no_grad():
         h, step = ram.prepare(ids)
-    for _ in range(2):
-        for i in reversed(part.layer_ids):
-            results = []
-            for model in (part, ram):
-                x = h.clone().requires_grad_(True)
-                with model.materialized(i) as layer:
-                    out = layer(x, step.cos, step.sin, step.start, None, step.key_mask)
-                    (grad,) = torch.autograd.grad(out.square().sum(), x)
-                results.append((out.detach(), grad))
-            torch.testing.assert_close(results[0], results[1], **FP32)
+    check_layerwise_backward(part, ram, step, lambda i: h)
     part.close()
 
 

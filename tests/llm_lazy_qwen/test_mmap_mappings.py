@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from lazy_helpers import FP32, decode, token_ids
+from smaps import rss_kb
 
 import llm_sepweight as sw
 from llm_lazy_qwen import load_part, streaming
@@ -21,30 +22,16 @@ from llm_lazy_qwen import quant as quant_mod
 LINUX = sys.platform.startswith("linux")
 
 
-def _rss_kb(addresses: list[int]) -> int:
-    """Sum of the Rss of the mappings holding `addresses` (kB), from /proc/self/smaps."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and not fields[0].endswith(":"):
-                lo, _, hi = fields[0].partition("-")
-                try:
-                    inside = any(int(lo, 16) <= a < int(hi, 16) for a in addresses)
-                except ValueError:
-                    inside = False
-            elif inside and fields[0] == "Rss:":
-                total += int(fields[1])
-    return total
-
-
 def _weights_rss_kb(part) -> dict[object, int]:
     """Rss of each streamed item's long-lived mappings (kB), once the worker has nothing left to do."""
     streamer = part._streamer
     for fut in list(streamer._pending.values()):
         fut.result()
     streamer._pool.submit(lambda: None).result()
-    return {item: _rss_kb([t.data_ptr() for t in views.values()]) for item, views in list(streamer._views.items())}
+    return {
+        item: rss_kb([t.data_ptr() for t in views.values()], require=False)
+        for item, views in list(streamer._views.items())
+    }
 
 
 @pytest.mark.parametrize("prefetch", [0, 1])

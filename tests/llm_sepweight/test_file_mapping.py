@@ -11,28 +11,12 @@ import sys
 
 import pytest
 import torch
+from smaps import rss_kb
 
 import llm_sepweight as sw
 from llm_sepweight import mapping as mapping_mod
 
 LINUX = sys.platform.startswith("linux")
-
-
-def _rss_kb(t: torch.Tensor) -> int:
-    """Rss of the mapping holding `t`, from /proc/self/smaps (kB)."""
-    addr, inside = t.data_ptr(), False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and not fields[0].endswith(":"):
-                lo, _, hi = fields[0].partition("-")
-                try:
-                    inside = int(lo, 16) <= addr < int(hi, 16)
-                except ValueError:
-                    inside = False
-            elif inside and fields[0] == "Rss:":
-                return int(fields[1])
-    raise AssertionError("no mapping holds the tensor")
 
 
 @pytest.fixture
@@ -69,12 +53,12 @@ def test_release_takes_the_pages_out_of_rss(folder):
     path, _ = folder
     layer = sw.SepWeights(path).mapping(0)
     t = next(iter(layer.tensors.values()))
-    assert _rss_kb(t) == 0  # made, nothing mapped yet
+    assert rss_kb([t.data_ptr()]) == 0  # made, nothing mapped yet
     for _ in range(2):
         layer.populate()
-        assert _rss_kb(t) * 1024 >= layer.nbytes - 4096  # every page (the last one may be partial)
+        assert rss_kb([t.data_ptr()]) * 1024 >= layer.nbytes - 4096  # every page (the last one may be partial)
         layer.release()
-        assert _rss_kb(t) == 0
+        assert rss_kb([t.data_ptr()]) == 0
 
 
 def test_file_truncated_under_the_mapping_raises_naming_it(folder):
