@@ -62,7 +62,10 @@ def load_part(
             quant="int8" | "int4")`` or a GGUF import) keeps its integers as stored: its linears become
             ``QuantLinear`` modules computing in this dtype (README: Quantized weights).
         lazy: stream layers from disk (one resident plus `prefetch` in flight) instead of holding them.
-        prefetch: how many upcoming layers / head chunks a background thread prepares (lazy mode).
+        prefetch: how many upcoming layers / head chunks (row slabs under a ``memory_budget``) a
+            background thread prepares (lazy mode). In mmap mode only items whose last use found them
+            out of the page cache are prefetched; cached ones are mapped on the compute thread (cheaper
+            than a hand-off on 2 busy cores).
             1 by default: on 2 CPU cores 2 was no faster (the thread competes with the matmuls)
             and keeps one more layer resident (BENCHMARKS.md).
         head_chunk_size: vocabulary rows per head chunk (logits are computed chunk by chunk).
