@@ -459,7 +459,9 @@ class QwenPart(HeadMixin, nn.Module):
         """A resident item's tensors as Parameters made once (remade if the streamer handed out others)."""
         cached = self._resident_params.get(item)
         if cached is None or any(cached[k].data_ptr() != t.data_ptr() for k, t in weights.items()):
-            cached = self._resident_params[item] = {k: nn.Parameter(t, requires_grad=False) for k, t in weights.items()}
+            with torch.inference_mode(False):  # kept for later calls, which may need autograd
+                cached = {k: nn.Parameter(t, requires_grad=False) for k, t in weights.items()}
+            self._resident_params[item] = cached
         return cached
 
     def _layer_items(self, i: int) -> list[Item]:

@@ -420,6 +420,13 @@ class LayerStreamer:
         return out
 
     def _load(self, item: Item) -> Tensors:
+        # kept tensors (resident items, the long-lived mappings' views) outlive this call: never make
+        # them inference tensors, even when the first use runs under torch.inference_mode (a forward
+        # with autograd could not use them later); the prefetch thread is never in inference mode
+        with torch.inference_mode(False):
+            return self._load_item(item)
+
+    def _load_item(self, item: Item) -> Tensors:
         tensors, buf = self._read(item)
         convert = any(t.is_floating_point() and t.dtype != self.dtype for t in tensors.values())
         if self._stream is not None:
