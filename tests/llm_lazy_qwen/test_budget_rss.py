@@ -16,6 +16,7 @@ import torch
 
 import llm_sepweight as sw
 
+BOOKKEEPING = 1 << 20  # bytes a budgeted process may exceed its plan by (see budget.py)
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 
 CHILD = textwrap.dedent(
@@ -106,6 +107,10 @@ def test_peak_rss_stays_within_half_the_model(mid_model, sep):
     got, ram = (_result(c) for c in children)
     assert got["streamed"] and got["resident"]  # some layers held, some streamed
     peak = got["after"]["VmHWM"] - got["base"]["VmRSS"]
-    assert 0 < peak <= budget, f"peak {peak / 2**20:.1f} MiB above baseline, budget {budget / 2**20:.1f} MiB"
-    # the control: the same run holding the model goes over the same budget
-    assert ram["after"]["VmHWM"] - ram["base"]["VmRSS"] > budget
+    # the plan fills the budget to within a few KiB; what it does not count (the threads' stacks and malloc
+    # arenas, Python objects: BOOKKEEPING) measured up to +0.4 MiB above the plan in a fresh CI venv
+    assert 0 < peak <= budget + BOOKKEEPING, (
+        f"peak {peak / 2**20:.2f} MiB above baseline, budget {budget / 2**20:.2f} MiB"
+    )
+    # the control: the same run holding the model goes over the same budget by far more
+    assert ram["after"]["VmHWM"] - ram["base"]["VmRSS"] > 1.5 * budget
