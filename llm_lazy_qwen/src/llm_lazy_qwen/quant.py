@@ -316,17 +316,18 @@ class _QuantLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         qweight, scales = ctx.saved_tensors
-        N = qweight.shape[0]
-        g2 = grad.reshape(-1, N)  # (M, N)
-        gx = gb = None
-        if ctx.needs_input_grad[0]:
-            dt = _gemm_dtype(grad.dtype, grad.device)
-            K = qweight.shape[1] * (2 if ctx.spec.scheme == "int4" else 1)
-            w = dequantize_into(qweight, scales, ctx.spec, dt, _scratch(N * K, dt, grad.device))  # (N, K)
-            gx = (g2.to(dt) @ w).to(grad.dtype).view(*grad.shape[:-1], K)  # (..., K)
-        if ctx.needs_input_grad[1]:
-            gb = g2.sum(0).to(ctx.bias_dtype)
+        gx = grad_input(grad, qweight, scales, ctx.spec) if ctx.needs_input_grad[0] else None
+        gb = grad.reshape(-1, qweight.shape[0]).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
         return gx, gb, None, None, None
+
+
+def grad_input(grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``grad @ W`` for a quantized W of ``spec.shape`` (N, K): (..., N) -> (..., K), in grad's dtype, W
+    dequantized into this thread's buffer (a QuantLinear's backward, and each slab's of a SlabLinear)."""
+    N, K = spec.shape
+    dt = _gemm_dtype(grad.dtype, grad.device)
+    w = dequantize_into(qweight, scales, spec, dt, _scratch(N * K, dt, grad.device))  # (N, K)
+    return (grad.reshape(-1, N).to(dt) @ w).to(grad.dtype).view(*grad.shape[:-1], K)  # (..., K)
 
 
 def quant_linear(

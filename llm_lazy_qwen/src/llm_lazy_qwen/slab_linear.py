@@ -24,7 +24,7 @@ from torch import nn
 from llm_sepweight import QuantSpec
 
 from .budget import Item
-from .quant import QuantLinear, _gemm_dtype, _scratch, dequantize_into, quant_linear
+from .quant import QuantLinear, grad_input, quant_linear
 
 
 class Fetcher(Protocol):
@@ -135,10 +135,7 @@ class SlabLinear(nn.Module):
                 if spec is None:
                     part = g @ weights[self.keys["weight"]].to(g.dtype)  # (..., in)
                 else:
-                    dt = _gemm_dtype(g.dtype, g.device)
-                    q, scales = weights[self.keys["qweight"]], weights[self.keys["scales"]]
-                    w = dequantize_into(q, scales, spec, dt, _scratch((b - a) * self.in_features, dt, g.device))
-                    part = (g.to(dt) @ w).to(g.dtype)  # (..., in)
+                    part = grad_input(g, weights[self.keys["qweight"]], weights[self.keys["scales"]], spec)
             finally:
                 self.streamer.retire(weights)
                 del weights
