@@ -1,8 +1,12 @@
-"""Page-cache helpers: fraction of a mapping backed by 2 MiB entries, and dropping cached bytes."""
+"""Huge-page helpers: fraction of a mapping backed by 2 MiB entries, dropping cached bytes, read buffers."""
 
+import gc
+import sys
+
+import pytest
 import torch
 
-from llm_sepweight import SepWeights, hugepage_coverage, hugepages_available
+from llm_sepweight import SepWeights, hugepage_coverage, hugepages_available, read_buffer
 
 
 def test_fraction_of_mapped_and_anonymous_tensors(sep):
@@ -73,3 +77,59 @@ def test_prefault_falls_back_on_kernels_without_populate_read(sep, monkeypatch):
     want = ckpt.model.state_dict()
     for k, v in layer.items():
         assert torch.equal(v, want[f"model.layers.2.{k}"])
+
+
+def _vma(addr: int) -> dict[str, str] | None:
+    """The /proc/self/smaps fields of the mapping holding `addr` (None: no mapping holds it)."""
+    fields: dict[str, str] | None = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                if fields is not None:
+                    return fields
+                lo, _, hi = head[0].partition("-")
+                if int(lo, 16) <= addr < int(hi, 16):
+                    fields = {}
+            elif fields is not None:
+                fields[head[0].rstrip(":")] = head[1]
+    return fields
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="2 MiB anonymous pages: Linux")
+def test_read_buffer_is_zeroed_aligned_advised_and_unmapped_when_freed():
+    n = (5 << 20) + 123
+    buf = read_buffer(n)
+    assert buf.dtype == torch.uint8 and buf.numel() == n and buf.is_contiguous()
+    assert int(buf.count_nonzero()) == 0
+    buf[-1] = 7  # writable, to its last byte
+    addr = buf.data_ptr()
+    if hugepages_available():
+        assert addr % (2 << 20) == 0
+        assert _vma(addr)["THPeligible"] == "1"  # advised MADV_HUGEPAGE (huge pages if the kernel has them)
+        assert _vma(addr + n - 1)["THPeligible"] == "1"
+    del buf
+    gc.collect()
+    assert _vma(addr) is None  # the mapping went with the last tensor viewing it
+
+
+def test_read_buffer_small_and_bad_sizes():
+    assert torch.equal(read_buffer(100), torch.zeros(100, dtype=torch.uint8))
+    assert read_buffer(0).numel() == 0
+    with pytest.raises(ValueError, match="nbytes"):
+        read_buffer(-1)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_o_direct_into_a_read_buffer_reads_the_file(sep, threads):
+    """read_into with O_DIRECT (drop_cache, spare bytes) into huge-page memory, at an odd start inside it."""
+    path, _ = sep("qwen2")
+    weights = SepWeights(path)
+    want = weights.layer(1)
+    buf = read_buffer(4 << 20)[1:]
+    got = weights.read_into(1, buf, threads=threads, drop_cache=True)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    head = weights.end()["lm_head.weight"]
+    (t,) = weights.read_into("end", buf, ("lm_head.weight", 37, 301), threads=threads, drop_cache=True).values()
+    assert torch.equal(t, head[37:301])

@@ -44,7 +44,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from llm_sepweight import FileMapping, SepweightError, SepWeights, hugepage_coverage, hugepages_available
+from llm_sepweight import (
+    FileMapping,
+    SepweightError,
+    SepWeights,
+    hugepage_coverage,
+    hugepages_available,
+    read_buffer,
+)
 
 from .budget import Item, ItemSize, MemoryPlan, layer_of
 from .read_choice import WAYS, ReadChoice
@@ -307,8 +314,9 @@ class LayerStreamer:
         except queue.Empty:
             with self._lock:
                 self._allocated += 1
-            buf = torch.empty(self._buffer_bytes, dtype=torch.uint8)
-            return buf.pin_memory() if self._stream is not None else buf
+            if self._stream is not None:
+                return torch.empty(self._buffer_bytes, dtype=torch.uint8).pin_memory()
+            return read_buffer(self._buffer_bytes)  # 2 MiB pages: O_DIRECT reads in large requests
 
     def _map(self, item: Item) -> Tensors:
         """Zero-copy read-only views of a fresh mapping whose pages are all mapped up front."""
@@ -394,7 +402,7 @@ class LayerStreamer:
             if self.plan is None:
                 return self._map(item), None
             # resident under a budget: anonymous memory of its own, read once
-            own = torch.empty(self._room(item), dtype=torch.uint8)
+            own = read_buffer(self._room(item))
             return self._read_budgeted(item, part, own, rows), None
         if self.mode == "mmap":  # (where a release cannot drop pages from RSS: a fresh mapping per use)
             return (self._mapped(item) if FileMapping.RELEASES_RSS else self._map(item)), None

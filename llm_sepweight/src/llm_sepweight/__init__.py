@@ -13,7 +13,7 @@ from .atomic import atomic_write_bytes, fsync_dir
 from .convert import convert
 from .errors import SepweightError
 from .folder_lock import FolderBusy, wait_for_writer
-from .hugepages import hugepage_coverage, hugepages_available
+from .hugepages import hugepage_coverage, hugepages_available, read_buffer
 from .manifest import FORMAT_VERSION, Manifest, part_filename
 from .mapping import FileMapping
 from .quant import QuantSpec, dequantize, is_linear, quantize_int4, quantize_int8, quantize_linear
@@ -59,6 +59,7 @@ __all__ = [
     "convert_gguf",
     "dequantize",
     "hugepage_coverage",
+    "read_buffer",
     "read_cpu_seconds",
     "hugepages_available",
     "int4_layout",

@@ -11,15 +11,27 @@ mapping arrive as 2 MiB folios; pages read by ``read()`` (or written) arrive sma
 :func:`hugepage_coverage` tells how much of a mapping got PMD entries, and :func:`drop_cached`
 evicts a byte range so that the next prefaulted mapping (which advises ``MADV_HUGEPAGE``) reads it
 back as huge folios. Eviction only drops clean pages nobody maps: it costs one re-read, never data.
+
+:func:`read_buffer` is the other side: anonymous memory in 2 MiB pages for ``O_DIRECT`` reads. The
+block layer builds a request from physically contiguous runs of the destination's pages, at most
+254 of them on a virtio disk: scattered 4 KiB pages cap a request at ~1 MiB, 2 MiB pages let it reach
+the disk's limit (``max_sectors_kb``, 4 MiB there). On that disk every request costs ~10 ms whatever
+its size, so the same 27 MB ``O_DIRECT`` read ran at 1.0 GB/s into ``torch.empty`` memory (0.53 MiB
+per request) and at 2.4-2.6 GB/s into a :func:`read_buffer` (3.3 MiB per request; 0.01 CPU s/GB),
+as fast as the page cache's readahead.
 """
 
 from __future__ import annotations
 
 import functools
+import mmap
 import os
+import warnings
 from pathlib import Path
 
 import torch
+
+from .mapping import madvise
 
 _THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGE = 2 << 20  # a PMD-mapped folio on x86-64 / arm64 with 4 KiB base pages
@@ -32,6 +44,35 @@ def hugepages_available() -> bool:
         return "[never]" not in _THP_ENABLED.read_text()
     except OSError:
         return False
+
+
+def read_buffer(nbytes: int) -> torch.Tensor:
+    """A CPU ``uint8`` tensor of `nbytes` for ``read_into`` (``O_DIRECT``), in 2 MiB pages where it can be.
+
+    Private anonymous memory aligned to 2 MiB and advised ``MADV_HUGEPAGE``, so that ``O_DIRECT``
+    reads into it reach the disk as few large requests (2.5x faster on a virtio disk; see the module
+    docstring). Its pages are allocated now (zeroed), so the first read pays no page faults and RSS
+    grows here, not mid-decode. It uses `nbytes` rounded up to 4 KiB of memory like ``torch.empty``
+    (a tail short of 2 MiB is in 4 KiB pages). Elsewhere (not Linux, transparent huge pages
+    ``never``, less than 2 MiB) it is a zeroed ``torch.empty``. Freed with the last tensor viewing it.
+    """
+    if nbytes < 0:
+        raise ValueError(f"read_buffer: nbytes must be >= 0, got {nbytes}")
+    if nbytes < HUGE or not hugepages_available() or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(nbytes, dtype=torch.uint8)
+    # 2 MiB of address space to spare for the alignment: never touched, so never resident
+    mm = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        base = torch.frombuffer(mm, dtype=torch.uint8)  # keeps `mm` alive
+    start = -base.data_ptr() % HUGE
+    buf = base[start : start + nbytes]
+    try:
+        madvise(mm, buf.data_ptr(), mmap.MADV_HUGEPAGE, nbytes)
+    except OSError:
+        pass  # small pages: slower O_DIRECT reads, same bytes
+    buf.zero_()  # allocate now (as huge pages where the kernel has them)
+    return buf
 
 
 def _smaps_entry(addr: int) -> tuple[int, int, int, str, int] | None:

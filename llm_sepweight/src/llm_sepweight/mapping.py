@@ -19,6 +19,7 @@ populate reading from disk stalled every other Python thread (the compute thread
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import sys
@@ -39,12 +40,15 @@ else:
     _libc = None
 
 
-def madvise(mm: mmap.mmap, address: int, advice: int) -> None:
-    """``madvise`` over all of `mm` (mapped at `address`) without holding the GIL; OSError on failure."""
+def madvise(mm: mmap.mmap, address: int, advice: int, length: int | None = None) -> None:
+    """``madvise`` over `length` bytes at `address` inside `mm` (default: all of `mm`, mapped at
+    `address`) without holding the GIL; OSError on failure."""
     if _libc is None:
+        if length is not None:
+            raise OSError(errno.ENOSYS, "madvise of part of a mapping needs Linux")
         mm.madvise(advice)
         return
-    if _libc.madvise(address, len(mm), advice) != 0:
+    if _libc.madvise(address, len(mm) if length is None else length, advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
