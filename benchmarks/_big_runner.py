@@ -85,14 +85,18 @@ def run_child(
 def cold_read_gbps(files: list[Path], readers: int, direct: bool = False, chunk: int = 16 * 2**20) -> float:
     """Read `files` right after evicting them, `readers` threads each taking every readers-th file.
 
-    ``direct``: ``O_DIRECT`` preads into an aligned buffer (no page cache, as our budget streaming reads).
+    ``direct``: ``O_DIRECT`` preads into an aligned buffer (no page cache, as our budget streaming reads),
+    in 2 MiB pages (``llm_sepweight.read_buffer``, as ours): into 4 KiB pages the requests are smaller
+    and, on the virtio disk of BENCHMARKS.md, half as fast.
     """
+    from llm_sepweight import read_buffer
+
     for f in files:
         evict(f)
     total = [0] * readers
 
     def read(i: int) -> None:
-        buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+        buf = read_buffer(chunk).numpy() if direct else mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
         for p in files[i::readers]:
             fd = os.open(p, os.O_RDONLY | (os.O_DIRECT if direct else 0))
             try:
