@@ -19,7 +19,7 @@ from .loading import cache_folder, from_pretrained, load_part
 from .part import QwenPart, Step
 from .quant import QuantLinear
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 
 
 def __getattr__(name: str) -> object:

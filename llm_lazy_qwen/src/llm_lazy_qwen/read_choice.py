@@ -10,7 +10,9 @@ seconds per GB here, against 0.06 for ``O_DIRECT`` (its DMA lands in the buffer)
 the 7B decode took 6.2 s/token through the page cache and 3.9 with ``O_DIRECT``, although the page
 cache read faster alone. So the first streamed reads try each way in turn, timing only reads that ran
 alone, and the way with the least seconds per byte counting both (wall time + the readers' CPU time,
-``llm_sepweight.read_cpu_seconds``; median over its reads) is kept for good.
+``llm_sepweight.read_cpu_seconds``; median over its reads) is kept for good. (Those ``O_DIRECT`` reads
+went into 4 KiB pages; into the 2 MiB pages of ``llm_sepweight.read_buffer``, which the streamer's
+buffers now are, ``O_DIRECT`` read 27 MB slabs at 2.3-2.6 GB/s on that disk, as fast as the page cache.)
 """
 
 from __future__ import annotations

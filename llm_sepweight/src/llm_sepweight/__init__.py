@@ -25,7 +25,7 @@ from .spec import PartSpec
 from .verify import VerifyReport, verify
 from .writer import SepweightWriter, save_part
 
-__version__ = "0.14.0"
+__version__ = "0.15.0"
 
 
 def __getattr__(name: str) -> object:
