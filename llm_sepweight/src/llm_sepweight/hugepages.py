@@ -71,7 +71,7 @@ def read_buffer(nbytes: int) -> torch.Tensor:
         madvise(mm, buf.data_ptr(), mmap.MADV_HUGEPAGE, nbytes)
     except OSError:
         pass  # small pages: slower O_DIRECT reads, same bytes
-    buf.zero_()  # allocate now (as huge pages where the kernel has them)
+    buf[::4096].zero_()  # fault every page in now (as huge pages where it can); the kernel zero-fills them
     return buf
 
 
