@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+if __name__ == "__main__" and len(sys.argv) > 1 and json.loads(sys.argv[1]).get("omp_passive"):
+    import os  # OpenMP reads its wait policy when torch loads it: set it before the import
+
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 import torch  # noqa: E402
 from _mem import PeakMemory  # noqa: E402
 

@@ -10,6 +10,7 @@ NAMES = {
     "r": "R: ours bf16, lazy, no limit",
     "hf": "HF transformers, in RAM, no limit",
     "bf16": "ours bf16",
+    "bf16_passive": "ours bf16, OMP_WAIT_POLICY=PASSIVE",
     "int8": "ours int8",
     "int4": "ours int4",
     "int8_torch": "ours int8, torch's int8 kernel (llm_bsm_kernel hidden)",
@@ -91,7 +92,18 @@ class Report:
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         notes: list[str] = []
-        for e in ("r", "hf", "bf16", "int8", "int8_torch", "int4", "int4_torch", "accelerate", "airllm"):
+        for e in (
+            "r",
+            "hf",
+            "bf16",
+            "bf16_passive",
+            "int8",
+            "int8_torch",
+            "int4",
+            "int4_torch",
+            "accelerate",
+            "airllm",
+        ):
             if e not in self.rows:
                 continue
             x = self.rows[e]

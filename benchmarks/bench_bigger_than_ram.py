@@ -37,7 +37,8 @@ from _big_runner import cold_read_gbps, run_child  # noqa: E402
 from _mem import loadavg  # noqa: E402
 
 AIRLLM_PY = "/work/venv-airllm/bin/python"
-ALL = "r,hf,bf16,int8,int4,int8_torch,int4_torch,accelerate,airllm,sft,quality,small"
+ALL = "r,hf,bf16,bf16_passive,int8,int4,int8_torch,int4_torch,accelerate,airllm,sft,quality,small"
+# bf16_passive: bf16 with OMP_WAIT_POLICY=PASSIVE (OpenMP's threads sleep instead of spinning while a slab is read)
 # int8_torch / int4_torch: the same folder and box with llm_bsm_kernel hidden from QuantLinear (torch's int kernels)
 
 
@@ -192,7 +193,9 @@ def main() -> int:
             break
         sample.append(p)
         n += p.stat().st_size
-    decoding = {"bf16", "int8", "int4", "int8_torch", "int4_torch", "accelerate", "airllm"} & set(engines)
+    decoding = {"bf16", "bf16_passive", "int8", "int4", "int8_torch", "int4_torch", "accelerate", "airllm"} & set(
+        engines
+    )
     for r in sorted({1, args.floor_readers}) if decoding else ():
         for direct in (False, True):
             rep.gbps[(r, direct)] = cold_read_gbps(sample, r, direct)
@@ -202,8 +205,8 @@ def main() -> int:
             infer("r", None, {"sep": str(sep), "load_kw": {"lazy": True}}, [sep])
         elif engine == "hf":
             infer("hf", None, {"hf": str(files.hf())}, [files.hf()])
-        elif engine in ("bf16", "int8", "int4", "int8_torch", "int4_torch"):
-            fmt = engine.removesuffix("_torch")
+        elif engine in ("bf16", "bf16_passive", "int8", "int4", "int8_torch", "int4_torch"):
+            fmt = engine.removesuffix("_torch").removesuffix("_passive")
             try:
                 d = files.sep(fmt)
             except RuntimeError as e:
@@ -211,7 +214,12 @@ def main() -> int:
                 continue
             rep.stream_bytes[fmt] = folder_bytes(d, "mid.*.safetensors") + (d / "end.safetensors").stat().st_size
             kw, rep.load_note[engine] = ours_kw(args.budget, args.max_context, args.prefill)  # plans the prefill
-            cfg = {"sep": str(d), "load_kw": kw, "no_bsm": engine.endswith("_torch")}
+            cfg = {
+                "sep": str(d),
+                "load_kw": kw,
+                "no_bsm": engine.endswith("_torch"),
+                "omp_passive": engine == "bf16_passive",
+            }
             infer(engine, args.box, cfg, [d])
         elif engine == "accelerate":
             off = work / "offload"
