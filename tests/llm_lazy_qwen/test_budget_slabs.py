@@ -15,7 +15,7 @@ from family_fixtures import build_family
 from lazy_helpers import FP32, check_layerwise_backward, decode, sweep_plans, token_ids
 
 import llm_sepweight as sw
-from llm_lazy_qwen import ItemSize, QwenConfig, QwenPart, Runtime, load_part, plan_memory, streaming
+from llm_lazy_qwen import ItemSize, QwenConfig, QwenPart, Runtime, load_part, plan_memory, stream_items
 from llm_lazy_qwen.budget import layer_of
 from llm_lazy_qwen.slab_linear import SlabLinear
 from llm_lazy_qwen.streaming import SMALL, USE_ORDER, item_size, layer_slabs
@@ -28,7 +28,7 @@ RUNTIME = Runtime(kv_cache=8 * MiB, activations=4 * MiB)
 @pytest.fixture(autouse=True)
 def small_slabs(monkeypatch):
     """4 KiB slabs: a 64 x 64 fp32 weight is 4 slabs of 16 rows, gate/up (96 x 64) 6."""
-    monkeypatch.setattr(streaming, "SLAB_BYTES", 4096)
+    monkeypatch.setattr(stream_items, "SLAB_BYTES", 4096)
 
 
 @pytest.fixture(scope="module")

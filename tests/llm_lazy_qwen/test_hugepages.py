@@ -4,7 +4,7 @@ import pytest
 import torch
 from lazy_helpers import FP32, token_ids
 
-from llm_lazy_qwen import load_part, streaming
+from llm_lazy_qwen import load_part, stream_mmap
 
 
 def test_auto_mode_is_mmap_on_cpu(sep):
@@ -36,9 +36,9 @@ def _run_and_check(part, ckpt) -> None:
 def test_items_already_huge_or_unknown_are_left_alone(sep, monkeypatch, coverage):
     """Every item (the tiny test layers and head chunks) is checked once; none is dropped."""
     path, ckpt = sep("qwen2_tied")
-    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
-    monkeypatch.setattr(streaming, "hugepages_available", lambda: True)
-    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: coverage)
+    monkeypatch.setattr(stream_mmap, "_HUGE_MIN_BYTES", 0)
+    monkeypatch.setattr(stream_mmap, "hugepages_available", lambda: True)
+    monkeypatch.setattr(stream_mmap, "hugepage_coverage", lambda t: coverage)
     part = load_part(path, lazy=True, head_chunk_size=100, prefetch=0)  # one thread: a fixed order
     dropped = _watch_drops(part, monkeypatch)
     _run_and_check(part, ckpt)
@@ -50,10 +50,10 @@ def test_items_already_huge_or_unknown_are_left_alone(sep, monkeypatch, coverage
 def test_small_page_items_are_recached_once_and_results_stay_exact(sep, monkeypatch):
     """Coverage 0 before a drop and 1 after: every item is re-cached exactly once."""
     path, ckpt = sep("qwen2_tied")
-    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
-    monkeypatch.setattr(streaming, "hugepages_available", lambda: True)
+    monkeypatch.setattr(stream_mmap, "_HUGE_MIN_BYTES", 0)
+    monkeypatch.setattr(stream_mmap, "hugepages_available", lambda: True)
     calls = iter([0.0, 1.0] * 100)  # each re-cache asks twice: before the drop, after the re-read
-    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: next(calls))
+    monkeypatch.setattr(stream_mmap, "hugepage_coverage", lambda t: next(calls))
     part = load_part(path, lazy=True, head_chunk_size=100, prefetch=0)  # one thread: a fixed order
     dropped = _watch_drops(part, monkeypatch)
     _run_and_check(part, ckpt)
@@ -68,9 +68,9 @@ def test_small_page_items_are_recached_once_and_results_stay_exact(sep, monkeypa
 def test_recaching_that_gains_nothing_stops(sep, monkeypatch):
     """A file system without large folios: the first re-read does not help, so no file is re-read again."""
     path, ckpt = sep("qwen2_tied")
-    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
-    monkeypatch.setattr(streaming, "hugepages_available", lambda: True)
-    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: 0.0)
+    monkeypatch.setattr(stream_mmap, "_HUGE_MIN_BYTES", 0)
+    monkeypatch.setattr(stream_mmap, "hugepages_available", lambda: True)
+    monkeypatch.setattr(stream_mmap, "hugepage_coverage", lambda t: 0.0)
     part = load_part(path, lazy=True, head_chunk_size=100, prefetch=0)  # one thread: a fixed order
     dropped = _watch_drops(part, monkeypatch)
     _run_and_check(part, ckpt)
@@ -80,8 +80,8 @@ def test_recaching_that_gains_nothing_stops(sep, monkeypatch):
 
 def test_hugepages_off_never_checks(sep, monkeypatch):
     path, _ = sep("qwen2")
-    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
-    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: pytest.fail("checked with hugepages=False"))
+    monkeypatch.setattr(stream_mmap, "_HUGE_MIN_BYTES", 0)
+    monkeypatch.setattr(stream_mmap, "hugepage_coverage", lambda t: pytest.fail("checked with hugepages=False"))
     part = load_part(path, lazy=True, hugepages=False)
     with torch.no_grad():
         part(token_ids(seq=9, seed=1))
@@ -92,11 +92,11 @@ def test_hugepages_off_never_checks(sep, monkeypatch):
 def test_items_are_checked_again_after_many_mappings(sep, monkeypatch):
     """Reclaim can evict pages that come back small: a long-running part re-checks now and then."""
     path, _ = sep("qwen2")
-    monkeypatch.setattr(streaming, "_HUGE_MIN_BYTES", 0)
-    monkeypatch.setattr(streaming, "_RECHECK_EVERY", 2)
-    monkeypatch.setattr(streaming, "hugepages_available", lambda: True)
+    monkeypatch.setattr(stream_mmap, "_HUGE_MIN_BYTES", 0)
+    monkeypatch.setattr(stream_mmap, "_RECHECK_EVERY", 2)
+    monkeypatch.setattr(stream_mmap, "hugepages_available", lambda: True)
     checks: list[int] = []
-    monkeypatch.setattr(streaming, "hugepage_coverage", lambda t: checks.append(1) or 1.0)
+    monkeypatch.setattr(stream_mmap, "hugepage_coverage", lambda t: checks.append(1) or 1.0)
     part = load_part(path, lazy=True, prefetch=0)  # no prefetch of the next pass: exact counts
     n_items = len(part._streamer.order)
     with torch.no_grad():

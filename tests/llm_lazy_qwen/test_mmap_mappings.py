@@ -16,7 +16,7 @@ from lazy_helpers import FP32, decode, token_ids
 from smaps import rss_kb
 
 import llm_sepweight as sw
-from llm_lazy_qwen import load_part, streaming
+from llm_lazy_qwen import load_part, stream_mmap
 from llm_lazy_qwen import quant as quant_mod
 
 LINUX = sys.platform.startswith("linux")
@@ -56,12 +56,12 @@ def test_items_are_mapped_once_and_equal_ram(sep, monkeypatch, prefetch):
 
 def _never_warm(monkeypatch) -> None:
     """Every populate counts as a read from disk: every item is prefetched (a cold page cache's behaviour)."""
-    monkeypatch.setattr(streaming, "_WARM_MIN_S", 0.0)
-    monkeypatch.setattr(streaming, "_WARM_S_PER_BYTE", 0.0)
+    monkeypatch.setattr(stream_mmap, "_WARM_MIN_S", 0.0)
+    monkeypatch.setattr(stream_mmap, "_WARM_S_PER_BYTE", 0.0)
 
 
 def _always_warm(monkeypatch) -> None:
-    monkeypatch.setattr(streaming, "_WARM_MIN_S", 3600.0)
+    monkeypatch.setattr(stream_mmap, "_WARM_MIN_S", 3600.0)
 
 
 @pytest.mark.skipif(not LINUX, reason="MADV_DONTNEED drops the pages from RSS on Linux")

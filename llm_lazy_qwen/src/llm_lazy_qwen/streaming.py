@@ -29,173 +29,59 @@ file system refuses it, ``pread`` s that evict each slab from the page cache rig
 So the page cache never grows and never evicts anything the part needs: in a box smaller than the
 model, only the streamed bytes are read per token.
 No ``gc.collect()`` anywhere: buffers are reused explicitly.
+
+Items, their places and sizes: stream_items.py; the mappings of mmap mode: stream_mmap.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import queue
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import torch
-from torch import nn
 
-from llm_sepweight import (
-    FileMapping,
-    SepweightError,
-    SepWeights,
-    hugepage_coverage,
-    hugepages_available,
-    read_buffer,
-)
+from llm_sepweight import FileMapping, SepweightError, SepWeights, read_buffer
 
-from .budget import Item, ItemSize, MemoryPlan, layer_of
+from .budget import Item, MemoryPlan
 from .read_choice import WAYS, ReadChoice
+from .stream_items import (
+    SMALL,
+    USE_ORDER,
+    Rows,
+    Tensors,
+    _stored,
+    _unit,
+    _where,
+    head_keys,
+    is_head_chunk,
+    item_size,
+    layer_slabs,
+)
+from .stream_mmap import MmapItems
 
-Tensors = dict[str, torch.Tensor]
+# what part.py, head.py, loading.py, tests and benchmarks import from here (item helpers re-exported)
+__all__ = [
+    "READERS",
+    "READ_PIECE",
+    "SMALL",
+    "USE_ORDER",
+    "LayerStreamer",
+    "Mode",
+    "is_head_chunk",
+    "item_size",
+    "layer_slabs",
+]
+
 Mode = Literal["auto", "copy", "mmap"]
 READERS = max(readers for _, readers in WAYS)  # the most concurrent preads per item under a budget
 READ_PIECE = 16 << 20  # page cache read_into's fallback (no O_DIRECT) holds at a time: its piece
-_INT_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "I32": 4, "I64": 8}
-_INT4_SCALES = "scales_and_zeros"  # the int4 kernel takes them transposed: a copy per weight in use
-_HUGE_MIN_BYTES = 4 << 20  # smaller items cannot gain much from 2 MiB pages
-# mmap mode: an item whose populate took less than this (per byte, or at all) was in the page cache;
-# it is then populated where it is used rather than prefetched (see _mapped). Cached pages: ~2 us/MB
-# in 2 MiB pages, ~15 in 4 KiB ones; a disk read: 500+
-_WARM_S_PER_BYTE = 100e-6 / 1e6
-_WARM_MIN_S = 50e-6
-_RECHECK_EVERY = 512  # mappings of an item between checks: a check reads /proc/self/smaps (~3-5 ms)
-_HUGE_ENOUGH = 0.99  # re-cache an item unless all its whole 2 MiB blocks are huge pages (the header
-# block is read with read() first and comes in 4 KiB pages; re-cached, it joins the rest)
-
-
-Rows = list[tuple[str, int, int]]  # (key, first row, last row + 1) of each tensor of a head chunk
 _ALIGN = 64  # copy mode: each tensor of a head chunk starts at a multiple of this in the buffer
 
 
-def head_keys(source: SepWeights) -> list[str]:
-    """The stored tensors a head chunk is rows of: the weight, or a quantized head's integers and scales."""
-    spec = source.linears("end").get("lm_head") if source.spec.end else None
-    return ["lm_head.weight"] if spec is None else ["lm_head.qweight", f"lm_head.{spec.scales_key}"]
-
-
-SMALL = "small"  # (layer, SMALL): a layer's tensors that are not linear weights (norms, biases); kept resident
-SLAB_BYTES = 32 << 20  # stored bytes a slab of a linear aims at (buffers ~ this; more slabs per linear below it)
-USE_ORDER = (  # the order a decoder layer uses its linears: slabs stream in it, just in time
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-_INT4_ROWS = 64  # int4 in a kernel layout is cut at multiples of the largest block (as the head's chunks)
-_ROWS = 8  # other weights: slab boundaries at multiples of this many rows
-
-
-def linear_keys(source: SepWeights, i: int, name: str) -> list[str]:
-    """The stored tensors slabs of linear `name` of layer i are rows of: its weight, or a quantized
-    weight's integers and scales (biases live in the layer's small item)."""
-    spec = source.linears(i).get(name)
-    return [f"{name}.weight"] if spec is None else [f"{name}.qweight", f"{name}.{spec.scales_key}"]
-
-
-def layer_slabs(source: SepWeights, i: int) -> tuple[list[str], dict[str, list[tuple[int, int]]]]:
-    """How a memory budget streams layer i: its small tensors (norms, biases: one item, always resident)
-    and, for each linear in the order of use, its slabs' output rows ``[(first, stop), ...]``: about
-    :data:`SLAB_BYTES` each, nearly equal, cut at multiples of 64 rows for int4 kernel layouts.
-
-    Example::
-
-        small, slabs = layer_slabs(SepWeights("qwen7b-sep"), 0)
-        small        # ["input_layernorm.weight", "self_attn.q_proj.bias", ...]
-        slabs["mlp.gate_proj"]   # [(0, 3792), (3792, 7584), ..., (15168, 18944)]: 5 slabs of ~27 MB
-    """
-    tensors = source.manifest.files[f"mid.{i:05d}.safetensors"].tensors
-    quant = source.linears(i)
-    names = [k.rsplit(".", 1)[0] for k, t in tensors.items() if k.endswith(".weight") and len(t["shape"]) == 2]
-    names = sorted(set(names) | set(quant), key=lambda n: USE_ORDER.index(n) if n in USE_ORDER else len(USE_ORDER))
-    linear = {key for n in names for key in linear_keys(source, i, n)}
-    small = [k for k in tensors if k not in linear]
-    slabs = {}
-    for name in names:
-        keys = linear_keys(source, i, name)
-        rows = int(tensors[keys[0]]["shape"][0])
-        spec = quant.get(name)
-        step = _INT4_ROWS if spec is not None and spec.scheme == "int4" and spec.layout != "rows" else _ROWS
-        n = max(1, -(-sum(source.nbytes(i, (k, 0, rows)) for k in keys) // SLAB_BYTES))
-        size = rows if n == 1 else math.ceil(math.ceil(rows / n) / step) * step  # nearly equal, step-aligned
-        slabs[name] = [(a, min(rows, a + size)) for a in range(0, rows, size)]
-    return small, slabs
-
-
-def _unit(item: Item) -> tuple[int, str] | None:
-    """The linear a slab belongs to, ``(layer, "mlp.up_proj")``: its slabs are used in order; None otherwise."""
-    return item[:2] if isinstance(item, tuple) and len(item) == 3 else None  # type: ignore[return-value]
-
-
-def is_head_chunk(item: Item) -> bool:
-    return isinstance(item, tuple) and isinstance(item[1], int)
-
-
-def _where(source: SepWeights, item: Item, keys: list[str]) -> tuple[int | str, Rows | None]:
-    """Where llm_sepweight keeps an item: (part, rows of each tensor read, or None for a whole layer);
-    `keys` are the head's tensors (:func:`head_keys`)."""
-    if is_head_chunk(item):
-        first, stop = item  # type: ignore[misc]
-        return "end", [(key, first, stop) for key in keys]
-    i = layer_of(item)
-    if i is not None and len(item) == 2:  # type: ignore[arg-type]
-        return i, [(key, 0, source.shape(i, key)[0]) for key in layer_slabs(source, i)[0]]
-    if i is not None:
-        _, name, j = item  # type: ignore[misc]
-        first, stop = layer_slabs(source, i)[1][name][j]
-        return i, [(key, first, stop) for key in linear_keys(source, i, name)]
-    return item, None  # type: ignore[return-value]
-
-
-def _stored(source: SepWeights, part: int | str, rows: Rows | None) -> int:
-    return source.nbytes(part) if rows is None else sum(source.nbytes(part, r) for r in rows)
-
-
-def item_size(source: SepWeights, item: Item, dtype: torch.dtype) -> ItemSize:
-    """Bytes an item takes on disk and in memory in the compute `dtype` (integer tensors keep theirs;
-    int4 scales count twice: the int4 kernel keeps a transposed copy of them while the weights live)."""
-    part, rows = _where(source, item, head_keys(source) if is_head_chunk(item) else [])
-    stored = _stored(source, part, rows)
-    if rows is not None:
-        resident, converted = 0, False
-        for r in rows:
-            stored_dtype, nbytes = source.rows(part, r[0], 0, 0).dtype, source.nbytes(part, r)  # empty: no mapping
-            if stored_dtype.is_floating_point:
-                resident += nbytes // stored_dtype.itemsize * dtype.itemsize * (2 if _INT4_SCALES in r[0] else 1)
-                converted |= stored_dtype != dtype
-            else:
-                resident += nbytes
-        return ItemSize(item, stored, resident, converted, forced=isinstance(item, tuple) and item[1] == SMALL)
-    resident, converted = 0, False
-    for key, t in source.manifest.files[f"mid.{item:05d}.safetensors"].tensors.items():
-        numel = math.prod(t["shape"])
-        if t["dtype"] in _INT_BYTES:
-            resident += numel * _INT_BYTES[t["dtype"]]
-        else:
-            resident += numel * dtype.itemsize * (2 if key.endswith(_INT4_SCALES) else 1)
-            converted |= t["dtype"] != {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype)
-    return ItemSize(item, stored, resident, converted)
-
-
-def _coverage(tensors: Tensors) -> float | None:
-    """2 MiB-page coverage of the mapping behind a layer / head chunk (all its tensors share one)."""
-    largest = max(tensors.values(), key=lambda t: t.numel() * t.element_size())
-    return hugepage_coverage(largest)
-
-
-class LayerStreamer:
+class LayerStreamer(MmapItems):
     """Hands out weights in a fixed cyclic order, keeping `prefetch` upcoming items in flight.
 
     ``get`` / ``retire`` may be called from several threads: each ``get`` returns weights of its own
@@ -232,15 +118,7 @@ class LayerStreamer:
         self._head_keys = head_keys(source) if any(is_head_chunk(i) for i in order) else []
         self._places: dict[Item, tuple[int | str, Rows | None]] = {}  # _where, cached
         self.prefetch, self.mode = prefetch, mode
-        self.hugepages = hugepages and mode == "mmap" and hugepages_available()
-        # hugepages: item -> mappings since its page-cache page size was last checked
-        self._checked: dict[Item, int] = {}
-        # mmap mode: each streamed item's long-lived mappings (made on first use, populated per use), and
-        # id(returned dict) -> the mappings it views, released (dropped from RSS) when it is retired
-        self._mappings: dict[Item, list[FileMapping]] = {}
-        self._views: dict[Item, dict[str, nn.Parameter]] = {}  # their tensors, as Parameters made once
-        self._populated: dict[int, list[FileMapping]] = {}
-        self._warm: set[Item] = set()  # items whose pages were all cached when last populated
+        self._init_mmap(hugepages and mode == "mmap")
         self._index = {item: i for i, item in enumerate(order)}
         # units: the slabs of one linear (in order), or one item; the direction of traversal (forward, or
         # a backward: layers and a layer's linears in reverse) applies to units; a unit's slabs always go forward
@@ -317,82 +195,6 @@ class LayerStreamer:
             if self._stream is not None:
                 return torch.empty(self._buffer_bytes, dtype=torch.uint8).pin_memory()
             return read_buffer(self._buffer_bytes)  # 2 MiB pages: O_DIRECT reads in large requests
-
-    def _map(self, item: Item) -> Tensors:
-        """Zero-copy read-only views of a fresh mapping whose pages are all mapped up front."""
-        part, rows = self._where(item)
-        if rows is None:
-            return self.source.layer(item, prefault=True)
-        return {key: self.source.rows(part, key, first, stop, prefault=True) for key, first, stop in rows}
-
-    def _mapped(self, item: Item) -> Tensors:
-        """Mmap mode: views of the item's long-lived mappings (made on first use) with every page
-        mapped now; :meth:`retire` drops the pages from RSS again. No mmap / munmap and no new views
-        per use (24 layers of the 0.5B shape: ~1.3 ms instead of ~7 ms for fresh mappings here)."""
-        maps = self._mappings.get(item)
-        if maps is None:
-            part, rows = self._where(item)
-            maps = self._mappings[item] = [self.source.mapping(part, r) for r in rows or [None]]
-            # frozen Parameters already: a part assigns them as they are (no new Parameter per use)
-            views = {k: nn.Parameter(t, requires_grad=False) for m in maps for k, t in m.tensors.items()}
-            self._views[item] = views
-        t0 = time.perf_counter()
-        for m in maps:
-            m.populate()
-        # On 2 busy cores a prefetch thread cannot hide a populate of cached pages (~45 us a layer): it
-        # waits for a core and its hand-off costs more. get() maps warm items itself; cold ones (read
-        # from disk) are prefetched. A warm item found evicted is read once here and prefetched again.
-        if time.perf_counter() - t0 < max(_WARM_MIN_S, _WARM_S_PER_BYTE * sum(m.nbytes for m in maps)):
-            self._warm.add(item)
-        else:
-            self._warm.discard(item)
-        out = dict(self._views[item])
-        if self.hugepages:
-            self._recache(item, maps, out)
-        if self.source.quant is not None:  # new tensor objects: the int kernels cache prepared scales per
-            out = {k: t.detach() for k, t in out.items()}  # tensor while it lives, these views live for good
-        self._populated[id(out)] = maps
-        return out
-
-    def _recache(self, item: Item, maps: list[FileMapping], tensors: Tensors) -> None:
-        """The first time (and every ``_RECHECK_EVERY`` times after, since reclaim may evict pages
-        that then come back small), re-cache the populated item as 2 MiB pages if it is not."""
-        since = self._checked.get(item, _RECHECK_EVERY)
-        if since < _RECHECK_EVERY:
-            self._checked[item] = since + 1
-            return
-        self._checked[item] = 1
-        if self._stored_nbytes(item) < _HUGE_MIN_BYTES:
-            return
-        coverage = _coverage(tensors)
-        if coverage is None or coverage >= _HUGE_ENOUGH:
-            return
-        for m in maps:
-            m.release()  # nothing of ours maps the pages now
-        part, rows = self._where(item)
-        for r in rows or [None]:
-            self.source.drop_cached(part, r)
-        for m in maps:
-            m.populate()  # read back through a MADV_HUGEPAGE mapping: 2 MiB folios
-        after = _coverage(tensors)
-        if after is None or after <= coverage:
-            # no gain (a file system without large folios, pages mapped elsewhere, memory too
-            # fragmented): stop re-reading files for nothing and stream the pages as they are
-            self.hugepages = False
-
-    def _release(self, tensors: Tensors, out: Tensors | None = None) -> bool:
-        """Mmap mode: drop the pages of the mappings behind `tensors` from RSS, or (given `out`, what
-        was made of them) only if `out` holds none of their views; else `out` releases them when retired.
-        False if `tensors` views no long-lived mapping."""
-        maps = self._populated.pop(id(tensors), None)
-        if maps is None:
-            return False
-        if out is not None and (out is tensors or any(out[k] is tensors[k] for k in out)):
-            self._populated[id(out)] = maps
-            return True
-        for m in maps:
-            m.release()
-        return True
 
     def _read(self, item: Item) -> tuple[Tensors, torch.Tensor | None]:
         with self._lock:
