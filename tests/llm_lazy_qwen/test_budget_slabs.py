@@ -211,6 +211,32 @@ def test_budgeted_decode_equals_ram(sep, tmp_path, quant, budget):
         assert streamer._buffer_bytes <= plan.slot_bytes + 64 * 1024
 
 
+def test_budgeted_reads_land_in_read_buffers(sep, monkeypatch):
+    """The streaming buffers and the resident items are llm_sepweight.read_buffer memory (2 MiB pages:
+    O_DIRECT requests of 4 MiB instead of ~0.5 MiB), and decode still equals RAM with them."""
+    from llm_lazy_qwen import streaming
+
+    path, _ = sep("qwen2")
+    sizes = []
+
+    def spy(nbytes):
+        sizes.append(nbytes)
+        return sw.read_buffer(nbytes)
+
+    monkeypatch.setattr(streaming, "read_buffer", spy)
+    part = load_part(path, memory_budget=_budgets(path)["mixed"], prefetch=1, **SMALL_RUN)
+    plan = part.memory_plan
+    ids = token_ids(batch=1, seq=5, seed=4)
+    with torch.no_grad():
+        got, want = decode(part, ids, 2), decode(load_part(path, **SMALL_RUN), ids, 2)
+    torch.testing.assert_close(got, want, **FP32)
+    streamer = part._streamer
+    part.close()
+    assert plan.streamed and plan.resident
+    assert sizes.count(streamer._buffer_bytes) >= streamer._allocated == plan.slots  # every streaming buffer
+    assert len(sizes) - streamer._allocated >= len(streamer.pinned)  # and every resident item read
+
+
 @pytest.mark.parametrize("budget", ["minimum", "mixed"])
 def test_llama_with_mlp_bias_equals_transformers(llama_bias, budget):
     part = load_part(llama_bias.sep, memory_budget=_budgets(llama_bias.sep)[budget], **SMALL_RUN)
