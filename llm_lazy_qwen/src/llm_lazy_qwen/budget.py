@@ -19,7 +19,7 @@ per-item Python objects): up to ~1 MiB above the plan, measured +0.4 MiB on a 26
 :func:`plan_memory` keeps as much resident as fits, so the bytes read per token (the stored bytes of
 the streamed items) are the least the budget allows. Under a budget every linear of a layer is planned
 in row slabs (``(layer, "mlp.up_proj", j)``: output rows of its stored tensors, ~``SLAB_BYTES`` each,
-streaming.py), used one at a time just in time (slab_linear.py), plus one tiny item per layer that is
+stream_items.py), used one at a time just in time (slab_linear.py), plus one tiny item per layer that is
 always resident (its norms and biases: ``(layer, "small")``). So a layer can be part resident and part
 streamed, and a buffer holds one slab: on the Qwen2.5-7B shape ~27 MB instead of a 466 MB layer, which
 leaves more of the budget to resident weights. Without a budget the page cache decides instead,
