@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import mmap
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -62,9 +61,7 @@ def read_buffer(nbytes: int) -> torch.Tensor:
         return torch.zeros(nbytes, dtype=torch.uint8)
     # 2 MiB of address space to spare for the alignment: never touched, so never resident
     mm = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        base = torch.frombuffer(mm, dtype=torch.uint8)  # keeps `mm` alive
+    base = torch.frombuffer(mm, dtype=torch.uint8)  # writable; keeps `mm` alive
     start = -base.data_ptr() % HUGE
     buf = base[start : start + nbytes]
     try:
